@@ -1,0 +1,135 @@
+"""Deterministic preprocessing shared by training and scoring (DESIGN §5).
+
+One implementation: ``preprocess_slice`` turns one decoded slice in physical units into the
+network input. The ``PreprocessConfig`` used to train a model is stored in its card and scoring
+rebuilds it from there, never from command-line flags.
+
+Steps:
+1. intensity → [0, 1]: CT is windowed (by prompt type: lung 1500/-600, soft 400/40, bone
+   2000/300; otherwise the series' WindowWidth/WindowCenter tags; otherwise soft) and clipped;
+   every other modality uses a robust min-max between the ``percentiles`` of the slice.
+   RGB images are scaled per image over all channels (colour balance is quality information).
+2. grey → 3 channels by repetition; RGB stays RGB.
+3. resize to ``image_size`` × ``image_size`` with anti-aliasing (Pillow's area-aware bilinear
+   filter on float32 data, which widens its support when downscaling).
+4. normalise: ``(x - mean) / std`` per channel → float32 (3, S, S), roughly in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # CT windows as (width, centre) in HU, selected by the prompt's ``type``.
+    ct_windows: Mapping[str, tuple[float, float]] = field(
+        default_factory=lambda: {"lung": (1500.0, -600.0), "soft": (400.0, 40.0), "bone": (2000.0, 300.0)}
+    )
+    ct_default_window: tuple[float, float] = (400.0, 40.0)
+    use_window_tags: bool = True
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    resample: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ct_windows"] = {k: list(v) for k, v in self.ct_windows.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig keys: {sorted(unknown)}")
+        kw: dict[str, Any] = dict(d)
+        for k in ("mean", "std", "percentiles", "ct_default_window"):
+            if k in kw:
+                kw[k] = tuple(float(x) for x in kw[k])
+        if "ct_windows" in kw:
+            kw["ct_windows"] = {k: (float(v[0]), float(v[1])) for k, v in kw["ct_windows"].items()}
+        return cls(**kw)
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "area": Image.Resampling.BOX}
+
+
+def ct_window_for(ptype: str | None, cfg: PreprocessConfig,
+                  window_tags: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(width, centre) in HU for a CT slice of prompt type ``ptype``."""
+    if ptype in cfg.ct_windows:
+        return cfg.ct_windows[ptype]
+    if cfg.use_window_tags and window_tags is not None and window_tags[0] > 1:
+        return window_tags
+    return cfg.ct_default_window
+
+
+def apply_window(img: np.ndarray, width: float, centre: float) -> np.ndarray:
+    """HU → [0, 1] with clipping. float32 in, float32 out, same shape."""
+    lo = centre - width / 2.0
+    out = (img.astype(np.float32) - np.float32(lo)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def robust_minmax(img: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """Scale to [0, 1] between the given percentiles; a constant image maps to zeros."""
+    x = img.astype(np.float32, copy=False)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.zeros_like(x, dtype=np.float32)
+    lo, hi = np.percentile(finite, percentiles)
+    if not hi > lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if not hi > lo:
+        return np.zeros_like(x, dtype=np.float32)
+    out = (np.nan_to_num(x, nan=lo) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def to_unit_range(img: np.ndarray, modality: str | None, ptype: str | None,
+                  cfg: PreprocessConfig, window_tags: tuple[float, float] | None = None) -> np.ndarray:
+    """Physical units → [0, 1]. (H, W) or (H, W, 3) float32."""
+    if (modality or "").lower() == "ct" and img.ndim == 2:
+        w, c = ct_window_for(ptype, cfg, window_tags)
+        return apply_window(img, w, c)
+    return robust_minmax(img, cfg.percentiles)
+
+
+def resize_unit(img: np.ndarray, size: int, resample: str = "bilinear") -> np.ndarray:
+    """Anti-aliased resize of a [0, 1] image to (size, size[, 3]) float32."""
+    mode = _RESAMPLE[resample]
+    if img.ndim == 2:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+                          .resize((size, size), mode), dtype=np.float32)
+    chans = [resize_unit(img[..., c], size, resample) for c in range(img.shape[-1])]
+    return np.stack(chans, axis=-1)
+
+
+def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,
+                     cfg: PreprocessConfig, window_tags: tuple[float, float] | None = None) -> np.ndarray:
+    """One slice in physical units → network input float32 (3, S, S), normalised with mean/std.
+
+    img: (H, W) grey or (H, W, 3) RGB, any real dtype.
+    """
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
+        raise ValueError(f"expected (H, W) or (H, W, 3), got shape {img.shape}")
+    unit = to_unit_range(img, modality, ptype, cfg, window_tags)
+    small = resize_unit(unit, cfg.image_size, cfg.resample)
+    if small.ndim == 2:
+        small = np.repeat(small[None], 3, axis=0)
+    else:
+        small = np.ascontiguousarray(small.transpose(2, 0, 1))
+    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
+    return ((small - mean) / std).astype(np.float32, copy=False)

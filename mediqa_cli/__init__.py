@@ -1,0 +1,1 @@
+"""MedIQA command line: thin Click commands over ``engines`` / ``training`` / ``export``."""

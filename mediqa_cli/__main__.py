@@ -1,0 +1,3 @@
+from mediqa_cli.main import cli
+
+cli()
