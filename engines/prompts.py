@@ -322,7 +322,8 @@ def ct_type_from_kernel(kernel: Any) -> str | None:
     Sharpness 46–59, other families and unknown names → None (ambiguous: the same kernel is
     used for several windows).
     """
-    name = re.sub(r"\s+", "", _text(_first(kernel)))
+    values = _values(kernel)  # "Br40d\\3" (Siemens kernel + strength) → "BR40D"
+    name = re.sub(r"\s+", "", values[0]) if values else ""
     if not name:
         return None
     if name in GE_KERNELS:

@@ -135,6 +135,7 @@ def test_ct_window_first_of_multi_valued_tags():
     ("B70f", "lung"), ("B60f", "lung"), ("B30f", "soft"), ("B31f", "soft"), ("Br40", "soft"),
     ("Br40d", "soft"), ("I31f", "soft"), ("I70f", "lung"), ("Bl57d", "lung"), ("B50f", None),
     ("H60s", "bone"), ("H31s", "soft"), ("U90u", "bone"), (["Br40d", "3"], "soft"),
+    ("Br64d\\3", "lung"), ("B 70 f", "lung"),
     ("YC", "lung"), ("L", "lung"), ("B", "soft"), ("C", None), ("E", "bone"),
     ("FC13", "soft"), ("FC52", "lung"), ("FC30", "bone"), ("FC40", None),
     ("", None), (None, None), ("mystery", None),
@@ -270,3 +271,17 @@ def test_real_files(name, dim, expected):
 def test_real_mr_field_strength():
     assert field_strength_tesla(_header("MR2_UNCI.dcm").MagneticFieldStrength) == pytest.approx(1.5)
     assert field_strength_tesla(_header("emri_small.dcm").MagneticFieldStrength) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("CT_small.dcm", {"modality": "ct", "type": "soft"}),
+    ("MR_small.dcm", {"modality": "mr", "type": "t2"}),
+    ("MR2_UNCI.dcm", {"modality": "mr", "type": "t1"}),
+    ("RG1_UNCI.dcm", {"modality": "xr", "region": "chest", "type": "grey"}),
+    ("bad_sequence.dcm", {"modality": "ct", "type": "soft"}),
+])
+def test_real_files_through_the_meta_whitelist(name, expected):
+    """The rules see the reader's whitelisted ``meta`` (plain floats / strings), not a Dataset."""
+    extract_meta = pytest.importorskip("engines.io.meta").extract_meta
+    out = prompts_from_tags(extract_meta(_header(name)), "2d")
+    assert {k: out[k] for k in expected} == expected
