@@ -1,0 +1,202 @@
+"""The prompted MANIQA model (paper §2.2, DESIGN §3) and its in-graph 3D slice fusion.
+
+Data flow for a batch of N images (shapes for a preset with ViT width D, grid G = S / patch,
+stage widths (C1, C2)):
+
+1. ``encoder`` (timm ViT, ``pretrained=False``) → ``forward_intermediates`` of the preset's 4 blocks
+   (no hooks, no class token, before the final norm) → concatenated (N, 4·D, G, G).
+2. stage 1: transposed attention ×2 over (N, 4·D, G²) → 1 × 1 conv 4·D → C1 → prompted Swin stage.
+3. stage 2: transposed attention ×2 over (N, C1, G²) → 1 × 1 conv C1 → C2 → prompted Swin stage.
+4. per patch token: score branch ``s`` (ReLU, ≥ 0) and weight branch ``w`` (sigmoid); image score
+   ``q = Σ w·s / (Σ w + ε)``; plus ``slice_logit`` = Linear(C2 → 1) of the token mean, the fusion
+   logit used when the image is one of the K salient slices of a 3D series.
+
+``forward_volume`` runs the K slices of each series through the same 2D path in one batch
+(N·K images) and fuses them with ``softmax`` over K, which is exactly what
+``engines.fusion.fuse_slice_scores`` does outside the graph with ``forward``'s outputs.
+
+One deliberate difference to the MANIQA reference code: its transposed attention block returns
+``(attn @ v).transpose(1, 2).reshape(B, C, N)``, a reshape that scrambles the channel and token
+axes; here the block returns ``attn @ v`` (B, C, N) as the transposed-attention formulation states.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from timm.layers import trunc_normal_
+
+from engines.errors import UnsupportedInput
+from engines.models.presets import PresetConfig, get_preset
+from engines.models.swin import SwinStage
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-8  # keeps Σ w > 0 in q = Σ w·s / Σ w (sigmoid weights are > 0 but may underflow)
+
+
+def create_vit(vit_name: str, image_size: int, overrides: Sequence[tuple[str, object]] = (),
+               init_weights: Path | None = None, keep_blocks: Sequence[int] | None = None) -> nn.Module:
+    """A timm VisionTransformer built without downloading anything.
+
+    ``init_weights`` (optional) is a local timm state-dict file loaded before pruning;
+    ``keep_blocks`` prunes the blocks after the last index and the final norm / head, so every
+    remaining parameter takes part in the forward pass.
+    """
+    import timm
+
+    kw: dict[str, object] = {"img_size": image_size}
+    kw.update(dict(overrides))
+    vit = timm.create_model(vit_name, pretrained=False, num_classes=0, **kw)
+    if init_weights is not None:
+        from engines.models.loading import load_encoder_weights
+
+        load_encoder_weights(vit, Path(init_weights))
+    if keep_blocks is not None:
+        vit.prune_intermediate_layers(list(keep_blocks), prune_norm=True, prune_head=True)
+    return vit
+
+
+class TransposedAttention(nn.Module):
+    """MANIQA's transposed attention block (TAB): attention between channels.
+
+    Input (B, C, L) float32 with L = G² tokens. q, k, v are Linear(L → L) maps over the token axis;
+    the attention matrix is (B, C, C) with scale L^-0.5; dropout on the output; residual.
+    """
+
+    def __init__(self, tokens: int, drop: float = 0.1) -> None:
+        super().__init__()
+        self.q = nn.Linear(tokens, tokens)
+        self.k = nn.Linear(tokens, tokens)
+        self.v = nn.Linear(tokens, tokens)
+        self.scale = tokens ** -0.5
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn = (self.q(x) @ self.k(x).transpose(1, 2)) * self.scale
+        out = attn.softmax(dim=-1) @ self.v(x)
+        return x + self.drop(out)
+
+
+def _head(width: int, hidden: int, drop: float, last: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(drop), nn.Linear(hidden, 1), last)
+
+
+def fuse_in_graph(slice_scores: Tensor, slice_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) scores and logits → (score (N,), slice_scores (N, K), slice_weights (N, K) softmax over K)."""
+    weights = slice_logits.softmax(dim=1)
+    return (weights * slice_scores).sum(dim=1), slice_scores, weights
+
+
+class _VolumeMixin:
+    """``forward_volume`` in terms of ``forward``: one batched 2D pass over N·K slices, then fusion."""
+
+    def forward_volume(self, volumes: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """volumes (N, K, 3, S, S) float32, prompt (N, P) → (score (N,), slice_scores (N, K), slice_weights (N, K))."""
+        if volumes.dim() != 5:
+            raise UnsupportedInput(f"volumes must be (N, K, 3, S, S), got {tuple(volumes.shape)}")
+        k = volumes.shape[1]
+        flat = volumes.reshape(-1, volumes.shape[2], volumes.shape[3], volumes.shape[4])
+        flat_prompt = prompt.unsqueeze(1).expand(-1, k, -1).reshape(-1, prompt.shape[-1])
+        scores, logits = self(flat, flat_prompt)  # type: ignore[operator]
+        return fuse_in_graph(scores.reshape(-1, k), logits.reshape(-1, k))
+
+
+class MedIQANet(_VolumeMixin, nn.Module):
+    """Prompted MANIQA. ``forward(images (N,3,S,S), prompt (N,P)) -> (score (N,), slice_logit (N,))``.
+
+    ``score`` is in the model's [0, 1] label scale (non-negative, not clamped); images are
+    normalised with the card's mean / std (0.5 / 0.5).
+    """
+
+    def __init__(self, preset: PresetConfig | str, prompt_dim: int, *,
+                 init_weights: Path | None = None) -> None:
+        super().__init__()
+        cfg = get_preset(preset) if isinstance(preset, str) else preset
+        self.preset = cfg
+        self.prompt_dim = prompt_dim
+        self.feature_blocks = tuple(cfg.blocks)
+        g, (c1, c2) = cfg.grid, cfg.widths
+        self.encoder = create_vit(cfg.vit_name, cfg.image_size, cfg.vit_overrides, init_weights,
+                                  keep_blocks=cfg.blocks)
+        stage = dict(n_layers=cfg.swin_layers, blocks_per_layer=cfg.swin_blocks_per_layer,
+                     heads=cfg.swin_heads, window=cfg.window_size, mlp_dim=cfg.swin_mlp_dim,
+                     prompt_dim=prompt_dim, drop=cfg.drop, drop_path=cfg.drop_path,
+                     residual_scale=cfg.residual_scale)
+        self.tab1 = nn.Sequential(*(TransposedAttention(g * g, cfg.drop) for _ in range(cfg.tab_per_stage)))
+        self.reduce1 = nn.Conv2d(cfg.feature_channels, c1, kernel_size=1)
+        self.swin1 = SwinStage(c1, g, **stage)
+        self.tab2 = nn.Sequential(*(TransposedAttention(g * g, cfg.drop) for _ in range(cfg.tab_per_stage)))
+        self.reduce2 = nn.Conv2d(c1, c2, kernel_size=1)
+        self.swin2 = SwinStage(c2, g, **stage)
+        self.score_head = _head(c2, cfg.head_width, cfg.drop, nn.ReLU())
+        self.weight_head = _head(c2, cfg.head_width, cfg.drop, nn.Sigmoid())
+        self.slice_head = nn.Linear(c2, 1)
+        for name, module in self.named_children():
+            if name != "encoder":
+                module.apply(_init_linear)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(N, 3, S, S) → concatenated intermediate ViT features (N, 4·D, G, G)."""
+        feats = self.encoder.forward_intermediates(
+            images, indices=list(self.feature_blocks), norm=False, output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        return torch.cat(feats, dim=1)
+
+    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.preset.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
+            raise UnsupportedInput(f"images must be (N, 3, {s}, {s}) for preset {self.preset.name}, "
+                                   f"got {tuple(images.shape)}")
+        if prompt.dim() != 2 or prompt.shape[1] != self.prompt_dim:
+            raise UnsupportedInput(f"prompt must be (N, {self.prompt_dim}), got {tuple(prompt.shape)}")
+        x = self.features(images)
+        x = self.swin1(self.reduce1(_tab(self.tab1, x)), prompt)
+        x = self.swin2(self.reduce2(_tab(self.tab2, x)), prompt)
+        tokens = x.flatten(2).transpose(1, 2)                 # (N, G², C2)
+        s_tok = self.score_head(tokens).squeeze(-1)            # (N, G²)
+        w_tok = self.weight_head(tokens).squeeze(-1)
+        score = (s_tok * w_tok).sum(dim=1) / (w_tok.sum(dim=1) + _EPS)
+        slice_logit = self.slice_head(tokens.mean(dim=1)).squeeze(-1)
+        return score, slice_logit
+
+
+class EnsembleNet(_VolumeMixin, nn.Module):
+    """Average of several IQA models (paper "Ours-e"): mean score and mean slice logit.
+
+    ``forward_volume`` fuses the averaged slice scores with the averaged logits, so it equals
+    ``fuse_slice_scores`` applied to this module's ``forward`` like for a single model.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        outs = [m(images, prompt) for m in self.members]
+        score = torch.stack([o[0] for o in outs]).mean(dim=0)
+        logit = torch.stack([o[1] for o in outs]).mean(dim=0)
+        return score, logit
+
+
+def _tab(blocks: nn.Sequential, x: Tensor) -> Tensor:
+    """Apply TABs to (N, C, G, G) by viewing it as (N, C, G²)."""
+    n, c, h, w = x.shape
+    return blocks(x.flatten(2)).reshape(-1, c, h, w)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

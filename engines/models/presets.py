@@ -1,0 +1,157 @@
+"""Named model presets (torch-free, like a timm model registry's config table).
+
+A preset fixes every number of the prompted MANIQA model (DESIGN §3): the timm ViT, the four
+intermediate blocks it contributes, the token grid, the widths of the two stages, the Swin
+window / heads / MLP width, and the input image size (which the ``PreprocessConfig`` used with
+the preset must match). The CLI and the artifact card refer to presets by name only, so this
+module must stay importable without torch.
+
+Block indices are 0-based positions in ``vit.blocks``. MANIQA (IIGROUP/MANIQA, ``models/maniqa.py``)
+registers a forward hook on every block and concatenates ``outputs[6..9]``, i.e. the outputs of
+``blocks[6]``, ``blocks[7]``, ``blocks[8]`` and ``blocks[9]`` of a 12-block ViT-B/8, without the class
+token and before the final norm; ``forward_intermediates(indices=(6, 7, 8, 9), norm=False)`` gives
+exactly those tensors without hooks. Blocks after the last index are pruned from the encoder.
+
+MANIQA reference numbers (facts, see DESIGN §3): 4 × 768 = 3072 channels on 28 × 28; TAB × 2 →
+1 × 1 conv 3072 → 768 → Swin stage; TAB × 2 → 1 × 1 conv 768 → 384 → Swin stage; each Swin stage
+has 2 residual layers of 2 Swin blocks (the second block of each layer uses shifted windows),
+4 heads, window 4, MLP width 768, drop-path 0.1 (linearly spaced over the stage's blocks), a 3 × 3
+conv closing each layer, and the residual ``x = 0.8 · layer(x) + x``; heads 384 → 384 → 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from engines.errors import ConfigError
+from engines.preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class PresetConfig:
+    """Every number of one model variant. Shapes follow from ``image_size`` and the ViT patch.
+
+    ``vit_overrides`` are keyword arguments passed to ``timm.create_model`` on top of the named
+    architecture (used by the tiny test preset); ``classifier_vit`` (+ overrides) is the prompt
+    classifier's ViT, fed the same ``image_size`` inputs.
+    """
+
+    name: str
+    description: str
+    vit_name: str
+    patch_size: int
+    image_size: int
+    vit_embed_dim: int
+    blocks: tuple[int, int, int, int]
+    widths: tuple[int, int]
+    window_size: int
+    swin_heads: int
+    swin_mlp_dim: int
+    swin_layers: int = 2              # residual layers per Swin stage (MANIQA: depths=[2, 2])
+    swin_blocks_per_layer: int = 2    # Swin blocks per layer, shift on every second block
+    tab_per_stage: int = 2
+    drop: float = 0.1                 # TAB dropout, head dropout, Swin stage input dropout
+    drop_path: float = 0.1
+    residual_scale: float = 0.8
+    head_hidden: int | None = None    # score/weight head hidden width; None = widths[1]
+    vit_overrides: tuple[tuple[str, Any], ...] = ()
+    classifier_vit: str = "vit_tiny_patch16_224"
+    classifier_overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def grid(self) -> int:
+        """Token grid side: image_size // patch_size (28 for ViT-B/8 at 224)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the concatenated intermediate features (4 × embed dim)."""
+        return len(self.blocks) * self.vit_embed_dim
+
+    @property
+    def head_width(self) -> int:
+        return self.head_hidden if self.head_hidden is not None else self.widths[1]
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The default preprocessing for this preset (image size; MANIQA mean/std 0.5)."""
+        return PreprocessConfig(image_size=self.image_size)
+
+    def validate(self) -> None:
+        """Raise ConfigError when the numbers do not fit together."""
+        g = self.grid
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{self.name}: image_size {self.image_size} not a multiple of patch {self.patch_size}")
+        if g % self.window_size:
+            raise ConfigError(f"{self.name}: grid {g} not a multiple of window {self.window_size}")
+        for w in self.widths:
+            if w % self.swin_heads:
+                raise ConfigError(f"{self.name}: width {w} not divisible by {self.swin_heads} heads")
+        if sorted(set(self.blocks)) != list(self.blocks):
+            raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
+
+
+PRESETS: dict[str, PresetConfig] = {}
+
+
+def _register(p: PresetConfig) -> PresetConfig:
+    p.validate()
+    PRESETS[p.name] = p
+    return p
+
+
+_register(PresetConfig(
+    name="mediqa-vitb8",
+    description="Paper model: MANIQA on ViT-B/8 (blocks 6-9, 28x28 grid, widths 768/384, window 4); GPU.",
+    vit_name="vit_base_patch8_224", patch_size=8, image_size=224, vit_embed_dim=768,
+    blocks=(6, 7, 8, 9), widths=(768, 384), window_size=4, swin_heads=4, swin_mlp_dim=768,
+    # Paper: "a 12-layer, 12-head ViT with a size of 3072" (ViT-B MLP width), ~86M params.
+    classifier_vit="vit_base_patch16_224",
+))
+
+_register(PresetConfig(
+    name="mediqa-vits16",
+    description="ViT-S/16 variant (blocks 6-9, 14x14 grid, widths 384/192, window 7); mid-size GPU/CPU.",
+    vit_name="vit_small_patch16_224", patch_size=16, image_size=224, vit_embed_dim=384,
+    blocks=(6, 7, 8, 9), widths=(384, 192), window_size=7, swin_heads=4, swin_mlp_dim=384,
+    classifier_vit="vit_small_patch16_224",
+))
+
+# Widths chosen so the fp16 artifact of IQA model + classifier stays under 25 MB (measured in
+# tests/test_models.py::test_vitt16_fits_size_budget).
+_register(PresetConfig(
+    name="mediqa-vitt16",
+    description="CPU default: ViT-Ti/16 (blocks 6-9, 14x14 grid, widths 128/64, window 7).",
+    vit_name="vit_tiny_patch16_224", patch_size=16, image_size=224, vit_embed_dim=192,
+    blocks=(6, 7, 8, 9), widths=(128, 64), window_size=7, swin_heads=4, swin_mlp_dim=256,
+    head_hidden=128,
+    classifier_vit="vit_tiny_patch16_224",
+))
+
+_TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
+_register(PresetConfig(
+    name="mediqa-test",
+    description="Tiny random model for tests: 64x64 input, 4-block 32-dim ViT/8, 8x8 grid, window 4.",
+    vit_name="vit_tiny_patch16_224", patch_size=8, image_size=64, vit_embed_dim=32,
+    blocks=(0, 1, 2, 3), widths=(32, 16), window_size=4, swin_heads=2, swin_mlp_dim=32,
+    vit_overrides=_TEST_VIT,
+    classifier_vit="vit_tiny_patch16_224", classifier_overrides=_TEST_VIT,
+))
+
+DEFAULT_PRESET = "mediqa-vitt16"
+
+
+def list_presets() -> list[str]:
+    """Registered preset names, in registration order."""
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> PresetConfig:
+    """The preset called ``name``; ConfigError with a suggestion when unknown."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}.{hint}") from None
