@@ -583,7 +583,7 @@ def decode_frame(ds: Any, frame: int | None = None, *, limits: ReadLimits = DEFA
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise NoPixelData("no pixel data element")
+        raise NoPixelData("image attributes but no pixel data element (the file may be truncated)")
     rows = _int_tag(ds, "Rows", required=True) or 0
     cols = _int_tag(ds, "Columns", required=True) or 0
     samples = _int_tag(ds, "SamplesPerPixel", 1) or 1
