@@ -76,6 +76,12 @@ def archive(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _restore_warnings_routing():
+    yield
+    logging.captureWarnings(False)  # ``mediqa scan`` routes warnings into (scrubbed) logging
+
+
 @pytest.fixture
 def runner(monkeypatch) -> CliRunner:
     monkeypatch.setenv("MEDIQA_STUDY_KEY", KEY)
@@ -101,7 +107,6 @@ def test_scan_lists_every_study_once_with_errors_and_no_phi(archive, runner, tmp
     finally:
         root_logger.removeHandler(handler)
         root_logger.setLevel(old_level)
-        logging.captureWarnings(False)
     assert result.exit_code == 1, result.output
     rows = _rows(out)
     by_path = {r["path"]: r for r in rows}
