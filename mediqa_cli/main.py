@@ -48,23 +48,31 @@ class LazyGroup(click.Group):
 
 
 def setup_logging(verbosity: int) -> None:
+    """Log to stderr (cron mails or redirects it); every record passes the PHI scrubber."""
+    from engines.privacy import install_log_scrubber  # light: stdlib only
+
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    install_log_scrubber(root)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mediqa", prog_name="mediqa")
-def cli() -> None:
+@click.option("--log-level", type=click.Choice(["quiet", "info", "debug"]), default="info",
+              show_default=True, envvar="MEDIQA_LOG_LEVEL",
+              help="Global log verbosity (stderr). Logs never contain patient identifiers.")
+def cli(log_level: str) -> None:
     """MedIQA: prompt-driven medical image quality assessment.
 
     \b
     Typical night:  mediqa score /data/studies -o scores.csv --report report.html
     Audit only:     mediqa scan /data/studies -o scan.csv
     """
+    setup_logging({"quiet": -1, "info": 0, "debug": 1}[log_level])
 
 
 if __name__ == "__main__":  # pragma: no cover
