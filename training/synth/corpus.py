@@ -1,0 +1,560 @@
+"""Plan, generate and index the synthetic corpus (``mediqa synth``).
+
+A corpus is planned in one process from the seed (``plan_corpus``: one ``StudySpec`` per study,
+with every physical parameter already drawn), then each study is rendered independently
+(``render_study``, in worker processes) with its own random generator seeded by
+``(seed, study index)``. Hence the output does not depend on the number of workers, and the same
+seed gives byte-identical files and manifest.
+
+Quality score (SYNTHETIC — derived from the simulation parameters, not from human readers)::
+
+    score = Π_d (1 − w_d · s_d)          s_d ∈ [0, 1] normalised severity of degradation d
+
+over every degradation applied to the study (CT always has a dose, MR always a field strength).
+Each ``s_d`` is monotone in the physical parameter (``SEVERITY`` below):
+
+=============  =====================  ===========================================  =====
+d              parameter              s_d                                          w_d
+=============  =====================  ===========================================  =====
+dose (CT)      mAs ∈ [10, 400]        (mAs^-½ − 400^-½) / (10^-½ − 400^-½)         0.90
+views (CT)     n ∈ [18, 180]          log(180 / n) / log(10)                       0.85
+blur (CT)      σ ∈ [0, 2.5] mm        σ / 2.5                                      0.85
+field (MR)     B0 ∈ {0.5 … 7} T       (1/B0 − 1/7) / (1/0.5 − 1/7)                 0.90
+ringing (MR)   kept k-space f         (1 − f) / 0.85,  f ∈ [0.15, 1]               0.75
+motion (MR)    amplitude a px@256     a / 6                                        0.85
+bias (MR)      log-amplitude b        b / 0.8                                      0.50
+blur (2D)      σ ∈ [0, 3] px@256      σ / 3                                        0.85
+noise (2D)     σ ∈ [0, 0.12]          σ / 0.12                                     0.90
+jpeg (2D)      quality q ∈ [5, 95]    log(95 / q) / log(19)                        0.85
+illumination   strength b ∈ [0, 0.7]  b / 0.7                                      0.60
+=============  =====================  ===========================================  =====
+
+The noise severities are proportional to the noise standard deviation the physics predicts
+(σ ∝ mAs^-½ for CT, σ ∝ 1/B0 for MR), shifted so the best setting is 0. Severities are drawn
+uniformly in [0, 1] and mapped back to the physical parameter, so every part of the range is
+covered. A "mixed" study combines two degradations of its modality.
+
+Manifest (``OUT_DIR/manifest.csv``), one row per study: ``path`` (relative to OUT_DIR; a DICOM
+series is its folder), ``score``, ``modality``, ``region``, ``type``, ``dimension``, ``split``,
+``source_id`` (the split unit, see ``sources``), ``degradation`` (e.g. ``dose`` or
+``dose+blur``), ``severity`` (the largest normalised severity among the named degradations),
+``params`` (JSON: every physical parameter and every s_d), ``physical`` (mAs for CT, tesla for
+MR, empty otherwise), ``format`` (dicom / nifti / png / jpeg), ``n_slices``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+from skimage.transform import resize
+
+from training.synth import degrade
+from training.synth.sources import BaseImage, Unit, all_units, load_unit
+from training.synth.writers import (
+    hu_to_stored, to_uint16, write_dicom_image, write_dicom_series, write_jpeg, write_nifti,
+    write_png,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "path", "score", "modality", "region", "type", "dimension", "split", "source_id",
+    "degradation", "severity", "params", "physical", "format", "n_slices",
+)
+SPLIT_PROBS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
+MR_FIELDS: tuple[float, ...] = (0.5, 1.0, 1.5, 3.0, 7.0)
+MR_STORED_REF = 1000.0  # the clean 99th percentile is scaled to this stored value
+CT_WINDOWS = {"lung": (-600, 1500), "soft": (40, 400), "bone": (300, 2000)}
+CTDI_PER_MAS = 0.075  # mGy per mAs, nominal 32 cm body phantom at 120 kVp, pitch 1
+
+
+# --- severities -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Severity:
+    """Map between a physical parameter and its normalised severity s ∈ [0, 1]."""
+
+    param: str
+    weight: float
+    to_s: Callable[[float], float]
+    from_s: Callable[[float], float]
+
+
+def _inv_sqrt_s(lo: float, hi: float) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    a, b = hi ** -0.5, lo ** -0.5
+    return (lambda v: (v ** -0.5 - a) / (b - a)), (lambda s: (a + s * (b - a)) ** -2)
+
+
+def _linear(hi: float) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    return (lambda v: v / hi), (lambda s: s * hi)
+
+
+_dose = _inv_sqrt_s(10.0, 400.0)
+_inv_b0 = ((lambda b: (1 / b - 1 / 7.0) / (1 / 0.5 - 1 / 7.0)),
+           (lambda s: 1.0 / (1 / 7.0 + s * (1 / 0.5 - 1 / 7.0))))
+SEVERITY: dict[str, Severity] = {
+    "dose": Severity("mas", 0.90, *_dose),
+    "views": Severity("views", 0.85, lambda n: math.log(180.0 / n) / math.log(10.0),
+                      lambda s: 180.0 / 10.0 ** s),
+    "blur_mm": Severity("blur_mm", 0.85, *_linear(2.5)),
+    "field": Severity("tesla", 0.90, *_inv_b0),
+    "ringing": Severity("keep", 0.75, lambda f: (1.0 - f) / 0.85, lambda s: 1.0 - 0.85 * s),
+    "motion": Severity("motion_px", 0.85, *_linear(6.0)),
+    "bias": Severity("bias", 0.50, *_linear(0.8)),
+    "blur": Severity("blur_px", 0.85, *_linear(3.0)),
+    "noise": Severity("noise_sigma", 0.90, *_linear(0.12)),
+    "jpeg": Severity("quality", 0.85, lambda q: math.log(95.0 / q) / math.log(19.0),
+                     lambda s: 95.0 / 19.0 ** s),
+    "illumination": Severity("illumination", 0.60, *_linear(0.7)),
+}
+
+# Degradation kinds per modality: name → the severity keys it varies.
+KINDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ct": {"dose": ("dose",), "sparse": ("views",), "blur": ("blur_mm",)},
+    "mr": {"noise": ("field",), "ringing": ("ringing",), "motion": ("motion",), "bias": ("bias",)},
+    "xr": {"blur": ("blur",), "noise": ("noise",), "jpeg": ("jpeg",),
+           "illumination": ("illumination",)},
+    "fundus": {"blur": ("blur",), "noise": ("noise",), "jpeg": ("jpeg",),
+               "illumination": ("illumination",)},
+}
+MIXED_FRACTION = 0.25
+
+
+def quality_score(severities: dict[str, float]) -> float:
+    """Synthetic score in [0, 1] (1 = pristine): Π (1 − w_d s_d) over the given severities."""
+    q = 1.0
+    for key, s in severities.items():
+        q *= 1.0 - SEVERITY[key].weight * float(np.clip(s, 0.0, 1.0))
+    return float(q)
+
+
+# --- sizes and plan ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SizeConfig:
+    """How many studies of each kind, and the working resolution."""
+
+    n2d: dict[str, int]
+    n3d: dict[str, int]                 # keys: ct, mr-dicom, mr-nifti
+    image_size: int = 256
+    anat_slices: tuple[int, int] = (16, 24)
+    air_slices: tuple[int, int] = (2, 4)
+
+
+SIZES: dict[str, SizeConfig] = {
+    "tiny": SizeConfig({"xr": 2, "fundus": 2, "ct": 1, "mr": 1}, {"ct": 1, "mr-dicom": 1, "mr-nifti": 1},
+                       image_size=64, anat_slices=(6, 6), air_slices=(2, 2)),
+    "small": SizeConfig({"xr": 100, "fundus": 100, "ct": 40, "mr": 40},
+                        {"ct": 6, "mr-dicom": 4, "mr-nifti": 3}),
+    "medium": SizeConfig({"xr": 400, "fundus": 400, "ct": 160, "mr": 160},
+                         {"ct": 24, "mr-dicom": 16, "mr-nifti": 12}),
+    "large": SizeConfig({"xr": 1600, "fundus": 1600, "ct": 640, "mr": 640},
+                        {"ct": 96, "mr-dicom": 64, "mr-nifti": 48}, anat_slices=(24, 40)),
+}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything needed to render one study (all random choices of the plan already made)."""
+
+    index: int
+    modality: str
+    dimension: str
+    split: str
+    unit: Unit
+    region: str
+    type: str
+    degradation: str                     # e.g. "dose" or "dose+blur"
+    primary: tuple[str, ...]             # severity keys named by ``degradation``
+    params: dict[str, float] = field(hash=False)
+    fmt: str = "dicom"                   # dicom | nifti | png | jpeg
+    relpath: str = ""
+    image_size: int = 256
+    n_anat: int = 0
+    n_air: tuple[int, int] = (0, 0)
+    seed: int = 0                        # the corpus seed (UIDs and the study's generator)
+
+
+def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
+                 ) -> dict[str, float]:
+    """Physical parameters: the primary degradations get s ~ U(0, 1); the rest are mild / absent."""
+    p: dict[str, float] = {}
+    for key in primary:
+        p[SEVERITY[key].param] = SEVERITY[key].from_s(float(rng.uniform(0.0, 1.0)))
+    if modality == "ct":
+        if "mas" not in p:  # other CT degradations are acquired at a routine dose
+            p["mas"] = float(rng.uniform(200.0, 400.0))
+        p["mas"] = float(max(10, int(round(p["mas"]))))
+        p["views"] = float(int(round(p.get("views", degrade.FULL_VIEWS))))
+        p["exposure_time_ms"] = float(rng.choice([500, 1000]))
+    if modality == "mr":
+        if "tesla" in p:  # snap to a real field strength
+            p["tesla"] = float(min(MR_FIELDS, key=lambda b: abs(b - p["tesla"])))
+        else:
+            p["tesla"] = float(rng.choice([3.0, 7.0]))
+        p["motion_period"] = float(rng.uniform(3.0, 12.0))
+    if modality in ("xr", "fundus") and "quality" in p:
+        p["quality"] = float(int(round(p["quality"])))
+    return {k: round(v, 6) for k, v in p.items()}
+
+
+def severities_of(modality: str, params: dict[str, float]) -> dict[str, float]:
+    """Normalised severity of every degradation present in ``params`` (see the table above)."""
+    out: dict[str, float] = {}
+    for key, sev in SEVERITY.items():
+        if sev.param not in params:
+            continue
+        if key in ("blur", "blur_mm") and (modality == "ct") != (key == "blur_mm"):
+            continue
+        out[key] = round(float(np.clip(sev.to_s(params[sev.param]), 0.0, 1.0)), 6)
+    return out
+
+
+def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
+    units = all_units(modality)
+    present = [s for s in SPLIT_PROBS if any(u.split == s for u in units)]
+    probs = np.array([SPLIT_PROBS[s] for s in present])
+    split = present[int(rng.choice(len(present), p=probs / probs.sum()))]
+    pool = [u for u in units if u.split == split]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def plan_corpus(seed: int, size: str | SizeConfig = "small") -> list[StudySpec]:
+    """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config)."""
+    cfg = SIZES[size] if isinstance(size, str) else size
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    buckets: list[tuple[str, str, str, int]] = []  # modality, dimension, format hint, count
+    for mod in ("ct", "mr", "xr", "fundus"):
+        buckets.append((mod, "2d", "", cfg.n2d.get(mod, 0)))
+    buckets += [("ct", "3d", "dicom", cfg.n3d.get("ct", 0)),
+                ("mr", "3d", "dicom", cfg.n3d.get("mr-dicom", 0)),
+                ("mr", "3d", "nifti", cfg.n3d.get("mr-nifti", 0))]
+    from training.synth.sources import source_by_name
+
+    specs: list[StudySpec] = []
+    for mod, dim, fmt_hint, count in buckets:
+        kinds = sorted(KINDS[mod])
+        for _ in range(count):
+            index = len(specs)
+            unit = _choose_unit(mod, rng)
+            src = source_by_name(unit.source)
+            if rng.uniform() < MIXED_FRACTION:
+                pair = rng.choice(len(kinds), size=2, replace=False)
+                names = sorted(kinds[int(i)] for i in pair)
+            else:
+                names = [kinds[int(rng.integers(len(kinds)))]]
+            primary = tuple(k for n in names for k in KINDS[mod][n])
+            params = _draw_params(mod, primary, rng)
+            ptype = src.type
+            if mod == "ct" and src.region == "chest":
+                ptype = "lung" if rng.uniform() < 0.5 else "soft"
+            if fmt_hint:
+                fmt = fmt_hint
+            elif mod in ("ct", "mr"):
+                fmt = "dicom"
+            elif "jpeg" in names:
+                fmt = "jpeg"
+            elif mod == "xr":
+                fmt = "dicom" if rng.uniform() < 0.4 else "png"
+            else:
+                fmt = "png"
+            n_anat = int(rng.integers(cfg.anat_slices[0], cfg.anat_slices[1] + 1)) if dim == "3d" else 1
+            n_air = ((int(rng.integers(cfg.air_slices[0], cfg.air_slices[1] + 1)),
+                      int(rng.integers(cfg.air_slices[0], cfg.air_slices[1] + 1)))
+                     if dim == "3d" else (0, 0))
+            degr = "+".join(names)
+            suffix = {"dicom": "" if dim == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
+                      "jpeg": ".jpg"}[fmt]
+            rel = f"{unit.split}/{mod}-{dim}/{index:05d}-{degr.replace('+', '-')}{suffix}"
+            specs.append(StudySpec(index=index, modality=mod, dimension=dim, split=unit.split,
+                                   unit=unit, region=src.region, type=ptype, degradation=degr,
+                                   primary=primary, params=params, fmt=fmt, relpath=rel,
+                                   image_size=cfg.image_size, n_anat=n_anat, n_air=n_air,
+                                   seed=int(seed)))
+    return specs
+
+
+# --- rendering helpers -------------------------------------------------------------------------
+
+def _resize_long_side(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resize (H, W[, 3]) so the longer side is ``size``; returns the image and the zoom factor."""
+    h, w = img.shape[:2]
+    f = size / max(h, w)
+    shape = (max(1, int(round(h * f))), max(1, int(round(w * f)))) + img.shape[2:]
+    out = resize(img, shape, order=1, anti_aliasing=f < 1, preserve_range=True, mode="edge")
+    return out.astype(np.float32), f
+
+
+def _affine(img: np.ndarray, angle_deg: float, shift: tuple[float, float], scale: float,
+            fill: float, flip: bool = False) -> np.ndarray:
+    """Rotate / scale about the centre, then shift (pixels); (H, W) float32."""
+    h, w = img.shape
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / scale
+    if flip:
+        rot = rot @ np.diag([1.0, -1.0])
+    c = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    offset = c - rot @ (c + np.asarray(shift))
+    return ndimage.affine_transform(img, rot, offset=offset, order=1, mode="constant",
+                                    cval=fill).astype(np.float32)
+
+
+def make_series(base: np.ndarray, n: int, rng: np.random.Generator, fill: float) -> np.ndarray:
+    """(n, H, W) series from one real (H, W) slice: smooth drift, rotation and taper along z.
+
+    Neighbouring slices differ by sub-pixel amounts so the series looks continuous; the anatomy
+    shrinks slightly towards both ends. This is an augmentation, not a new anatomy.
+    """
+    h, w = base.shape
+    amp = rng.uniform(0.5, 2.0, size=2) * max(h, w) / 256.0 * 2
+    freq = rng.uniform(0.5, 1.5, size=2)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    rot = float(rng.uniform(-3.0, 3.0))
+    taper = float(rng.uniform(0.04, 0.12))
+    out = np.empty((n, h, w), dtype=np.float32)
+    for k in range(n):
+        t = k / max(n - 1, 1)
+        shift = (float(amp[0] * math.sin(math.pi * freq[0] * t + phase[0])),
+                 float(amp[1] * math.sin(math.pi * freq[1] * t + phase[1])))
+        out[k] = _affine(base, rot * (t - 0.5), shift, 1.0 - taper * (2 * t - 1) ** 2, fill)
+    return out
+
+
+def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
+                allow_flip: bool = True) -> np.ndarray:
+    """Small random rotation / shift / zoom (and optional left-right flip); (H, W[, 3]) float32."""
+    angle = float(rng.uniform(-6, 6))
+    shift = (float(rng.uniform(-0.03, 0.03) * img.shape[0]),
+             float(rng.uniform(-0.03, 0.03) * img.shape[1]))
+    scale = float(rng.uniform(0.95, 1.05))
+    flip = bool(allow_flip and rng.uniform() < 0.5)
+    if img.ndim == 3:
+        return np.stack([_affine(img[..., c], angle, shift, scale, fill, flip)
+                         for c in range(img.shape[-1])], axis=-1)
+    return _affine(img, angle, shift, scale, fill, flip)
+
+
+def _slice_of(base: BaseImage, rng: np.random.Generator) -> np.ndarray:
+    z = base.array.shape[0]
+    if z == 1:
+        return base.array[0]
+    lo, hi = int(z * 0.3), max(int(z * 0.7), int(z * 0.3) + 1)
+    return base.array[int(rng.integers(lo, hi))]
+
+
+# --- renderers ---------------------------------------------------------------------------------
+
+def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+    size = spec.image_size
+    img = _slice_of(base, rng)
+    img = resize(img, (size, size), order=1, anti_aliasing=img.shape[0] > size,
+                 preserve_range=True).astype(np.float32)
+    pixel = base.pixel_mm[0] * base.array.shape[1] / size
+    img = _augment_2d(img, rng, -1000.0)
+    p = spec.params
+    mas, views = p["mas"], int(p["views"])
+    blur_px = p.get("blur_mm", 0.0) / pixel
+    if spec.dimension == "3d":
+        anat = make_series(img, spec.n_anat, rng, -1000.0)
+        air = np.full((1, size, size), -1000.0, np.float32)
+        clean = np.concatenate([np.repeat(air, spec.n_air[0], 0), anat,
+                                np.repeat(air, spec.n_air[1], 0)])
+    else:
+        clean = img[None]
+    hu = np.empty_like(clean)
+    for k in range(clean.shape[0]):
+        hu[k] = degrade.ct_acquire(degrade.gaussian_blur(clean[k], blur_px), mas, pixel, rng,
+                                   n_views=views)
+    time_ms = int(p["exposure_time_ms"])
+    current = int(round(mas * 1000.0 / time_ms))
+    centre, width = CT_WINDOWS.get(spec.type, CT_WINDOWS["soft"])
+    thickness = float(rng.choice([1.25, 2.5, 5.0])) if spec.dimension == "3d" else base.slice_mm
+    tags = {
+        "BodyPartExamined": base.spec.header.get("BodyPartExamined"),
+        "KVP": "120", "Exposure": str(int(mas)), "XRayTubeCurrent": str(current),
+        "ExposureTime": str(time_ms), "CTDIvol": round(CTDI_PER_MAS * mas, 3),
+        "ConvolutionKernel": "STANDARD", "RescaleIntercept": "-1024", "RescaleSlope": "1",
+        "RescaleType": "HU", "WindowCenter": str(centre), "WindowWidth": str(width),
+        "PatientPosition": "HFS",
+        "SeriesDescription": f"SYNTH CT {spec.region.upper()} {int(mas)} mAs {views} views",
+    }
+    key = spec.relpath
+    if spec.dimension == "3d":
+        write_dicom_series(out / spec.relpath, hu_to_stored(hu), modality="CT",
+                           spacing=(thickness, pixel, pixel), tags=tags, key=key,
+                           seed=spec.seed, index=spec.index)
+    else:
+        write_dicom_image(out / spec.relpath, hu_to_stored(hu[0]), modality="CT",
+                          pixel_mm=(pixel, pixel), tags=tags, key=key, seed=spec.seed,
+                          index=spec.index)
+    return int(hu.shape[0])
+
+
+def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+    size = spec.image_size
+    arr = base.array
+    zoom = size / max(arr.shape[1:3])
+    pixel = base.pixel_mm[0] / zoom
+    flip = bool(rng.uniform() < 0.5)
+    if spec.dimension == "3d":
+        if arr.shape[0] > 1:
+            n = min(arr.shape[0], spec.n_anat)
+            z0 = int(rng.integers(0, arr.shape[0] - n + 1))
+            anat = np.stack([_resize_long_side(s, size)[0] for s in arr[z0: z0 + n]])
+            if flip:
+                anat = anat[:, :, ::-1]
+            spacing_z = base.slice_mm
+        else:
+            sl = _augment_2d(_resize_long_side(arr[0], size)[0], rng, 0.0)
+            anat = make_series(sl, spec.n_anat, rng, 0.0)
+            spacing_z = float(rng.choice([3.0, 4.0, 5.0]))
+        empty = np.zeros((1,) + anat.shape[1:], np.float32)
+        clean = np.concatenate([np.repeat(empty, spec.n_air[0], 0), anat,
+                                np.repeat(empty, spec.n_air[1], 0)])
+    else:
+        sl = _resize_long_side(_slice_of(base, rng), size)[0]
+        clean = _augment_2d(sl, rng, 0.0)[None]
+        spacing_z = base.slice_mm
+    ref = float(np.percentile(clean, 99.0))
+    clean = np.ascontiguousarray(clean * (MR_STORED_REF / max(ref, 1e-6)))
+    p = spec.params
+    x = degrade.bias_field(clean, p.get("bias", 0.0), rng)
+    tesla = p["tesla"]
+    sigma = degrade.mr_noise_sigma(MR_STORED_REF, tesla)
+    x = degrade.mr_acquire(x, rng, sigma=sigma, keep_fraction=p.get("keep", 1.0),
+                           motion_px=p.get("motion_px", 0.0) * size / 256.0,
+                           motion_period=p["motion_period"])
+    hdr = base.spec.header
+    tags = {
+        "BodyPartExamined": hdr.get("BodyPartExamined"),
+        "MagneticFieldStrength": f"{tesla:g}", "ImagingFrequency": f"{42.577 * tesla:.4f}",
+        "RepetitionTime": f"{hdr.get('RepetitionTime', 500.0):g}",
+        "EchoTime": f"{hdr.get('EchoTime', 15.0):g}",
+        "SeriesDescription": hdr.get("SeriesDescription", "MR"),
+        "MRAcquisitionType": "2D", "PatientPosition": "HFS",
+    }
+    stored = to_uint16(x)
+    if spec.fmt == "nifti":
+        desc = (f"mediqa-synth MR B0={tesla:g}T TR={tags['RepetitionTime']} "
+                f"TE={tags['EchoTime']} {tags['SeriesDescription']}")
+        write_nifti(out / spec.relpath, stored.astype(np.float32), (spacing_z, pixel, pixel), desc)
+    elif spec.dimension == "3d":
+        write_dicom_series(out / spec.relpath, stored, modality="MR",
+                           spacing=(spacing_z, pixel, pixel), tags=tags, key=spec.relpath,
+                           seed=spec.seed, index=spec.index)
+    else:
+        write_dicom_image(out / spec.relpath, stored[0], modality="MR", pixel_mm=(pixel, pixel),
+                          tags=tags, key=spec.relpath, seed=spec.seed, index=spec.index)
+    return int(stored.shape[0])
+
+
+def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+    size = spec.image_size
+    img, zoom = _resize_long_side(base.array[0], size)
+    img = _augment_2d(img, rng, 0.0, allow_flip=False)
+    img = np.clip(img, 0.0, 1.0)
+    p = spec.params
+    x = degrade.uneven_illumination(img, p.get("illumination", 0.0), rng)
+    x = degrade.gaussian_blur(x, p.get("blur_px", 0.0) * size / 256.0)
+    x = degrade.add_gaussian_noise(x, p.get("noise_sigma", 0.0), rng)
+    if spec.fmt == "jpeg":
+        write_jpeg(out / spec.relpath, x, int(p["quality"]))
+    elif spec.fmt == "png":
+        write_png(out / spec.relpath, x)
+    else:
+        pixel = base.pixel_mm[0] / zoom
+        tags = {"BodyPartExamined": base.spec.header.get("BodyPartExamined"),
+                "ViewPosition": "PA" if spec.region == "chest" else None,
+                "WindowCenter": "2048", "WindowWidth": "4096",
+                "SeriesDescription": f"SYNTH CR {spec.region.upper()}"}
+        write_dicom_image(out / spec.relpath, to_uint16(x * 4095.0), modality="CR",
+                          pixel_mm=(pixel, pixel), tags=tags, key=spec.relpath,
+                          seed=spec.seed, index=spec.index)
+    return 1
+
+
+_RENDERERS = {"ct": _render_ct, "mr": _render_mr, "xr": _render_2d, "fundus": _render_2d}
+
+
+def render_study(spec: StudySpec, out_dir: Path) -> dict[str, str]:
+    """Render one study under ``out_dir`` and return its manifest row (strings)."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index]))
+    base = load_unit(spec.unit)
+    n_slices = _RENDERERS[spec.modality](spec, base, rng, Path(out_dir))
+    sev = severities_of(spec.modality, spec.params)
+    score = quality_score(sev)
+    named = [sev[k] for k in spec.primary if k in sev]
+    physical = {"ct": spec.params.get("mas"), "mr": spec.params.get("tesla")}.get(spec.modality)
+    params = {**spec.params, "severities": sev}
+    return {
+        "path": spec.relpath, "score": f"{score:.6f}", "modality": spec.modality,
+        "region": spec.region, "type": spec.type, "dimension": spec.dimension,
+        "split": spec.split, "source_id": spec.unit.unit_id, "degradation": spec.degradation,
+        "severity": f"{max(named) if named else 0.0:.6f}",
+        "params": json.dumps(params, sort_keys=True, separators=(",", ":")),
+        "physical": "" if physical is None else f"{physical:g}",
+        "format": spec.fmt, "n_slices": str(n_slices),
+    }
+
+
+def _render_job(args: tuple[StudySpec, str]) -> dict[str, str]:
+    spec, out_dir = args
+    return render_study(spec, Path(out_dir))
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write the manifest atomically (temporary file + rename), rows in study order."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
+                    workers: int = 1,
+                    on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Plan and render the corpus into ``out_dir``; returns the manifest path.
+
+    ``workers`` > 1 renders studies in that many processes; the result is identical.
+    ``on_progress(done, total)`` is called after each study.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_corpus(seed, size)
+    t0 = time.perf_counter()
+    rows: dict[int, dict[str, str]] = {}
+    total = len(specs)
+    if workers <= 1:
+        for spec in specs:
+            rows[spec.index] = render_study(spec, out)
+            if on_progress:
+                on_progress(len(rows), total)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            # 3D studies first: they are the slowest, so the pool stays busy to the end.
+            order = sorted(specs, key=lambda s: (s.dimension != "3d", s.index))
+            futures = {pool.submit(_render_job, (s, str(out))): s.index for s in order}
+            for fut in as_completed(futures):
+                rows[futures[fut]] = fut.result()
+                if on_progress:
+                    on_progress(len(rows), total)
+    manifest = out / MANIFEST_NAME
+    write_manifest(manifest, [rows[i] for i in sorted(rows)])
+    log.info("synthetic corpus: %d studies in %.1f s → %s", total, time.perf_counter() - t0, out)
+    return manifest

@@ -1,0 +1,255 @@
+"""Real base images that ship inside PyPI packages, and their split into train / val / test.
+
+Every base image is located through its package (``pydicom.data.get_testdata_file``,
+``importlib.resources``), never through a machine path, and decoded with the package's own reader
+(pydicom applies nothing: we apply RescaleSlope/Intercept ourselves so CT is in HU, and invert
+MONOCHROME1).
+
+Split units. The held-out splits must not share base images with training. A *unit* is what is
+assigned to a split:
+* CT and MR: one unit per physical source (one patient / one acquisition). With three CT sources
+  each split gets exactly one (train: the 693 head CT, val: CT_small chest, test: the Siemens
+  neck CT ``bad_sequence``).
+* X-ray and fundus: only two real photographs / radiographs of each kind ship in packages, so
+  those images are cut into non-overlapping tiles and the tiles are the units; the val and test
+  tiles are image regions never seen in training (plus, for fundus, the separate
+  ``microaneurysms.png`` photograph in test). This is weaker than a held-out patient and is said
+  so in the README.
+
+The table ``SOURCES`` is the single place that fixes labels (prompt vocabulary of
+``engines.prompts.DEFAULT_VOCAB``) and splits; it does not depend on the seed.
+
+Loaded arrays (``BaseImage.array``):
+* CT: float32 (Z, H, W) HU (Z = 1 for single slices), clipped to [-1024, 3071].
+* MR: float32 (Z, H, W) ≥ 0, scanner units.
+* X-ray: float32 (1, H, W) in [0, 1], MONOCHROME2 (bone bright), robust min-max.
+* fundus: float32 (1, H, W, 3) in [0, 1].
+``pixel_mm`` is the in-plane pixel size (y, x) of the returned array, ``slice_mm`` the slice
+spacing (nominal for single slices).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A split unit: a whole source, or one tile (``tile`` = (row, col) of ``grid``) of it."""
+
+    unit_id: str
+    source: str
+    split: str
+    tile: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One real base image / volume and its labels."""
+
+    name: str                      # stable id, e.g. "ct-693"
+    modality: str                  # ct | mr | xr | fundus
+    region: str
+    type: str
+    loader: str                    # key into _LOADERS
+    arg: str                       # file name for the loader
+    origin: str                    # package the data ships in
+    splits: tuple[str, ...] = ("train",)   # one per tile (row-major) or a single entry
+    grid: tuple[int, int] = (1, 1)
+    crop_x: tuple[float, float] = (0.0, 1.0)   # column range kept before tiling (fractions)
+    header: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def units(self) -> list[Unit]:
+        rows, cols = self.grid
+        if rows * cols == 1:
+            return [Unit(self.name, self.name, self.splits[0])]
+        if len(self.splits) != rows * cols:
+            raise ValueError(f"{self.name}: {rows * cols} tiles but {len(self.splits)} splits")
+        return [Unit(f"{self.name}#r{r}c{c}", self.name, self.splits[r * cols + c], (r, c))
+                for r in range(rows) for c in range(cols)]
+
+
+@dataclass
+class BaseImage:
+    """A decoded base image (or one tile of it); see the module docstring for units."""
+
+    unit: Unit
+    spec: SourceSpec
+    array: np.ndarray
+    pixel_mm: tuple[float, float]
+    slice_mm: float
+
+
+SOURCES: tuple[SourceSpec, ...] = (
+    # --- CT (HU) ---
+    SourceSpec("ct-693", "ct", "head", "soft", "dicom", "693_UNCR.dcm", "pydicom-data", ("train",),
+               header={"BodyPartExamined": "HEAD", "Manufacturer": "SYNTH (base: 693 head CT)"}),
+    SourceSpec("ct-small", "ct", "chest", "lung", "dicom", "CT_small.dcm", "pydicom", ("val",),
+               header={"BodyPartExamined": "CHEST", "Manufacturer": "SYNTH (base: GE CT_small)"}),
+    SourceSpec("ct-neck", "ct", "other", "soft", "dicom", "bad_sequence.dcm", "pydicom-data",
+               ("test",), header={"BodyPartExamined": "NECK",
+                                  "Manufacturer": "SYNTH (base: Siemens neck CT)"}),
+    # --- MR (magnitudes) ---
+    SourceSpec("mr-shoulder", "mr", "extremity", "t1", "dicom", "MR2_UNCR.dcm", "pydicom-data",
+               ("train",), header={"BodyPartExamined": "SHOULDER", "RepetitionTime": 350.0,
+                                   "EchoTime": 27.0, "SeriesDescription": "T1 SE"}),
+    SourceSpec("mr-abdomen", "mr", "abdomen", "t1", "dicom", "MR-SIEMENS-DICOM-WithOverlays.dcm",
+               "pydicom", ("train",), header={"BodyPartExamined": "ABDOMEN", "RepetitionTime": 5.53,
+                                              "EchoTime": 2.81, "SeriesDescription": "T1 VIBE FS"}),
+    SourceSpec("mr-anatomical", "mr", "head", "t1", "nifti", "anatomical.nii", "nibabel", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 500.0, "EchoTime": 15.0,
+                       "SeriesDescription": "T1 3D"}),
+    SourceSpec("mr-emri", "mr", "head", "t1", "dicom", "emri_small.dcm", "pydicom-data", ("val",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 9.0, "EchoTime": 4.6,
+                       "SeriesDescription": "T1 TFE"}),
+    SourceSpec("mr-epi", "mr", "head", "other", "nifti4d", "example4d.nii.gz", "nibabel", ("test",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 2000.0, "EchoTime": 30.0,
+                       "SeriesDescription": "EPI BOLD"}),
+    SourceSpec("mr-small", "mr", "other", "t2", "dicom", "MR_small.dcm", "pydicom", ("test",),
+               header={"RepetitionTime": 4000.0, "EchoTime": 240.0, "SeriesDescription": "T2 SE"}),
+    # --- X-ray (CR) ---
+    SourceSpec("xr-chest", "xr", "chest", "grey", "dicom", "RG1_UNCR.dcm", "pydicom-data",
+               ("train", "train", "val", "test"), grid=(2, 2),
+               header={"BodyPartExamined": "CHEST"}),
+    SourceSpec("xr-leg", "xr", "extremity", "grey", "dicom", "RG3_UNCR.dcm", "pydicom-data",
+               ("train", "train", "val", "test"), grid=(4, 1), crop_x=(0.25, 0.75),
+               header={"BodyPartExamined": "EXTREMITY"}),
+    # --- fundus (RGB) ---
+    SourceSpec("fundus-retina", "fundus", "eye", "color", "skimage", "retina.jpg", "scikit-image",
+               ("train", "train", "val", "train"), grid=(2, 2)),
+    SourceSpec("fundus-microaneurysms", "fundus", "eye", "color", "skimage", "microaneurysms.png",
+               "scikit-image", ("test",)),
+)
+
+
+def source_by_name(name: str) -> SourceSpec:
+    for s in SOURCES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown synthetic source {name!r}")
+
+
+def all_units(modality: str | None = None) -> list[Unit]:
+    """Units of every source (optionally one modality), in table order."""
+    return [u for s in SOURCES if modality in (None, s.modality) for u in s.units()]
+
+
+def _dicom_path(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found: install pydicom-data (pip install pydicom-data)")
+    return str(path)
+
+
+def _load_dicom(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    import pydicom
+
+    ds = pydicom.dcmread(_dicom_path(name))
+    arr = ds.pixel_array.astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if ds.get("Modality") == "CT":
+        arr = arr * slope + intercept
+        arr = np.clip(arr, -1024.0, 3071.0)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        arr = arr.max() - arr
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    fallback = 0.15 if ds.get("Modality") in ("CR", "DX") else 1.0
+    pixel = (float(ps[0]), float(ps[1])) if ps and float(ps[0]) > 0 else (fallback, fallback)
+    thick = float(ds.get("SliceThickness") or 3.0)
+    if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced MR: spacing lives in the groups
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        try:
+            pm = shared[0].PixelMeasuresSequence[0]
+            pixel = (float(pm.PixelSpacing[0]), float(pm.PixelSpacing[1]))
+            thick = float(pm.SliceThickness)
+        except (AttributeError, IndexError, TypeError):
+            log.debug("no shared pixel measures in %s", name)
+    return arr, pixel, thick
+
+
+def _load_nifti(name: str, four_d: bool) -> tuple[np.ndarray, tuple[float, float], float]:
+    import nibabel as nib
+
+    ref = resources.files("nibabel") / "tests" / "data" / name
+    with resources.as_file(ref) as p:
+        img = nib.load(str(p))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = img.header.get_zooms()
+    if four_d:
+        data = data[..., 0]
+    # NIfTI (x, y, z) → (z, y, x) with y down the rows.
+    vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])
+    return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), float(zooms[2])
+
+
+def _load_skimage(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    ref = resources.files("skimage") / "data" / name
+    with resources.as_file(ref) as p:
+        img = np.asarray(Image.open(str(p)).convert("RGB"), dtype=np.float32) / 255.0
+    return img[None], (0.01, 0.01), 1.0
+
+
+_LOADERS: dict[str, Callable[[str], tuple[np.ndarray, tuple[float, float], float]]] = {
+    "dicom": _load_dicom,
+    "nifti": lambda n: _load_nifti(n, False),
+    "nifti4d": lambda n: _load_nifti(n, True),
+    "skimage": _load_skimage,
+}
+
+
+@lru_cache(maxsize=32)
+def _load_source(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    spec = source_by_name(name)
+    arr, pixel, thick = _LOADERS[spec.loader](spec.arg)
+    if spec.modality == "xr":
+        lo, hi = np.percentile(arr, (0.5, 99.5))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    log.debug("loaded %s %s pixel=%s", name, arr.shape, pixel)
+    return arr.astype(np.float32), pixel, thick
+
+
+def load_unit(unit: Unit) -> BaseImage:
+    """Decode the unit's source (cached per process) and cut its tile. Arrays as in the module doc."""
+    spec = source_by_name(unit.source)
+    arr, pixel, thick = _load_source(unit.source)
+    if spec.crop_x != (0.0, 1.0):
+        w = arr.shape[2]
+        arr = arr[:, :, int(spec.crop_x[0] * w): int(spec.crop_x[1] * w)]
+    if unit.tile is not None:
+        rows, cols = spec.grid
+        r, c = unit.tile
+        h, w = arr.shape[1:3]
+        arr = arr[:, r * h // rows: (r + 1) * h // rows, c * w // cols: (c + 1) * w // cols]
+    return BaseImage(unit=unit, spec=spec, array=np.array(arr, copy=True), pixel_mm=pixel,
+                     slice_mm=thick)
+
+
+def check_sources() -> dict[str, str]:
+    """Which sources can be loaded here: name → "ok" or the error message."""
+    out: dict[str, str] = {}
+    for s in SOURCES:
+        try:
+            _load_source(s.name)
+            out[s.name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            out[s.name] = f"{type(exc).__name__}: {exc}"
+    return out
