@@ -76,6 +76,13 @@ class ModelCard:
             raise UnsupportedArtifact(f"model card task {self.task!r} is not one of {TASKS}")
         if int(self.ensemble_size) < 1 or int(self.n_slices) < 1:
             raise UnsupportedArtifact("model card needs ensemble_size >= 1 and n_slices >= 1")
+        # Normalise the free-form parts to their JSON form (tuples -> lists) so a card compares
+        # equal to itself after a save / load, and fail early on anything JSON cannot hold.
+        for name in ("prompt_vocab", "preprocess", "label_scale", "data_summary", "metrics", "training"):
+            try:
+                setattr(self, name, json.loads(json.dumps(getattr(self, name), allow_nan=True)))
+            except (TypeError, ValueError) as exc:
+                raise UnsupportedArtifact(f"model card field {name!r} is not JSON-serialisable: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
