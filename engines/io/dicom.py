@@ -248,6 +248,11 @@ def header_from_dataset(path: Path, ds: Any, *, limits: ReadLimits = DEFAULT_LIM
     if media_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise NoPixelData("DICOMDIR (a media index, not an image)")
     if "Rows" not in ds or "Columns" not in ds:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_name = getattr(ds.get("SOPClassUID"), "name", "") if sop_class else ""
+        if "Image Storage" in str(sop_name) and "Rows" not in ds:
+            # An image object whose header ends before its image attributes: cut short.
+            raise Truncated("image object ends before its image attributes (Rows/Columns)")
         raise NoPixelData("no image attributes (Rows/Columns); e.g. a structured report")
     rows = _int_tag(ds, "Rows", required=True) or 0
     cols = _int_tag(ds, "Columns", required=True) or 0
