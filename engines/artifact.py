@@ -10,8 +10,9 @@ file metadata holds:
 - ``mediqa_dtype``: ``"fp32"`` or ``"fp16"`` (floating tensors stored in half precision; the
   loader casts back into the float32 model).
 
-ONNX files carry the same card JSON in ``metadata_props["mediqa_card"]``. Plain ``.json`` files
-holding a card are read too (e.g. a card next to an exported model).
+ONNX files carry the same card JSON in ``metadata_props["mediqa_card"]``; TensorRT ``.engine``
+files carry it as ``"card"`` in their JSON header (``engines.backends.engine_header``). Plain
+``.json`` files holding a card are read too (e.g. a card next to an exported model).
 
 Import cost: this module imports neither torch nor onnx at import time. ``load_card`` reads
 safetensors metadata with ``safetensors.safe_open(framework="numpy")`` and ONNX metadata with
@@ -120,7 +121,7 @@ class ModelCard:
 # --------------------------------------------------------------------------- reading cards
 
 def load_card(path: str | os.PathLike[str]) -> ModelCard:
-    """The card of a ``.safetensors``, ``.onnx`` or ``.json`` artifact (no torch import)."""
+    """The card of a ``.safetensors``, ``.onnx``, ``.engine`` or ``.json`` artifact (no torch import)."""
     p = Path(path)
     if not p.is_file():
         raise UnsupportedArtifact(f"model file not found: {p}")
@@ -131,9 +132,17 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
         return ModelCard.from_json(_onnx_card_json(p))
     if suffix == ".json":
         return ModelCard.from_json(p.read_text(encoding="utf-8"))
+    if suffix == ".engine":
+        # length-prefixed JSON header written by export/tensorrt.py; its "card" is this card
+        from engines.backends.engine_header import read_engine_header
+
+        header = read_engine_header(p)
+        if "card" not in header:
+            raise UnsupportedArtifact(f"{p.name}: TensorRT engine header carries no model card")
+        return ModelCard.from_dict(header["card"])
     raise UnsupportedArtifact(
         f"{p.name}: cannot read a model card from {suffix or 'a file without suffix'!r} files "
-        "(expected .safetensors, .onnx or .json)"
+        "(expected .safetensors, .onnx, .engine or .json)"
     )
 
 

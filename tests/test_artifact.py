@@ -177,3 +177,10 @@ def test_load_card_without_torch(net, tmp_path: Path) -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_load_card_from_engine_header(tmp_path: Path) -> None:
+    eh = pytest.importorskip("engines.backends.engine_header")
+    card = _card()
+    (tmp_path / "m.engine").write_bytes(eh.pack_engine({"card": card.to_dict(), "precision": "fp16"}, b"plan"))
+    assert load_card(tmp_path / "m.engine") == card
