@@ -1,0 +1,287 @@
+"""Synthetic corpus (training.synth): physics relations, determinism, written tags, CLI.
+
+The base images are the real CT / MR / X-ray / fundus images shipped in pydicom, pydicom-data,
+nibabel and scikit-image; the 3D series are built from real slices (see training.synth.corpus).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from scipy import ndimage
+
+from training.synth import degrade
+from training.synth.corpus import (
+    MANIFEST_COLUMNS, SEVERITY, generate_corpus, plan_corpus, quality_score, severities_of,
+)
+from training.synth.sources import SOURCES, all_units, load_unit, source_by_name
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    generate_corpus(out, seed=7, size="tiny", workers=1)
+    return out
+
+
+# --- physics -----------------------------------------------------------------------------------
+
+def test_ct_noise_falls_as_inverse_sqrt_mas() -> None:
+    phantom = degrade.water_phantom(256, pixel_mm=1.0, diameter_mm=200.0)
+    mas = np.array([10.0, 30.0, 100.0, 300.0])
+    sigmas = []
+    for i, m in enumerate(mas):
+        hu = degrade.ct_acquire(phantom, float(m), 1.0, np.random.default_rng(i))
+        roi = hu[100:156, 100:156]
+        assert abs(float(roi.mean())) < 10.0  # water stays at 0 HU on average
+        sigmas.append(float(roi.std()))
+    sigmas_arr = np.array(sigmas)
+    assert np.all(np.diff(sigmas_arr) < 0), sigmas
+    slope = np.polyfit(np.log(mas), np.log(sigmas_arr), 1)[0]
+    assert -0.65 <= slope <= -0.35, (slope, sigmas)
+    # documented calibration: 10 mAs clearly noisy, 300 mAs nearly clean on the working grid
+    assert sigmas_arr[0] > 35.0 and sigmas_arr[-1] < 20.0, sigmas
+
+
+def test_sparse_views_add_streaks() -> None:
+    phantom = degrade.water_phantom(128, pixel_mm=2.0, diameter_mm=200.0)
+    errs = []
+    for views in (180, 60, 20):
+        hu = degrade.ct_acquire(phantom, 400.0, 2.0, np.random.default_rng(0), n_views=views)
+        errs.append(float(np.abs(hu - phantom)[32:96, 32:96].std()))
+    assert errs[0] < errs[1] < errs[2], errs
+
+
+def test_mr_noise_falls_with_field_strength() -> None:
+    phantom = np.full((128, 128), 1000.0, np.float32)
+    sig = []
+    for b0 in (0.5, 1.5, 3.0, 7.0):
+        s = degrade.mr_noise_sigma(1000.0, b0)
+        mag = degrade.mr_acquire(phantom, np.random.default_rng(1), sigma=s)
+        sig.append(float(mag.std()))
+    assert np.all(np.diff(sig) < 0), sig
+    assert sig[0] / sig[-1] == pytest.approx(7.0 / 0.5, rel=0.2)
+
+
+@pytest.fixture(scope="module")
+def ct_slice() -> tuple[np.ndarray, float]:
+    base = load_unit(all_units("ct")[0])
+    img = ndimage.zoom(base.array[0], 0.25, order=1)
+    return img.astype(np.float32), base.pixel_mm[0] * 4
+
+
+@pytest.fixture(scope="module")
+def fundus_tile() -> np.ndarray:
+    img = load_unit(all_units("fundus")[0]).array[0]
+    return ndimage.zoom(img, (0.25, 0.25, 1), order=1).clip(0, 1).astype(np.float32)
+
+
+def _lap_var(img: np.ndarray) -> float:
+    g = img.mean(-1) if img.ndim == 3 else img
+    return float(ndimage.laplace(g.astype(np.float64)).var())
+
+
+def test_blur_monotone_on_real_image(fundus_tile: np.ndarray) -> None:
+    v = [_lap_var(degrade.gaussian_blur(fundus_tile, s)) for s in (0.0, 0.7, 1.5, 3.0)]
+    assert v[0] > v[1] > v[2] > v[3], v
+
+
+def test_jpeg_error_grows_as_quality_falls(fundus_tile: np.ndarray) -> None:
+    err = [float(np.abs(degrade.jpeg_compress(fundus_tile, q) - fundus_tile).mean())
+           for q in (90, 50, 20, 5)]
+    assert err[0] < err[1] < err[2] < err[3], err
+
+
+def test_noise_and_illumination_monotone(fundus_tile: np.ndarray) -> None:
+    dev_n = [float(np.abs(degrade.add_gaussian_noise(fundus_tile, s, np.random.default_rng(0))
+                          - fundus_tile).mean()) for s in (0.01, 0.05, 0.1)]
+    assert dev_n[0] < dev_n[1] < dev_n[2], dev_n
+    dev_i = [float(np.abs(degrade.uneven_illumination(fundus_tile, b, np.random.default_rng(0))
+                          - fundus_tile).mean()) for b in (0.1, 0.3, 0.6)]
+    assert dev_i[0] < dev_i[1] < dev_i[2], dev_i
+
+
+def test_mr_kspace_degradations_monotone() -> None:
+    base = load_unit(source_by_name("mr-abdomen").units()[0]).array[0]
+    img = ndimage.zoom(base, 0.25, order=1).astype(np.float32)
+    rng = np.random.default_rng
+    ring = [float(np.abs(degrade.mr_acquire(img, rng(0), keep_fraction=f) - img).mean())
+            for f in (0.9, 0.5, 0.2)]
+    assert ring[0] < ring[1] < ring[2], ring
+    motion = [float(np.abs(degrade.mr_acquire(img, rng(0), motion_px=a, motion_period=6.0)
+                           - img).mean()) for a in (0.5, 2.0, 5.0)]
+    assert motion[0] < motion[1] < motion[2], motion
+    cv = [float(np.std(degrade.bias_field(np.ones_like(img), b, rng(3)))) for b in (0.1, 0.4, 0.8)]
+    assert cv[0] < cv[1] < cv[2], cv
+
+
+def test_ct_blur_and_dose_on_real_slice(ct_slice: tuple[np.ndarray, float]) -> None:
+    img, pixel = ct_slice
+    lv = [_lap_var(degrade.gaussian_blur(img, s / pixel)) for s in (0.0, 1.0, 2.5)]
+    assert lv[0] > lv[1] > lv[2], lv
+    noise = [float((degrade.ct_acquire(img, m, pixel, np.random.default_rng(0)) - img).std())
+             for m in (20.0, 80.0, 320.0)]
+    assert noise[0] > noise[1] > noise[2], noise
+
+
+# --- score and plan ----------------------------------------------------------------------------
+
+def test_quality_score_monotone_in_each_severity() -> None:
+    assert quality_score({}) == 1.0
+    for key in SEVERITY:
+        scores = [quality_score({key: s}) for s in np.linspace(0, 1, 6)]
+        assert scores[0] == 1.0 and all(0.0 <= q <= 1.0 for q in scores)
+        assert np.all(np.diff(scores) < 0), key
+        # the parameter ↔ severity maps are inverse and monotone
+        sev = SEVERITY[key]
+        for s in (0.1, 0.5, 0.9):
+            assert sev.to_s(sev.from_s(s)) == pytest.approx(s, abs=1e-9)
+    assert severities_of("ct", {"mas": 10.0})["dose"] == pytest.approx(1.0)
+    assert severities_of("ct", {"mas": 400.0})["dose"] == pytest.approx(0.0, abs=1e-9)
+    assert severities_of("mr", {"tesla": 0.5})["field"] > severities_of("mr", {"tesla": 3.0})["field"]
+
+
+def test_plan_is_deterministic_and_splits_hold_out_sources() -> None:
+    a, b = plan_corpus(11, "small"), plan_corpus(11, "small")
+    assert [(s.relpath, s.params, s.unit) for s in a] == [(s.relpath, s.params, s.unit) for s in b]
+    assert [s.params for s in plan_corpus(12, "small")] != [s.params for s in a]
+    by_split: dict[str, set[str]] = {}
+    for s in a:
+        by_split.setdefault(s.split, set()).add(s.unit.unit_id)
+        assert s.unit.split == s.split
+    assert set(by_split) == {"train", "val", "test"}
+    assert not by_split["train"] & by_split["test"] and not by_split["train"] & by_split["val"]
+    # CT and MR hold out whole physical sources (patients), not tiles
+    for mod in ("ct", "mr"):
+        srcs = {sp: {s.unit.source for s in a if s.modality == mod and s.split == sp}
+                for sp in ("train", "val", "test")}
+        assert srcs["test"] and not srcs["test"] & srcs["train"], srcs
+    mods = {(s.modality, s.dimension) for s in a}
+    assert {("ct", "3d"), ("mr", "3d"), ("xr", "2d"), ("fundus", "2d")} <= mods
+    assert len({s.relpath for s in a}) == len(a)
+
+
+def test_every_source_loads() -> None:
+    for spec in SOURCES:
+        arr = load_unit(spec.units()[0]).array
+        assert arr.ndim in (3, 4) and np.isfinite(arr).all() and float(arr.std()) > 0, spec.name
+        if spec.modality == "ct":
+            assert arr.min() >= -1024 and arr.max() > 200  # HU with bone
+
+
+# --- generated corpus --------------------------------------------------------------------------
+
+def test_tiny_corpus_is_deterministic(tiny_corpus: Path, tmp_path: Path) -> None:
+    again = tmp_path / "b"
+    generate_corpus(again, seed=7, size="tiny", workers=2)  # workers must not change the output
+    assert _tree_digest(again) == _tree_digest(tiny_corpus)
+    other = tmp_path / "c"
+    generate_corpus(other, seed=8, size="tiny", workers=1)
+    assert (other / "manifest.csv").read_bytes() != (tiny_corpus / "manifest.csv").read_bytes()
+
+
+def test_manifest_rows_and_files(tiny_corpus: Path) -> None:
+    with (tiny_corpus / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        assert tuple(next(csv.reader(fh))) == MANIFEST_COLUMNS
+    rows = _rows(tiny_corpus)
+    assert len(rows) == len(plan_corpus(7, "tiny"))
+    from engines.prompts import DEFAULT_VOCAB
+
+    for r in rows:
+        assert (tiny_corpus / r["path"]).exists(), r["path"]
+        assert 0.0 <= float(r["score"]) <= 1.0
+        for g in ("modality", "region", "type", "dimension"):
+            assert r[g] in DEFAULT_VOCAB.labels(g), (g, r[g])
+        params = json.loads(r["params"])
+        assert quality_score(params["severities"]) == pytest.approx(float(r["score"]), abs=1e-6)
+        if r["dimension"] == "3d":
+            assert int(r["n_slices"]) > 4
+
+
+def test_written_dicom_tags(tiny_corpus: Path) -> None:
+    rows = _rows(tiny_corpus)
+    ct = [r for r in rows if r["modality"] == "ct" and r["dimension"] == "3d"][0]
+    files = sorted((tiny_corpus / ct["path"]).glob("*.dcm"))
+    assert len(files) == int(ct["n_slices"])
+    params = json.loads(ct["params"])
+    zs, series = [], set()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.Modality == "CT" and float(ds.KVP) == 120
+        assert int(ds.Exposure) == int(params["mas"]) == int(float(ct["physical"]))
+        assert int(ds.XRayTubeCurrent) * int(ds.ExposureTime) / 1000 == pytest.approx(int(ds.Exposure))
+        assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
+        assert str(ds.PatientName).startswith("SYNTH^") and "PatientBirthDate" not in ds
+        zs.append(float(ds.ImagePositionPatient[2]))
+        series.add(ds.SeriesInstanceUID)
+    assert len(series) == 1 and np.all(np.diff(zs) > 0)
+    # anatomy-free air slices at both ends
+    first = pydicom.dcmread(files[0]).pixel_array.astype(float) - 1024
+    mid = pydicom.dcmread(files[len(files) // 2]).pixel_array.astype(float) - 1024
+    assert np.mean(first > -500) < 0.01 < np.mean(mid > -500)
+    mr = [r for r in rows if r["modality"] == "mr" and r["format"] == "dicom"]
+    assert mr
+    for r in mr:
+        p = tiny_corpus / r["path"]
+        f = sorted(p.glob("*.dcm"))[0] if p.is_dir() else p
+        ds = pydicom.dcmread(f)
+        assert ds.Modality == "MR"
+        assert float(ds.MagneticFieldStrength) == pytest.approx(float(r["physical"]))
+        assert float(ds.RepetitionTime) > 0 and float(ds.EchoTime) > 0 and ds.SeriesDescription
+
+
+def test_corpus_reads_back_through_engines_io(tiny_corpus: Path) -> None:
+    from engines.io.discover import discover_studies, read_study
+
+    refs = {r.rel_path: r for r in discover_studies(tiny_corpus)}
+    rows = _rows(tiny_corpus)
+    assert set(refs) == {r["path"] for r in rows}
+    for r in rows:
+        ref = refs[r["path"]]
+        assert ref.error is None, (r["path"], ref.error)
+        assert ref.kind == r["dimension"]
+        vol = read_study(ref)
+        assert vol.n_slices == int(r["n_slices"])
+        if r["modality"] == "ct":
+            assert float(ref.meta["Exposure"]) == pytest.approx(float(r["physical"]))
+            assert -1100 < float(vol.array.min()) and float(vol.array.max()) > 100  # HU
+        if r["modality"] == "mr" and r["format"] == "dicom":
+            assert float(ref.meta["MagneticFieldStrength"]) == pytest.approx(float(r["physical"]))
+
+
+def test_cli_synth_tiny(tmp_path: Path) -> None:
+    from mediqa_cli.main import cli
+
+    out = tmp_path / "corpus"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "3", "--workers", "1",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert len(_rows(out)) == len(plan_corpus(3, "tiny"))
+    res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--no-progress"])
+    assert res.exit_code != 0 and "not empty" in res.output
+    res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "4", "--workers", "1",
+                              "--no-progress", "--force"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    res = runner.invoke(cli, ["synth", str(tmp_path / "other"), "--size", "tiny", "--force",
+                              "--no-progress"])
+    assert res.exit_code != 0 and (tmp_path / "other" / "keep.txt").exists()
