@@ -1,0 +1,1 @@
+"""Datasets, label sources, splits and the preprocessed-input cache used by training."""
