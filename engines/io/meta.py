@@ -26,6 +26,8 @@ import math
 import re
 from typing import Any
 
+from engines.prompts import field_strength_tesla
+
 logger = logging.getLogger(__name__)
 
 #: Tags whose value is a number (first value kept when multi-valued).
@@ -44,6 +46,7 @@ PAIR_TAGS: tuple[str, ...] = ("PixelSpacing", "ImagerPixelSpacing")
 #: Tags kept as short text.
 STRING_TAGS: tuple[str, ...] = (
     "Modality", "BodyPartExamined", "ConvolutionKernel", "SeriesDescription", "ProtocolName",
+    "StudyDescription",
     "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "PhotometricInterpretation",
     "RescaleType", "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "ScanOptions",
     "ViewPosition", "PatientPosition", "ImageLaterality", "Laterality", "FilterType",
@@ -117,11 +120,6 @@ def clean_text(value: Any) -> str | None:
     return text[:_MAX_STR] if text else None
 
 
-def field_strength_tesla(value: float) -> float:
-    """Field strength in tesla; values above 100 are gauss (1 T = 10 000 G)."""
-    return value / 10000.0 if value > 100.0 else value
-
-
 def _functional_group_items(ds: Any) -> list[Any]:
     """Items of the shared and first per-frame functional groups (enhanced multi-frame)."""
     items: list[Any] = []
@@ -173,7 +171,10 @@ def extract_meta(ds: Any) -> dict[str, Any]:
             bad.append(kw)
             continue
         if kw == "MagneticFieldStrength":
-            f = field_strength_tesla(f)
+            f = field_strength_tesla(f)  # gauss -> tesla; non-positive -> None
+            if f is None:
+                bad.append(kw)
+                continue
         meta[kw] = f
     for kw in PAIR_TAGS:
         try:
