@@ -172,6 +172,10 @@ def test_input_validation(model: MedIQANet) -> None:
         model(torch.zeros(1, 3, S + 8, S + 8), _prompts(CT_CHEST))
     with pytest.raises(UnsupportedInput, match="prompt must be"):
         model(_images(1), torch.zeros(1, P - 1))
+    with pytest.raises(UnsupportedInput, match="prompt must be"):
+        model(_images(2), torch.zeros(1, P))
+    with pytest.raises(UnsupportedInput, match="volumes must be"):
+        model.forward_volume(_images(2), _prompts(CT_3D, CT_3D))
 
 
 def test_ensemble_averages_members() -> None:
@@ -237,6 +241,35 @@ def test_onnx_export_smoke(model: MedIQANet, tmp_path: Path) -> None:
         ref = model(x3, p3)
     np.testing.assert_allclose(got[0], ref[0].numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(got[1], ref[1].numpy(), rtol=1e-3, atol=1e-5)
+
+
+class _VolumeGraph(torch.nn.Module):
+    def __init__(self, net: MedIQANet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, volumes: torch.Tensor, prompt: torch.Tensor):
+        return self.net.forward_volume(volumes, prompt)
+
+
+def test_onnx_export_volume_graph_dynamic_n_and_k(model: MedIQANet, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "m3d.onnx"
+    # eval() on the wrapper: export restores the wrapper's mode, which would re-enable dropout
+    graph = _VolumeGraph(model).eval()
+    vols = _images(2 * 7, seed=6).reshape(2, 7, 3, S, S)
+    torch.onnx.export(graph, (vols, _prompts(CT_3D, CT_3D)), str(path), dynamo=False, opset_version=17,
+                      input_names=["volumes", "prompt"], output_names=["score", "slice_scores", "slice_weights"],
+                      dynamic_axes={"volumes": {0: "n", 1: "k"}, "prompt": {0: "n"}})
+    assert not model.training
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    vols3 = _images(3 * 5, seed=8).reshape(3, 5, 3, S, S)  # other N and K than traced
+    p3 = _prompts(CT_3D, Prompt("3d", "mr", "head", "t2"), CT_3D)
+    got = sess.run(None, {"volumes": vols3.numpy(), "prompt": p3.numpy()})
+    with torch.no_grad():
+        ref = model.forward_volume(vols3, p3)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r.numpy(), rtol=1e-3, atol=1e-6)
 
 
 def test_vitt16_shape_and_size_budget() -> None:

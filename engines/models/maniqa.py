@@ -140,6 +140,15 @@ class MedIQANet(_VolumeMixin, nn.Module):
             if name != "encoder":
                 module.apply(_init_linear)
 
+    def _check_inputs(self, images: Tensor, prompt: Tensor) -> None:
+        s = self.preset.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
+            raise UnsupportedInput(f"images must be (N, 3, {s}, {s}) for preset {self.preset.name}, "
+                                   f"got {tuple(images.shape)}")
+        if prompt.dim() != 2 or prompt.shape[1] != self.prompt_dim or prompt.shape[0] != images.shape[0]:
+            raise UnsupportedInput(f"prompt must be (N={images.shape[0]}, {self.prompt_dim}), "
+                                   f"got {tuple(prompt.shape)}")
+
     def features(self, images: Tensor) -> Tensor:
         """(N, 3, S, S) → concatenated intermediate ViT features (N, 4·D, G, G)."""
         feats = self.encoder.forward_intermediates(
@@ -149,12 +158,8 @@ class MedIQANet(_VolumeMixin, nn.Module):
         return torch.cat(feats, dim=1)
 
     def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.preset.image_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
-            raise UnsupportedInput(f"images must be (N, 3, {s}, {s}) for preset {self.preset.name}, "
-                                   f"got {tuple(images.shape)}")
-        if prompt.dim() != 2 or prompt.shape[1] != self.prompt_dim:
-            raise UnsupportedInput(f"prompt must be (N, {self.prompt_dim}), got {tuple(prompt.shape)}")
+        if not torch.jit.is_tracing():  # static checks; under ONNX tracing they would be baked in
+            self._check_inputs(images, prompt)
         x = self.features(images)
         x = self.swin1(self.reduce1(_tab(self.tab1, x)), prompt)
         x = self.swin2(self.reduce2(_tab(self.tab2, x)), prompt)
