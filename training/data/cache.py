@@ -149,6 +149,13 @@ class InputCache:
         return Prepared(images=p.images.astype(np.float32, copy=False), indices=p.indices,
                         tag_prompts=p.tag_prompts, window_type=p.window_type)
 
+    def info(self, key: str) -> dict[str, Any]:
+        """{"indices", "tag_prompts", "window_type"} without loading the images."""
+        if key in self._mem:
+            p = self._mem[key]
+            return {"indices": p.indices, "tag_prompts": p.tag_prompts, "window_type": p.window_type}
+        return json.loads(self._files(key)[1].read_text(encoding="utf-8"))
+
     def put(self, key: str, prep: Prepared) -> None:
         stored = Prepared(images=np.ascontiguousarray(prep.images, dtype=self.dtype), indices=prep.indices,
                           tag_prompts=prep.tag_prompts, window_type=prep.window_type)

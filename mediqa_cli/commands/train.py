@@ -1,0 +1,150 @@
+"""``mediqa train``: pretrain, finetune, classifier, recipe (thin wrappers over ``training``).
+
+Options come from the dataclass defaults, then ``--config YAML``, then the flags given on the
+command line (flags win). Unknown YAML keys fail with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+logger = logging.getLogger(__name__)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--preset", default=None, help="Model preset (mediqa-vitb8, mediqa-vits16, mediqa-vitt16, mediqa-test)."),
+        click.option("--epochs", type=int, default=None, help="Epochs (paper: 50)."),
+        click.option("--batch-size", type=int, default=None, help="Studies per micro-batch."),
+        click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step."),
+        click.option("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-5)."),
+        click.option("--device", default=None, help="cpu, cuda or cuda:N."),
+        click.option("--seed", type=int, default=None, help="Random seed."),
+        click.option("--seeds", type=int, default=None, help="Train N members (seed, seed+1, ...) into one ensemble artifact."),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (checkpoints, logs, model.safetensors)."),
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="YAML file of TrainConfig keys; flags override it."),
+        click.option("--resume/--no-resume", default=None, help="Continue from <out>/last.safetensors and its training state."),
+        click.option("--init-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Local timm ViT weights for the encoder (nothing is downloaded)."),
+        click.option("--workers", type=int, default=None, help="Processes decoding / preprocessing studies (0 = in-process)."),
+        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CPU, mixed precision on CUDA."),
+        click.option("--max-items", type=int, default=None, help="Use at most N training studies (quick runs)."),
+        click.option("--progress/--no-progress", default=None, help="Show the progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(task: str, kw: dict[str, Any]) -> Any:
+    from training.config import load_config  # noqa: PLC0415
+
+    path = kw.pop("config_path", None)
+    overrides = {k: v for k, v in kw.items() if v is not None}
+    overrides["task"] = task
+    if "out" not in overrides:
+        overrides.setdefault("out", f"runs/{task}")
+    return load_config(path, overrides)
+
+
+def _run(task: str, data: str, kw: dict[str, Any]) -> None:
+    from engines.errors import ConfigError, MediqaError  # noqa: PLC0415
+
+    try:
+        cfg = _config(task, kw)
+        from training.tasks import RUNNERS  # noqa: PLC0415
+
+        outcome = RUNNERS[task](data, cfg)
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None
+    except MediqaError as exc:
+        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
+    _print_outcome(task, outcome)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) and v == v else "-" if v is None or v != v else str(v)
+
+
+def _print_outcome(task: str, outcome: Any) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    keys = ("n", "accuracy", "acc_modality", "acc_region", "acc_type") if task == "classifier" else \
+        ("n", "srcc", "plcc", "krocc", "rmse")
+    table = Table(title=f"{task}: {outcome.artifact}")
+    table.add_column("split")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for split in ("val", "test"):
+        m = outcome.metrics.get(split) or {}
+        table.add_row(split, *[_fmt(m.get(k)) for k in keys])
+    console.print(table)
+    console.print(f"data: {outcome.data_summary.get('used')} studies used, {outcome.data_summary.get('skipped')} skipped "
+                  f"{outcome.data_summary.get('skipped_by_reason') or ''}; splits {outcome.data_summary.get('splits')}")
+    console.print(f"training throughput: {_fmt(outcome.images_per_s)} images/s")
+
+
+@click.group("train")
+def train() -> None:
+    """Pretrain on physical parameters, fine-tune on quality scores, train the prompt classifier."""
+
+
+@train.command("pretrain")
+@click.argument("data_dir", type=click.Path(exists=True))
+@_common
+def pretrain(data_dir: str, **kw: Any) -> None:
+    """Stage 1 on DATA_DIR (a folder of studies or a manifest): targets from DICOM tags
+    (CT mAs, MR field strength), normalised per modality; studies without them are skipped."""
+    _run("pretrain", data_dir, kw)
+
+
+@train.command("finetune")
+@click.argument("data", metavar="MANIFEST_OR_DIR", type=click.Path(exists=True))
+@click.option("--from", "from_checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Pretrained artifact (same preset): encoder, attention/Swin stages and prompt FCs are kept.")
+@click.option("--label-min", type=float, default=None, help="Lowest possible score (default: LDCTIQA 0, else the data's min).")
+@click.option("--label-max", type=float, default=None, help="Highest possible score (default: LDCTIQA 4, else the data's max).")
+@_common
+def finetune(data: str, **kw: Any) -> None:
+    """Stage 2 on a manifest CSV (path,score[,modality,region,type]) or an LDCTIQA2023 folder."""
+    _run("finetune", data, kw)
+
+
+@train.command("classifier")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--classifier-preset", default=None, help="Preset whose classifier ViT to train (default: --preset).")
+@_common
+def classifier(data: str, **kw: Any) -> None:
+    """The prompt classifier (modality / region / type) on DATA: labels from tags, else the manifest."""
+    _run("classifier", data, kw)
+
+
+@train.command("recipe")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (overrides the recipe).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Where corpus, runs and caches go.")
+@click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Where the packed artifact goes (default: the recipe's output).")
+@click.option("--progress/--no-progress", default=True)
+def recipe(config: str, device: str | None, work_dir: str | None, output: str | None, progress: bool) -> None:
+    """Run a whole recipe: synth corpus → pretrain → finetune → classifier → test → packed artifact."""
+    from engines.errors import ConfigError, MediqaError  # noqa: PLC0415
+    from training.recipe import run_recipe  # noqa: PLC0415
+
+    try:
+        result = run_recipe(config, device=device, work_dir=work_dir, output=output, progress=progress)
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None
+    except MediqaError as exc:
+        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
+    click.echo(json.dumps({"artifact": str(result["artifact"]), "test": result["metrics"].get("test", {})
+                           .get("overall", {})}, indent=1, default=str))
+    click.echo(f"wrote {Path(result['artifact'])}")

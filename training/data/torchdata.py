@@ -1,0 +1,81 @@
+"""Torch side of the data: prepared studies → tensors, and a collate that keeps 2D and 3D apart.
+
+A batch may mix 2D images (3, S, S) and 3D studies (K, 3, S, S). :func:`collate_studies` stacks
+each kind separately; the loop runs ``model.forward`` on the 2D group and
+``model.forward_volume`` on the 3D group and combines the two losses weighted by their counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.data.cache import InputCache
+from training.data.datasets import Sample
+
+IGNORE = -100   # classifier label for a group neither tags nor manifest determine
+
+
+@dataclass
+class Item:
+    """One prepared study ready for the loop.
+
+    key:     its ``InputCache`` key.
+    kind:    "2d" | "3d".
+    prompt:  float32 (P,) one-hot groups (``engines.prompts.encode_prompt``).
+    target:  label scaled to [0, 1] (IQA tasks); NaN for classifier-only data.
+    labels:  classifier class index per group (modality, region, type); IGNORE when unknown.
+    prompt_values / prompt_sources: the resolved prompt (for per-group metrics and reports).
+    """
+
+    key: str
+    kind: str
+    prompt: np.ndarray
+    target: float
+    sample: Sample
+    labels: tuple[int, int, int] = (IGNORE, IGNORE, IGNORE)
+    prompt_values: dict[str, str] = field(default_factory=dict)
+    prompt_sources: dict[str, str] = field(default_factory=dict)
+
+
+class StudyDataset(Dataset):
+    """Items → dicts of tensors. ``flip``: random horizontal flip (training only)."""
+
+    def __init__(self, items: list[Item], cache: InputCache, *, flip: bool = False) -> None:
+        self.items = items
+        self.cache = cache
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        x = torch.from_numpy(np.ascontiguousarray(self.cache.get(it.key).images, dtype=np.float32))
+        if self.flip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return {"x": x, "kind": it.kind, "prompt": torch.from_numpy(it.prompt),
+                "target": torch.tensor(it.target, dtype=torch.float32),
+                "labels": torch.tensor(it.labels, dtype=torch.long), "index": i}
+
+
+def _stack(group: list[dict[str, Any]], name: str) -> dict[str, torch.Tensor] | None:
+    if not group:
+        return None
+    return {name: torch.stack([g["x"] for g in group]),
+            "prompt": torch.stack([g["prompt"] for g in group]),
+            "target": torch.stack([g["target"] for g in group]),
+            "labels": torch.stack([g["labels"] for g in group]),
+            "index": torch.tensor([g["index"] for g in group], dtype=torch.long)}
+
+
+def collate_studies(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"2d": {"images" (n,3,S,S), "prompt" (n,P), "target" (n,), "labels" (n,3), "index" (n,)} | None,
+        "3d": {"volumes" (m,K,3,S,S), ...} | None, "n": n + m}."""
+    return {"2d": _stack([b for b in batch if b["kind"] != "3d"], "images"),
+            "3d": _stack([b for b in batch if b["kind"] == "3d"], "volumes"),
+            "n": len(batch)}

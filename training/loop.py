@@ -1,0 +1,503 @@
+"""One training loop for the three tasks (pretrain, fine-tune, prompt classifier).
+
+Plain functions in the timm manner: :func:`train_one_epoch`, :func:`validate`, and :func:`fit`
+which runs the epochs with everything around them:
+
+- Adam (paper: lr 1e-5), linear warm-up then cosine decay per optimizer step (:func:`lr_factor`);
+- mixed precision: bf16 autocast on CPU; on CUDA bf16 where supported, else fp16 with a
+  ``GradScaler``; losses and metrics are computed in float32;
+- gradient accumulation, optional global-norm clipping, seeded RNGs;
+- a checkpoint after every epoch (``last.safetensors``: the model as an artifact with its
+  card) plus the training state (``last.state.safetensors``: optimizer moments and RNG states;
+  ``last.state.json``: epoch, step, scheduler, best metric, early-stopping counter). Resuming
+  reads those; nothing is ever pickled;
+- the best epoch by the task's validation metric (IQA: SRCC; classifier: mean accuracy) saved
+  as ``best.safetensors``; early stopping after ``patience`` epochs without improvement;
+- a rich progress bar with the running loss and the last validation metrics, and one JSON
+  line per epoch in ``train_log.jsonl`` (loss, lr, metrics, seconds, images/s).
+
+Tasks adapt the loop to a model (:class:`IQATask`, :class:`ClassifierTask`): they compute the
+loss of a batch and the per-study predictions that validation turns into metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engines.errors import UnsupportedArtifact
+from training.config import TrainConfig
+from training.data.torchdata import IGNORE
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "train_log.jsonl"
+LAST, BEST = "last.safetensors", "best.safetensors"
+STATE_TENSORS, STATE_JSON = "last.state.safetensors", "last.state.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, precision, seeds
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from engines.errors import BackendUnavailable  # noqa: PLC0415
+
+        raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
+    return dev
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU; bf16 (or fp16 on older GPUs) on CUDA; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device))
+
+
+def lr_factor(step: int, total: int, warmup: int, start: float = 0.01, floor: float = 0.01) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear from ``start`` to 1 over ``warmup`` steps, then cosine from 1 to ``floor``.
+    """
+    if warmup > 0 and step < warmup:
+        return start + (1.0 - start) * step / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+def _safe_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """SRCC / PLCC / KROCC / RMSE; NaN where undefined (fewer than 2 items, constant side)."""
+    from engines.metrics import evaluate_all  # noqa: PLC0415
+
+    if len(pred) < 2:
+        rm = float(np.sqrt(np.mean((pred - target) ** 2))) if len(pred) else float("nan")
+        return {"n": int(len(pred)), "srcc": float("nan"), "plcc": float("nan"),
+                "krocc": float("nan"), "rmse": rm}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return evaluate_all(pred, target)
+
+
+class IQATask:
+    """Score regression (pretraining targets or quality scores in [0, 1]); MSE loss."""
+
+    name = "iqa"
+    primary = "srcc"
+    module_name = "iqa"
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+                amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(pred (n,) float32, target (n,), dataset index (n,), images seen) for 2D then 3D."""
+        preds, targets, index, n_img = [], [], [], 0
+        with autocast(device, amp):
+            if batch["2d"] is not None:
+                b = batch["2d"]
+                score, _ = model(b["images"].to(device, non_blocking=True), b["prompt"].to(device))
+                preds.append(score.float())
+                targets.append(b["target"].to(device))
+                index.append(b["index"])
+                n_img += b["images"].shape[0]
+            if batch["3d"] is not None:
+                b = batch["3d"]
+                score, _, _ = model.forward_volume(b["volumes"].to(device, non_blocking=True),
+                                                   b["prompt"].to(device))
+                preds.append(score.float())
+                targets.append(b["target"].to(device))
+                index.append(b["index"])
+                n_img += b["volumes"].shape[0] * b["volumes"].shape[1]
+        return torch.cat(preds), torch.cat(targets), torch.cat(index), n_img
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+             amp: bool) -> tuple[torch.Tensor, int]:
+        # MSE over the union of the 2D and 3D items = the two groups' MSEs weighted by count.
+        pred, target, _, n_img = self.outputs(model, batch, device, amp)
+        return F.mse_loss(pred, target), n_img
+
+    def predict(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+                amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pred, target, index, _ = self.outputs(model, batch, device, amp)
+        return pred.cpu().numpy(), target.cpu().numpy(), index.numpy()
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        out = _safe_metrics(pred, target)
+        out["mse"] = float(np.mean((pred - target) ** 2)) if len(pred) else float("nan")
+        return out
+
+
+class ClassifierTask:
+    """Prompt classifier: cross-entropy per group (modality, region, type), summed; unknown
+    labels are ignored. A 3D study trains on each of its K slices; validation averages the
+    K slices' logits per study, as scoring does."""
+
+    name = "classifier"
+    primary = "accuracy"
+    module_name = "classifier"
+    groups = ("modality", "region", "type")
+
+    def _flat(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, owner = [], [], []
+        if batch["2d"] is not None:
+            b = batch["2d"]
+            xs.append(b["images"])
+            ys.append(b["labels"])
+            owner.append(torch.arange(len(b["index"])))
+        if batch["3d"] is not None:
+            b = batch["3d"]
+            m, k = b["volumes"].shape[:2]
+            xs.append(b["volumes"].reshape(m * k, *b["volumes"].shape[2:]))
+            ys.append(b["labels"].repeat_interleave(k, dim=0))
+            off = 0 if batch["2d"] is None else len(batch["2d"]["index"])
+            owner.append(off + torch.arange(m).repeat_interleave(k))
+        return torch.cat(xs).to(device, non_blocking=True), torch.cat(ys).to(device), torch.cat(owner)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+             amp: bool) -> tuple[torch.Tensor, int]:
+        x, y, _ = self._flat(batch, device)
+        with autocast(device, amp):
+            logits = model(x)
+        total = x.new_zeros((), dtype=torch.float32)
+        for g, lg in enumerate(logits):
+            if bool((y[:, g] != IGNORE).any()):
+                total = total + F.cross_entropy(lg.float(), y[:, g], ignore_index=IGNORE)
+        return total, x.shape[0]
+
+    def predict(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+                amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, y, owner = self._flat(batch, device)
+        with autocast(device, amp):
+            logits = model(x)
+        n = int(owner.max()) + 1
+        preds = []
+        for lg in logits:
+            acc = torch.zeros(n, lg.shape[1], dtype=torch.float32)
+            acc.index_add_(0, owner, lg.float().cpu())
+            preds.append(acc.argmax(dim=1))
+        labels = [b["labels"] for b in (batch["2d"], batch["3d"]) if b is not None]
+        index = [b["index"] for b in (batch["2d"], batch["3d"]) if b is not None]
+        return torch.stack(preds, dim=1).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        out: dict[str, float] = {"n": int(len(pred))}
+        accs = []
+        for g, name in enumerate(self.groups):
+            known = target[:, g] != IGNORE if len(target) else np.zeros(0, bool)
+            if known.any():
+                out[f"acc_{name}"] = float((pred[known, g] == target[known, g]).mean())
+                accs.append(out[f"acc_{name}"])
+        out["accuracy"] = float(np.mean(accs)) if accs else float("nan")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Epochs
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def train_one_epoch(model: nn.Module, task: Any, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, cfg: TrainConfig,
+                    scaler: torch.amp.GradScaler | None = None,
+                    on_step: Callable[[float], None] | None = None) -> EpochStats:
+    """One pass over ``loader``; an optimizer step every ``cfg.grad_accum`` micro-batches (and
+    at the end). Returns the mean loss per micro-batch, images seen and wall time."""
+    model.train()
+    t0 = time.perf_counter()
+    total, n_batches, n_images = 0.0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    n = len(loader)
+    for i, batch in enumerate(loader):
+        loss, n_img = task.loss(model, batch, device, cfg.amp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at batch {i}; lower the lr or disable amp")
+        scaled = loss / cfg.grad_accum
+        if scaler is not None:
+            scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        total += float(loss.detach())
+        n_batches += 1
+        n_images += n_img
+        if (i + 1) % cfg.grad_accum == 0 or i + 1 == n:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        if on_step is not None:
+            on_step(total / n_batches)
+    return EpochStats(total / max(1, n_batches), n_images, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict_all(model: nn.Module, task: Any, loader: DataLoader, device: torch.device,
+                amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions, targets and dataset indices over a whole loader (model in eval mode)."""
+    model.eval()
+    ps, ts, ix = [], [], []
+    for batch in loader:
+        p, t, i = task.predict(model, batch, device, amp)
+        ps.append(p)
+        ts.append(t)
+        ix.append(i)
+    if not ps:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(ps), np.concatenate(ts), np.concatenate(ix)
+
+
+def validate(model: nn.Module, task: Any, loader: DataLoader, device: torch.device,
+             amp: bool) -> dict[str, float]:
+    pred, target, _ = predict_all(model, task, loader, device, amp)
+    return task.metrics(pred, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and training state (safetensors + JSON, never pickle)
+
+def save_train_state(out: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                     info: dict[str, Any]) -> None:
+    """Optimizer moments and RNG states → ``last.state.safetensors``; the rest → ``last.state.json``."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    meta = dict(info)
+    meta.update({"param_groups": groups, "state_scalars": scalars,
+                 "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                 "python_rng": _py_state_to_json(random.getstate()),
+                 "scaler": scaler.state_dict() if scaler is not None else None})
+    tmp = out / (STATE_TENSORS + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out / STATE_TENSORS)
+    tmpj = out / (STATE_JSON + ".tmp")
+    tmpj.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    tmpj.replace(out / STATE_JSON)
+
+
+def _py_state_to_json(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def load_train_state(out: Path, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Restore what :func:`save_train_state` wrote; returns the JSON info (epoch, step, ...)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    tensors = load_file(str(out / STATE_TENSORS))
+    meta = json.loads((out / STATE_JSON).read_text(encoding="utf-8"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = t
+    for pid, d in meta.get("state_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, pos, has_gauss, gauss = meta["numpy_rng"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py = meta["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+
+@dataclass
+class FitResult:
+    best_metrics: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    best_path: Path
+    last_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    images_per_s: float = float("nan")
+
+
+def _fmt_metrics(m: dict[str, float], keys: tuple[str, ...]) -> str:
+    return " ".join(f"{k} {m[k]:.3f}" for k in keys if k in m and m[k] == m[k])
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # noqa: PLC0415
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as prog:
+        yield prog
+
+
+def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataLoader | None,
+        cfg: TrainConfig, out: Path, make_card: Callable[[dict[str, Any]], Any],
+        *, description: str = "train") -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` (or until early stopping) and keep the best epoch.
+
+    ``make_card(info)`` builds the ``ModelCard`` written into each checkpoint; ``info`` holds
+    ``epoch``, ``val`` (metrics) and ``history``. Without a validation loader every epoch
+    counts as an improvement (the last epoch is the best).
+    """
+    from engines.artifact import load_tensors, save_artifact  # noqa: PLC0415
+    from engines.models.loading import load_state_strict  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr_ratio))
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp
+              and autocast_dtype(device) == torch.float16 else None)
+
+    start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, -1, 0
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    log_path = out / LOG_NAME
+    if cfg.resume and (out / LAST).is_file() and (out / STATE_JSON).is_file():
+        groups, card = load_tensors(out / LAST)
+        if card.preset != getattr(getattr(model, "preset", None), "name", card.preset):
+            raise UnsupportedArtifact(f"cannot resume {out / LAST}: preset {card.preset}, this run "
+                                      f"{model.preset.name}")  # type: ignore[union-attr]
+        load_state_strict(model, {k: v.float() if v.is_floating_point() else v
+                                  for k, v in groups[task.module_name].items()}, str(out / LAST))
+        model.to(device)
+        info = load_train_state(out, optimizer, scaler)
+        scheduler.load_state_dict(info["scheduler"])
+        start_epoch, best, best_epoch = info["epoch"], info["best"], info["best_epoch"]
+        bad_epochs, best_metrics, history = info["bad_epochs"], info["best_metrics"], info["history"]
+        logger.info("resumed %s at epoch %d (best %s %.4f at epoch %d)", out, start_epoch,
+                    task.primary, best, best_epoch)
+    elif cfg.resume:
+        logger.warning("--resume: no checkpoint in %s; starting from scratch", out)
+    if start_epoch == 0 and log_path.exists():
+        log_path.unlink()
+
+    keys = ("srcc", "plcc", "rmse") if task.primary == "srcc" else ("accuracy",)
+    last_val = "val -"
+    ips: list[float] = []
+    with _progress(cfg.progress) as prog:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs >= cfg.patience > 0:
+                break
+            tid = None
+            if prog is not None:
+                tid = prog.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(train_loader),
+                                    loss="-", val=last_val)
+
+            def on_step(avg: float, _tid: Any = tid) -> None:
+                if prog is not None:
+                    prog.update(_tid, advance=1, loss=f"{avg:.4f}")
+
+            stats = train_one_epoch(model, task, train_loader, optimizer, scheduler, device, cfg,
+                                    scaler, on_step)
+            ips.append(stats.images_per_s)
+            val = validate(model, task, val_loader, device, cfg.amp) if val_loader is not None else {}
+            score = val.get(task.primary, float("nan")) if val_loader is not None else float(epoch)
+            improved = score == score and score > best + cfg.min_delta
+            if improved:
+                best, best_epoch, best_metrics, bad_epochs = score, epoch + 1, dict(val), 0
+            else:
+                bad_epochs += 1
+            rec = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": round(stats.seconds, 3), "images": stats.images,
+                   "images_per_s": round(stats.images_per_s, 3),
+                   "val": val, "best": improved}
+            history.append(rec)
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            last_val = "val " + (_fmt_metrics(val, keys) or "-")
+            if prog is not None:
+                prog.update(tid, val=last_val + (" *" if improved else ""))
+            logger.info("epoch %d: loss %.5f, %s, %.1f images/s", epoch + 1, stats.loss, last_val,
+                        stats.images_per_s)
+            card = make_card({"epoch": epoch + 1, "val": val, "history": history})
+            if improved:
+                save_artifact(out / BEST, {task.module_name: model}, card)
+            save_artifact(out / LAST, {task.module_name: model}, card)
+            save_train_state(out, optimizer, scaler, {
+                "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                "best_metrics": best_metrics, "history": history, "scheduler": scheduler.state_dict(),
+                "config": cfg.to_dict()})
+    if not (out / BEST).exists() and (out / LAST).exists():
+        (out / BEST).write_bytes((out / LAST).read_bytes())
+    finite = [x for x in ips if x == x]
+    return FitResult(best_metrics=best_metrics, best_epoch=best_epoch, epochs_run=len(history),
+                     best_path=out / BEST, last_path=out / LAST, history=history,
+                     images_per_s=float(np.mean(finite)) if finite else float("nan"))
