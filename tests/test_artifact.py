@@ -116,11 +116,16 @@ def test_ensemble_artifact(tmp_path: Path) -> None:
 
 
 def test_checkpoint_against_wrong_preset_is_refused(net, tmp_path: Path) -> None:
-    path = save_artifact(tmp_path / "w.safetensors", {"iqa": net}, _card(preset="mediqa-vitt16"))
+    path = save_artifact(tmp_path / "w.safetensors", {"iqa": net}, _card(preset="mediqa-vitt16",
+                         preprocess=get_preset("mediqa-vitt16").preprocess_config().to_dict()))
     with pytest.raises(UnsupportedArtifact, match="does not fit the card's preset.*shape mismatches"):
         load_artifact(path)
     path = save_artifact(tmp_path / "u.safetensors", {"iqa": net}, _card(preset="mediqa-vitz99"))
     with pytest.raises(UnsupportedArtifact, match="unknown model preset 'mediqa-vitz99'"):
+        load_artifact(path)
+    bad_pre = _card(preprocess={**get_preset("mediqa-test").preprocess_config().to_dict(), "image_size": 224})
+    path = save_artifact(tmp_path / "s.safetensors", {"iqa": net}, bad_pre)
+    with pytest.raises(UnsupportedArtifact, match="image_size 224 does not match preset mediqa-test"):
         load_artifact(path)
     partial = {k: v for k, v in net.state_dict().items() if not k.startswith("slice_head")}
     path = save_artifact(tmp_path / "p.safetensors", {"iqa": partial}, _card())

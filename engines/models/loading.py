@@ -117,6 +117,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what
 def load_artifact(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model(s) of a ``.safetensors`` artifact on ``device``, in eval mode."""
     from engines.models.maniqa import EnsembleNet
+    from engines.models.presets import get_preset
     from engines.models.registry import create_classifier, create_model
     from engines.prompts import PromptVocab
 
@@ -130,6 +131,12 @@ def load_artifact(path: str | os.PathLike[str], device: str | torch.device = "cp
     except (KeyError, TypeError) as exc:
         raise UnsupportedArtifact(f"{p.name}: malformed prompt vocabulary in the card ({exc})") from None
     try:
+        size = int(card.preprocess.get("image_size", -1))
+        for pname in {card.preset, card.classifier_preset} - {None}:
+            expected = get_preset(pname).image_size
+            if size != expected:
+                raise UnsupportedArtifact(f"{p.name}: card preprocessing image_size {size} does not match "
+                                          f"preset {pname} ({expected})")
         iqa: nn.Module | None = None
         if card.task in ("iqa", "pretrain"):
             if card.ensemble_size > 1:

@@ -158,7 +158,9 @@ class MedIQANet(_VolumeMixin, nn.Module):
         return torch.cat(feats, dim=1)
 
     def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
-        if not torch.jit.is_tracing():  # static checks; under ONNX tracing they would be baked in
+        # Eager-mode checks only: under ONNX tracing / torch.export they would be baked into the
+        # graph or add guards between the (independently dynamic) batch axes.
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_inputs(images, prompt)
         x = self.features(images)
         x = self.swin1(self.reduce1(_tab(self.tab1, x)), prompt)
