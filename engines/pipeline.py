@@ -523,12 +523,12 @@ class _Feeder(threading.Thread):
                         item = (seq, ref)
                         seq += 1
                         self.out.put(("new", item[0], ref))
-                        if getattr(ref, "error", None) is not None:
-                            self.out.put(("scanfail", item[0], ref.error))
-                            continue
                         prev = self.reuse(ref) if self.reuse is not None else None
                         if prev is not None:
                             self.out.put(("reuse", item[0], prev))
+                            continue
+                        if getattr(ref, "error", None) is not None:
+                            self.out.put(("scanfail", item[0], ref.error))
                             continue
                     if not w.tasks:
                         w.started = time.monotonic()
@@ -577,15 +577,13 @@ class _Feeder(threading.Thread):
         self.out.put(("fail", s, (code, message)))
 
 
-def _classifier_prompts(backend: Any, images: np.ndarray, vocab: PromptVocab) -> dict[str, str] | None:
-    """Argmax labels per group from the classifier's logits averaged over the given images."""
-    out = backend.classify(images)
-    if out is None:
-        return None
+def _classifier_prompts_row(out: dict[str, np.ndarray], j: int, vocab: PromptVocab) -> dict[str, str]:
+    """Argmax label per group for row ``j`` of the classifier's logits."""
     res: dict[str, str] = {}
     for g in ("modality", "region", "type"):
         if g in out:
-            logits = np.asarray(out[g], dtype=np.float64).reshape(len(images), -1).mean(axis=0)
+            logits = np.asarray(out[g], dtype=np.float64)
+            logits = logits.reshape(logits.shape[0], -1)[j]
             labels = vocab.labels(g)
             res[g] = labels[int(np.argmax(logits))] if len(labels) == logits.size else "other"
     return res
@@ -702,20 +700,30 @@ def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, discover_stu
         p.raw = None
 
     def run_classifier(force: bool) -> None:
-        nonlocal to_classify
-        n_img = sum(len(state[s].prep.images) for s in to_classify if s in state)  # type: ignore[union-attr]
-        if not to_classify or (n_img < config.batch_size and not force):
-            return
-        batch = list(to_classify)
-        to_classify.clear()
-        for s in batch:
-            st = state[s]
+        """One classifier call for up to ``batch_size`` studies: each contributes its middle
+        salient slice (the image itself for 2D)."""
+        while to_classify and (len(to_classify) >= config.batch_size or force):
+            batch = [to_classify.popleft() for _ in range(min(config.batch_size, len(to_classify)))]
+            batch = [s for s in batch if s in state and not state[s].done]
+            if not batch:
+                continue
+            imgs = np.stack([state[s].prep.images[len(state[s].prep.images) // 2]  # type: ignore[union-attr]
+                             for s in batch]).astype(np.float32, copy=False)
             try:
-                imgs = st.prep.images  # type: ignore[union-attr]
-                cls = _classifier_prompts(backend, imgs, vocab)
-                finish_prompt(st, cls)
-            except Exception as exc:  # noqa: BLE001 - per-study boundary
-                fail(st, error_code(exc), safe_error_message(exc, st.ref))
+                out = backend.classify(imgs)
+                per: list[dict[str, str] | None] = [None] * len(batch)
+                if out is not None:
+                    for j in range(len(batch)):
+                        per[j] = _classifier_prompts_row(out, j, vocab)
+            except Exception as exc:  # noqa: BLE001 - these studies fail, the run goes on
+                for s in batch:
+                    fail(state[s], error_code(exc), safe_error_message(exc, state[s].ref))
+                continue
+            for j, s in enumerate(batch):
+                try:
+                    finish_prompt(state[s], per[j])
+                except Exception as exc:  # noqa: BLE001 - per-study boundary
+                    fail(state[s], error_code(exc), safe_error_message(exc, state[s].ref))
 
     def run_batch(force: bool) -> None:
         while len(items) >= config.batch_size or (force and items):
