@@ -1,0 +1,166 @@
+"""End-to-end scoring throughput vs the engine alone, measured in one run.
+
+Generates a corpus of 3D DICOM series (``--slices`` ≥ 200 slices each, written with pydicom from
+its CT_small test file) and 2D PNGs, then:
+
+1. end-to-end: ``engines.pipeline.score_studies`` over the corpus (discovery, reader workers,
+   salient slices, preprocessing, batched inference, fusion) → studies/s and slices inferred/s;
+2. engine only: ``Backend.score`` on the same number of inputs in the same batch size →
+   slices/s; the ratio end-to-end / engine-only (target ≥ 85 %);
+3. slices decoded / slices present (target ≤ 25 %);
+4. peak RSS of the main process and of the largest reader process (target ≤ 2 GB in total).
+
+Model: ``--model``, else ``engines/weights/default.onnx`` (onnxruntime) or
+``default.safetensors`` (torch); when neither exists a random ``mediqa-vitt16`` artifact is
+written to the work folder and used with torch (the speed of a trained and a random model with
+the same preset is the same). Prints a Markdown table.
+
+    python benchmarks/bench_score.py --series 4 --slices 240 --images 40 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_corpus(root: Path, n_series: int, n_slices: int, n_images: int, seed: int = 0) -> None:
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    arr = base.pixel_array.astype(np.float64)
+    for s in range(n_series):
+        d = root / f"series{s:02d}"
+        d.mkdir(parents=True)
+        uid = generate_uid()
+        for i in range(n_slices):
+            ds = copy.deepcopy(base)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = uid, generate_uid(), i + 1
+            ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            # Anatomy only in the middle 60 % of the series, air elsewhere (as in a real scan).
+            inside = 0.2 * n_slices <= i < 0.8 * n_slices
+            img = arr + rng.normal(0, 10, arr.shape) if inside else np.zeros_like(arr)
+            ds.PixelData = np.clip(img, 0, 4000).astype(base.pixel_array.dtype).tobytes()
+            ds.save_as(d / f"{i:05d}.dcm", enforce_file_format=True)
+    yy, xx = np.mgrid[:256, :256]
+    for i in range(n_images):
+        img = 60 + 120 * (((xx - 128) ** 2 + (yy - 128) ** 2) < 90 ** 2) + rng.normal(0, 8, (256, 256))
+        (root / "images").mkdir(exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:04d}.png")
+
+
+def pick_model(work: Path, explicit: str | None) -> tuple[Path, str]:
+    import engines
+
+    if explicit:
+        return Path(explicit), "auto"
+    w = Path(engines.__file__).parent / "weights"
+    if (w / "default.onnx").is_file():
+        return w / "default.onnx", "onnxruntime"
+    if (w / "default.safetensors").is_file():
+        return w / "default.safetensors", "torch"
+    from engines.artifact import ModelCard, save_artifact
+    from engines.models.presets import get_preset
+    from engines.models.registry import create_classifier, create_model
+    from engines.prompts import DEFAULT_VOCAB
+
+    preset = get_preset("mediqa-vitt16")
+    card = ModelCard(task="iqa", preset=preset.name, prompt_vocab=DEFAULT_VOCAB.to_dict(),
+                     preprocess=preset.preprocess_config().to_dict(),
+                     label_scale={"min": 0.0, "max": 1.0, "name": "random"}, classifier_preset=preset.name)
+    p = save_artifact(work / "random-vitt16.safetensors",
+                      {"iqa": create_model(preset.name, DEFAULT_VOCAB.size),
+                       "classifier": create_classifier(preset.name, DEFAULT_VOCAB)}, card)
+    return p, "torch"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=int, default=4)
+    ap.add_argument("--slices", type=int, default=240)
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--work", default=None, help="folder for the corpus (default: a temporary one)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    assert args.slices >= 200, "the benchmark is defined on series of at least 200 slices"
+
+    from engines.backends.auto import open_backend
+    from engines.pipeline import ScoreConfig, score_studies
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_score_") if args.work is None else None
+    work = Path(args.work or tmp.name)  # type: ignore[union-attr]
+    root = work / "corpus"
+    if not root.exists():
+        t = time.perf_counter()
+        make_corpus(root, args.series, args.slices, args.images)
+        print(f"corpus: {args.series} series x {args.slices} slices + {args.images} PNGs "
+              f"({time.perf_counter() - t:.1f} s to write)")
+    model, backend_name = pick_model(work, args.model)
+    backend = open_backend(model, backend=args.backend or backend_name)
+    cfg = ScoreConfig(batch_size=args.batch_size, workers=args.workers, privacy_key=b"bench-key-0123456789")
+
+    # Warm-up (first-call allocations, lazy initialisation) on a couple of batches.
+    s = int(backend.card.preprocess.get("image_size", 224))
+    p_dim = backend.prompt_dim
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch_size, 3, s, s)).astype(np.float32)
+    pr = np.zeros((args.batch_size, p_dim), np.float32)
+    pr[:, 0] = 1
+    backend.score(x, pr)
+
+    t0 = time.perf_counter()
+    recs = list(score_studies(root, backend, cfg))
+    e2e = time.perf_counter() - t0
+    ok = [r for r in recs if r.status == "ok"]
+    inferred = sum(len(r.salient_slices) for r in ok)
+    present = sum(r.n_slices or 0 for r in ok)
+    decoded = sum(r.n_decoded or 0 for r in ok)
+
+    n_batches = -(-inferred // args.batch_size)
+    t0 = time.perf_counter()
+    left = inferred
+    for _ in range(n_batches):
+        n = min(args.batch_size, left)
+        backend.score(x[:n], pr[:n])
+        left -= n
+    engine = time.perf_counter() - t0
+    rss_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    backend.close()
+
+    e2e_sps, eng_sps = inferred / e2e, inferred / engine
+    rows = [
+        ("model / backend", f"{backend.card.preset} / {backend.describe()}"),
+        ("studies (ok / all)", f"{len(ok)} / {len(recs)}"),
+        ("end-to-end studies/s", f"{len(recs) / e2e:.2f}"),
+        ("end-to-end slices inferred/s", f"{e2e_sps:.1f}"),
+        ("engine-only slices/s (same batches)", f"{eng_sps:.1f}"),
+        ("end-to-end / engine-only (target ≥ 85 %)", f"{100 * e2e_sps / eng_sps:.0f} %"),
+        ("slices decoded / present (target ≤ 25 %)", f"{decoded} / {present} = {100 * decoded / max(present, 1):.1f} %"),
+        ("peak RSS main / largest worker (target ≤ 2 GB)", f"{rss_main:.0f} MB / {rss_child:.0f} MB"),
+    ]
+    print("| measure | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
