@@ -1,0 +1,146 @@
+"""The reproducible recipe behind the bundled default model (issue 4, item 2).
+
+Steps, each in ``<work_dir>``:
+
+1. ``mediqa synth <work_dir>/corpus --seed S --size SIZE`` (skipped when the corpus with that
+   seed and size is already there) — real anatomy with simulated, known degradations and a
+   manifest whose ``split`` column keeps test source images apart from training ones;
+2. pretrain on the corpus' DICOM studies with physical targets from their tags (CT mAs, MR
+   field strength), test split excluded (``runs/pretrain``);
+3. fine-tune from the pretrained artifact on the synthetic scores (``runs/finetune``);
+4. train the prompt classifier on the manifest's / tags' prompt labels (``runs/classifier``);
+5. pack the fine-tuned IQA model and the classifier into one fp16 artifact at ``output``, then
+   evaluate it on the test split exactly as ``mediqa evaluate`` would, and write the metrics
+   into its card together with the data summary and ``recipe_sha256`` (sha256 of the YAML).
+
+The YAML has top-level keys ``preset``, ``device``, ``output``, ``work_dir``, ``synth``
+(``size``, ``seed``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
+``finetune`` / ``classifier`` (TrainConfig keys for that stage). Unknown keys fail with a
+suggestion. Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from engines.errors import ConfigError, MediqaError
+from training.config import TrainConfig, did_you_mean, load_config, merge_config, read_yaml
+
+logger = logging.getLogger(__name__)
+
+TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier")
+SYNTH_KEYS = ("size", "seed")
+
+
+def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    for k in d:
+        if k not in known:
+            raise ConfigError(f"unknown {where} key {k!r}{did_you_mean(k, list(known))}")
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(recipe mapping, sha256 hex of the file's bytes). Validates every section's keys."""
+    p = Path(path)
+    raw = p.read_bytes()
+    d = read_yaml(p)
+    _check_keys(d, TOP_KEYS, "recipe")
+    _check_keys(d.get("synth") or {}, SYNTH_KEYS, "synth")
+    for stage in ("common", "pretrain", "finetune", "classifier"):
+        merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
+    return d, hashlib.sha256(raw).hexdigest()
+
+
+def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cache: Path,
+                  device: str | None, progress: bool) -> TrainConfig:
+    cfg = load_config(None, recipe.get("common") or {})
+    cfg = merge_config(cfg, recipe.get(stage) or {})
+    over: dict[str, Any] = {"task": task, "out": str(out), "cache_dir": str(cache), "progress": progress}
+    if recipe.get("preset"):
+        over["preset"] = recipe["preset"]
+    if device or recipe.get("device"):
+        over["device"] = device or recipe["device"]
+    return merge_config(cfg, over)
+
+
+def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool) -> Path:
+    """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this size and seed."""
+    stamp = corpus / ".recipe-synth.json"
+    want = {"size": size, "seed": seed}
+    if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
+        logger.info("reusing synthetic corpus %s (%s)", corpus, want)
+        return corpus / "manifest.csv"
+    cmd = [sys.executable, "-m", "mediqa_cli", "synth", str(corpus), "--seed", str(seed), "--size", size,
+           "--progress" if progress else "--no-progress"]
+    if corpus.exists():
+        cmd.append("--force")
+    logger.info("running %s", " ".join(cmd))
+    res = subprocess.run(cmd, check=False)
+    if res.returncode != 0 or not (corpus / "manifest.csv").is_file():
+        raise MediqaError(f"mediqa synth failed (exit {res.returncode}); see its output above")
+    stamp.write_text(json.dumps(want))
+    return corpus / "manifest.csv"
+
+
+def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | Path | None = None,
+               output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the recipe at ``path``; returns {"artifact", "metrics", "stages"}."""
+    from engines.artifact import ModelCard, load_tensors, save_artifact  # noqa: PLC0415
+    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.tasks import run_classifier, run_finetune, run_pretrain  # noqa: PLC0415
+
+    recipe, sha = load_recipe(path)
+    work = Path(work_dir or recipe.get("work_dir") or "runs/default")
+    out_path = Path(output or recipe.get("output") or work / "default.safetensors")
+    synth = recipe.get("synth") or {}
+    size, seed = str(synth.get("size", "small")), int(synth.get("seed", 0))
+    manifest = ensure_corpus(work / "corpus", size, seed, progress)
+    cache = work / "cache"
+
+    pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
+    pre = run_pretrain(manifest, pre_cfg)
+    ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)
+    ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(pre.artifact))
+    ft = run_finetune(manifest, ft_cfg)
+    cl_cfg = _stage_config(recipe, "classifier", "classifier", work / "runs" / "classifier", cache, device, progress)
+    cl = run_classifier(manifest, cl_cfg)
+
+    ft_groups, ft_card = load_tensors(ft.artifact)
+    cl_groups, cl_card = load_tensors(cl.artifact)
+    modules = {k: v for k, v in ft_groups.items()}
+    modules["classifier"] = cl_groups["classifier"]
+    stages = {
+        "pretrain": {"metrics": pre.metrics, "data": pre.data_summary, "images_per_s": pre.images_per_s},
+        "finetune": {"metrics": ft.metrics, "data": ft.data_summary, "images_per_s": ft.images_per_s},
+        "classifier": {"metrics": cl.metrics, "data": cl.data_summary, "images_per_s": cl.images_per_s},
+    }
+    card = ModelCard(
+        task="iqa", preset=ft_card.preset, prompt_vocab=ft_card.prompt_vocab, preprocess=ft_card.preprocess,
+        label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.preset,
+        ensemble_size=ft_card.ensemble_size,
+        data_summary={"corpus": {"generator": "mediqa synth", "size": size, "seed": seed,
+                                 "note": "synthetic degradations of real anatomy; scores are derived from "
+                                         "the simulated physics, not from readers"},
+                      "pretrain": pre.data_summary, "finetune": ft.data_summary, "classifier": cl.data_summary},
+        metrics={}, training={"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
+                              "finetune": ft_card.training, "classifier": cl_card.training})
+    save_artifact(out_path, modules, card, dtype="fp16")
+    rep = evaluate_model(out_path, manifest, split="test", device=pre_cfg.device, batch_size=ft_cfg.batch_size,
+                         workers=ft_cfg.workers, progress=progress)
+    metrics = {"val": ft.metrics.get("val"), "test": {k: rep[k] for k in ("overall", "groups")},
+               "test_classifier": rep.get("classifier"), "pretrain_test": pre.metrics.get("test"),
+               "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
+    from training.tasks import _jsonable  # noqa: PLC0415
+
+    card = dataclasses.replace(card, metrics=_jsonable(metrics))
+    save_artifact(out_path, modules, card, dtype="fp16")
+    (work / "recipe_summary.json").write_text(json.dumps(_jsonable({"artifact": str(out_path), "metrics": metrics,
+                                                                    "stages": stages}), indent=1))
+    logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
+    return {"artifact": out_path, "metrics": metrics, "stages": stages}
