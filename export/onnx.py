@@ -97,13 +97,17 @@ def example_inputs(graph: str, *, image_size: int, prompt_dim: int, n_slices: in
 
     g = torch.Generator().manual_seed(0)
     img = torch.randn(batch, 3, image_size, image_size, generator=g)
+    if graph == "classifier":
+        return (img,)
+    if prompt_dim < 1:
+        raise ValueError(f"the {graph} graph needs prompt_dim ≥ 1, got {prompt_dim}")
     prompt = torch.zeros(batch, prompt_dim)
     prompt[:, 0] = 1.0
     if graph == "2d":
         return img, prompt
     if graph == "3d":
         return torch.randn(batch, n_slices, 3, image_size, image_size, generator=g), prompt
-    return (img,)
+    raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
 
 
 def _export_dynamo(wrapped: Any, args: tuple, path: Path, inputs: list[str], outputs: list[str],

@@ -14,6 +14,7 @@ scoring does.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -110,9 +111,17 @@ def _skimage_images() -> list[BaseImage]:
     ]
 
 
+@functools.lru_cache(maxsize=2)
+def _base_images_cached(use_dicom: bool) -> tuple[BaseImage, ...]:
+    return tuple((_dicom_images() if use_dicom else []) + _skimage_images())
+
+
 def base_images(*, use_dicom: bool = True) -> list[BaseImage]:
-    """The real base images available on this machine (DICOM ones only when pydicom is installed)."""
-    imgs = (_dicom_images() if use_dicom else []) + _skimage_images()
+    """The real base images available on this machine (DICOM ones only when pydicom is installed).
+
+    Decoded once per process and cached; the arrays are shared, so treat them as read-only.
+    """
+    imgs = list(_base_images_cached(bool(use_dicom)))
     if not imgs:  # pragma: no cover - scikit-image is a hard dependency
         raise RuntimeError("no sample images available")
     return imgs

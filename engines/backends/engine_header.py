@@ -169,4 +169,4 @@ def check_engine_compatible(header: Mapping[str, Any], *, trt_version: str, comp
     """Raise UnsupportedArtifact (with the rebuild command) when ``engine_incompatibilities`` finds any."""
     problems = engine_incompatibilities(header, trt_version=trt_version, compute_capability=compute_capability)
     if problems:
-        raise UnsupportedArtifact(f"{source} cannot run here: " + "; ".join(problems) + f". {REBUILD_HINT.capitalize()}.")
+        raise UnsupportedArtifact(f"{source} cannot run here: " + "; ".join(problems) + f". {REBUILD_HINT[0].upper()}{REBUILD_HINT[1:]}.")
