@@ -256,7 +256,8 @@ def _finish(task_name: str, models: list[Any], results: list[Any], task: Any, it
     test = _test_metrics(model, task, items["test"], cache, cfg)
     metrics = {"val": val, "test": test, "best_epoch": [r.best_epoch for r in results],
                "epochs_run": [r.epochs_run for r in results]}
-    ips = float(np.nanmean([r.images_per_s for r in results])) if results else float("nan")
+    finite = [r.images_per_s for r in results if r.images_per_s == r.images_per_s]
+    ips = float(np.mean(finite)) if finite else float("nan")
     extra = {"images_per_s": ips, "members": len(models)}
     card = _card(task_name, cfg, metrics=metrics, extra=extra, ensemble_size=len(models), **card_args)
     if len(models) == 1:

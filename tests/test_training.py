@@ -1,0 +1,158 @@
+"""Training loop, tasks and configuration with the tiny ``mediqa-test`` preset on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.artifact import ModelCard, load_card, load_tensors
+from engines.errors import ConfigError, UnsupportedArtifact
+from engines.models.loading import load_artifact
+from tests.test_datasets import build_scored_corpus
+from training.config import TrainConfig, load_config
+from training.loop import LOG_NAME, STATE_JSON, STATE_TENSORS, lr_factor
+from training.tasks import load_pretrained_into, run_classifier, run_finetune, run_pretrain
+
+FAST = dict(preset="mediqa-test", batch_size=4, lr=2e-3, amp=False, progress=False, warmup_epochs=0.5,
+            patience=0, cache_dir="memory")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, retina_path: Path) -> Path:
+    return build_scored_corpus(tmp_path_factory.mktemp("corpus"), retina_path)
+
+
+@pytest.fixture(scope="module")
+def finetuned(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ft")
+    cfg = TrainConfig(task="finetune", epochs=4, out=str(out), **FAST)
+    return cfg, run_finetune(corpus, cfg)
+
+
+# ------------------------------------------------------------------------------ config
+
+def test_yaml_typo_fails_with_suggestion(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("epoch: 3\nlr: 1e-4\n")
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config(y)
+    y.write_text("epochs: 3\nlr: 1e-4\nbatch_size: 2\n")
+    cfg = load_config(y, {"lr": 5e-5, "seed": None})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed) == (3, 5e-5, 2, 0)   # flag wins, None = not given
+    y.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="bad value for epochs"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_config(None, {"batch-sise": 3})
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    f = [lr_factor(s, 100, 10, start=0.01, floor=0.01) for s in range(101)]
+    assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))                       # warm-up rises
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))                       # cosine falls
+    assert f[55] == pytest.approx(0.505, abs=1e-3) and f[100] == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------------------ fine-tune smoke run
+
+def _mse_on_train(model: torch.nn.Module, cfg: TrainConfig, corpus: Path) -> float:
+    from engines.prompts import DEFAULT_VOCAB
+    from training.data.datasets import read_manifest
+    from training.loop import IQATask, predict_all
+    from training.tasks import _cache, _loader, build_items
+
+    samples, report = read_manifest(corpus)
+    train = [s for s in samples if s.split == "train"]
+    pcfg = model.preset.preprocess_config()
+    cache = _cache(cfg, pcfg)
+    items = build_items(train, cfg, cache, DEFAULT_VOCAB, report, lambda s: s.target)
+    pred, target, _ = predict_all(model, IQATask(), _loader(items, cache, cfg, train=False), torch.device("cpu"), False)
+    return float(np.mean((pred - target) ** 2))
+
+
+def test_finetune_lowers_loss_and_writes_loadable_artifact(finetuned, corpus: Path) -> None:
+    cfg, outcome = finetuned
+    out = Path(cfg.out)
+    log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert all(r["images_per_s"] > 0 and "srcc" in r["val"] for r in log)
+
+    loaded = load_artifact(outcome.artifact)
+    card = loaded.card
+    assert card.task == "iqa" and card.preset == "mediqa-test" and card.ensemble_size == 1
+    assert card.label_scale["min"] == 0.0 and card.label_scale["max"] == 1.0
+    assert card.data_summary["splits"] == {"train": 6, "val": 2, "test": 2}
+    assert card.preprocess["image_size"] == 64 and card.n_slices == 7
+    assert set(card.metrics) >= {"val", "test"} and card.metrics["test"]["n"] == 2
+    assert ModelCard.from_json(card.to_json()) == card == load_card(outcome.artifact)
+
+    # the trained model fits the training scores better than the same network untrained
+    from engines.models.registry import create_model
+    torch.manual_seed(cfg.seed)
+    fresh = create_model("mediqa-test", loaded.iqa.prompt_dim)
+    assert _mse_on_train(loaded.iqa, cfg, corpus) < _mse_on_train(fresh.eval(), cfg, corpus)
+
+
+def test_resume_continues_epochs_and_optimizer(corpus: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(task="finetune", epochs=1, out=str(tmp_path), **FAST)
+    run_finetune(corpus, cfg)
+    first = json.loads((tmp_path / STATE_JSON).read_text())
+    saved = load_file(str(tmp_path / STATE_TENSORS))
+    steps_1 = saved["opt.0.step"].item()
+    assert first["epoch"] == 1 and steps_1 > 0 and "opt.0.exp_avg" in saved
+
+    run_finetune(corpus, cfg.replace(epochs=2, resume=True))
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]                             # appended, not restarted
+    after = json.loads((tmp_path / STATE_JSON).read_text())
+    steps_2 = load_file(str(tmp_path / STATE_TENSORS))["opt.0.step"].item()
+    assert after["epoch"] == 2 and steps_2 == pytest.approx(2 * steps_1)    # Adam's counter went on
+    assert after["scheduler"]["last_epoch"] == 2 * first["scheduler"]["last_epoch"]
+    # a finished run resumed again trains nothing more
+    run_finetune(corpus, cfg.replace(epochs=2, resume=True))
+    assert len((tmp_path / LOG_NAME).read_text().splitlines()) == 2
+
+
+def test_handover_keeps_encoder_and_prompt_fcs(finetuned, tmp_path: Path) -> None:
+    from engines.models.registry import create_model
+    _, outcome = finetuned
+    groups, _ = load_tensors(outcome.artifact)
+    src = groups["iqa"]
+    model = create_model("mediqa-test")
+    counts = load_pretrained_into(model, outcome.artifact, "mediqa-test", ("score_head",))
+    sd = model.state_dict()
+    prompt_keys = [k for k in sd if "prompt" in k]
+    assert prompt_keys, "the model has prompt FCs"
+    for k in [k for k in sd if k.startswith("encoder.")] + prompt_keys + ["weight_head.0.weight", "slice_head.weight"]:
+        assert torch.equal(sd[k], src[k].float()), k
+    assert not torch.equal(sd["score_head.0.weight"], src["score_head.0.weight"].float())
+    assert counts["reinitialised"] == 2 and counts["loaded"] == len(src)
+    with pytest.raises(UnsupportedArtifact, match="preset 'mediqa-test'"):
+        load_pretrained_into(create_model("mediqa-test"), outcome.artifact, "mediqa-vitt16", ())
+    with pytest.raises(UnsupportedArtifact, match="mediqa-test"):
+        run_finetune(tmp_path, TrainConfig(task="finetune", out=str(tmp_path / "x"),
+                                           from_checkpoint=str(outcome.artifact), **{**FAST, "preset": "mediqa-vitt16"}))
+
+
+def test_pretrain_ensemble_and_classifier(corpus: Path, tmp_path: Path) -> None:
+    pre = run_pretrain(corpus, TrainConfig(task="pretrain", epochs=1, seeds=2, out=str(tmp_path / "pre"), **FAST))
+    loaded = load_artifact(pre.artifact)
+    assert loaded.card.task == "pretrain" and loaded.card.ensemble_size == 2
+    assert set(load_tensors(pre.artifact)[0]) == {"iqa.0", "iqa.1"}
+    norm = loaded.card.label_scale["normaliser"]["ranges"]["ct"]
+    assert norm["log_min"] == pytest.approx(np.log(200.0)) and norm["log_max"] == pytest.approx(np.log(400.0))
+    assert pre.data_summary["used"] == 6     # 6 CT studies; the 4 PNGs have no physical tag
+    assert pre.data_summary["skipped_by_reason"] == {"no_physical_target": 4}
+
+    cl = run_classifier(corpus, TrainConfig(task="classifier", epochs=1, out=str(tmp_path / "cl"), **FAST))
+    lc = load_artifact(cl.artifact)
+    assert lc.classifier is not None and lc.iqa is None and lc.card.task == "classifier"
+    assert 0.0 <= cl.metrics["val"]["accuracy"] <= 1.0
