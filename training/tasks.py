@@ -169,12 +169,33 @@ def load_pretrained_into(model: Any, path: str | Path, preset: str, reinit: tupl
     with torch.no_grad():
         for name, module in model.named_modules():
             if name and any(frag and frag in name.split(".")[0] for frag in reinit):
-                if hasattr(module, "reset_parameters"):
+                if isinstance(module, torch.nn.Linear):   # the model's own init (timm-style)
+                    torch.nn.init.trunc_normal_(module.weight, std=0.02)
+                    if module.bias is not None:
+                        torch.nn.init.zeros_(module.bias)
+                    n_reinit += 1
+                elif hasattr(module, "reset_parameters") and not list(module.children()):
                     module.reset_parameters()
                     n_reinit += 1
     counts = {"loaded": len(ok), "skipped": len(state) - len(ok), "reinitialised": n_reinit}
     logger.info("hand-over from %s: %s", path, counts)
     return counts
+
+
+def init_score_bias(model: Any, value: float) -> None:
+    """Start a fresh score head at ``value`` (the mean training target in [0, 1]).
+
+    The head ends in Linear → ReLU with small weights, so every patch score starts at about its
+    last bias; starting at the data mean keeps the ReLU active (a head whose pre-activations
+    all turn negative stops learning: constant predictions) and the first MSE small.
+    """
+    import torch  # noqa: PLC0415
+
+    head = getattr(model, "score_head", None)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    if linears and linears[-1].bias is not None:
+        with torch.no_grad():
+            linears[-1].bias.fill_(float(value))
 
 
 def _card(task: str, cfg: TrainConfig, pcfg: Any, vocab: Any, label_scale: dict[str, Any],
@@ -310,8 +331,12 @@ def run_pretrain(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
                    "normaliser": norm.to_dict()}
     card_args = dict(pcfg=pcfg, vocab=vocab, label_scale=label_scale, data_summary=summary)
 
+    mean_target = float(np.mean([it.target for it in items["train"]]))
+
     def make(c: TrainConfig) -> Any:
-        return create_model(c.preset, vocab.size, Path(c.init_weights) if c.init_weights else None)
+        model = create_model(c.preset, vocab.size, Path(c.init_weights) if c.init_weights else None)
+        init_score_bias(model, mean_target)
+        return model
 
     task = IQATask()
     models, results = _train_members(make, task, items, cache, cfg, lambda info: _card(
@@ -362,12 +387,15 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
     label_scale = {"min": lo, "max": hi, "name": cfg.label_name}
     card_args = dict(pcfg=pcfg, vocab=vocab, label_scale=label_scale, data_summary=summary)
     handover: dict[str, Any] = {}
+    mean_target = float(np.mean([it.target for it in items["train"]]))
 
     def make(c: TrainConfig) -> Any:
         model = create_model(c.preset, vocab.size, Path(c.init_weights) if c.init_weights else None)
         if c.from_checkpoint:
             handover.update(load_pretrained_into(model, c.from_checkpoint, c.preset, c.reinit))
             handover["from_sha256"] = _sha256(Path(c.from_checkpoint))
+        if not c.from_checkpoint or any("score" in r for r in c.reinit):
+            init_score_bias(model, mean_target)
         return model
 
     task = IQATask()
