@@ -154,11 +154,12 @@ def _copy_metadata(src: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime.quantization logs one INFO line per tensor on the root logger; mute it meanwhile."""
+    """onnxruntime.quantization logs one INFO line per tensor (and generic advice as WARNING) on the
+    root logger; mute it meanwhile. Only onnxruntime code runs inside this context."""
     root = logging.getLogger()
     level = root.level
-    if level < logging.WARNING:
-        root.setLevel(logging.WARNING)
+    if level < logging.ERROR:
+        root.setLevel(logging.ERROR)
     try:
         yield
     finally:

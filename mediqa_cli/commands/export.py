@@ -37,10 +37,13 @@ def _size(n: int) -> str:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
               show_default=True, help="torch ONNX exporter (auto = the measured faster one, dynamo).")
+@click.option("--samples", "n_samples", type=click.IntRange(min=4), default=None,
+              help="Number of real validation images for the parity checks (default: all 70).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep built engines here, keyed by (ONNX sha256, TensorRT, GPU, precision, profile).")
 def export(model: Path | None, out_dir: Path | None, onnx: bool, trt: bool, int8: bool, precision: str,
-           batch: str, workspace: float, opset: int, exporter: str, cache_dir: Path | None) -> None:
+           batch: str, workspace: float, opset: int, exporter: str, n_samples: int | None,
+           cache_dir: Path | None) -> None:
     """Export MODEL (.safetensors; default: the bundled model) and verify every artifact."""
     from engines.backends.engine_header import parse_batch_profile
     from engines.errors import MediqaError
@@ -62,7 +65,8 @@ def export(model: Path | None, out_dir: Path | None, onnx: bool, trt: bool, int8
     dynamo = {"auto": None, "dynamo": True, "torchscript": False}[exporter]
     try:
         report = export_model(model, out, onnx=onnx, trt=trt, int8=int8, precision=precision, batch=profile,
-                              workspace_gb=workspace, opset=opset, dynamo=dynamo, cache_dir=cache_dir)
+                              workspace_gb=workspace, opset=opset, dynamo=dynamo, n_samples=n_samples,
+                              cache_dir=cache_dir)
     except MediqaError as exc:
         err = click.ClickException(f"[{exc.code}] {exc.message}")
         err.exit_code = 2
