@@ -78,7 +78,7 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool) -> Path:
         return corpus / "manifest.csv"
     cmd = [sys.executable, "-m", "mediqa_cli", "synth", str(corpus), "--seed", str(seed), "--size", size,
            "--progress" if progress else "--no-progress"]
-    if corpus.exists():
+    if (corpus / "manifest.csv").is_file():   # a corpus of another size / seed: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
     res = subprocess.run(cmd, check=False)
