@@ -28,7 +28,7 @@ def test_pretrain_finetune_from_evaluate(corpus: Path, tmp_path: Path) -> None:
     assert "no_physical_target" in pre.output          # the PNGs are reported as skipped
     pre_model = tmp_path / "pre" / "model.safetensors"
 
-    ft = runner.invoke(cli, ["train", "finetune", str(corpus), "--from", str(pre_model), "--epochs", "2",
+    ft = runner.invoke(cli, ["train", "finetune", str(corpus), "--from", str(pre_model), "--epochs", "1",
                              "--out", str(tmp_path / "ft"), *FAST])
     assert ft.exit_code == 0, ft.output
     model = tmp_path / "ft" / "model.safetensors"
