@@ -64,6 +64,7 @@ class TrainConfig:
     label_max: float | None = None
     label_name: str = "score"
     progress: bool = True
+    time_budget_s: float | None = None     # stop after the epoch that exhausts this wall-clock budget (best kept)
     log_every: int = 10                     # optimizer steps between progress-bar loss updates
 
     def __post_init__(self) -> None:

@@ -452,9 +452,13 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
     keys = ("srcc", "plcc", "rmse") if task.primary == "srcc" else ("accuracy",)
     last_val = "val -"
     ips: list[float] = []
+    t_start = time.perf_counter()
     with _progress(cfg.progress) as prog:
         for epoch in range(start_epoch, cfg.epochs):
             if bad_epochs >= cfg.patience > 0:
+                break
+            if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+                logger.info("time budget of %.0f s used after %d epochs; stopping", cfg.time_budget_s, epoch)
                 break
             tid = None
             if prog is not None:

@@ -36,7 +36,7 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier")
-SYNTH_KEYS = ("size", "seed")
+SYNTH_KEYS = ("size", "seed", "workers")
 
 
 def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -69,7 +69,7 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
     return merge_config(cfg, over)
 
 
-def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool) -> Path:
+def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None) -> Path:
     """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this size and seed."""
     stamp = corpus / ".recipe-synth.json"
     want = {"size": size, "seed": seed}
@@ -78,6 +78,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool) -> Path:
         return corpus / "manifest.csv"
     cmd = [sys.executable, "-m", "mediqa_cli", "synth", str(corpus), "--seed", str(seed), "--size", size,
            "--progress" if progress else "--no-progress"]
+    if workers:
+        cmd += ["--workers", str(workers)]
     if (corpus / "manifest.csv").is_file():   # a corpus of another size / seed: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
@@ -100,7 +102,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     out_path = Path(output or recipe.get("output") or work / "default.safetensors")
     synth = recipe.get("synth") or {}
     size, seed = str(synth.get("size", "small")), int(synth.get("seed", 0))
-    manifest = ensure_corpus(work / "corpus", size, seed, progress)
+    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"))
     cache = work / "cache"
 
     pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
