@@ -158,7 +158,18 @@ class TensorRTBackend(Backend):
         return {names.SCORE: out[names.SCORE], names.SLICE_LOGIT: out[names.SLICE_LOGIT]}
 
     def _score_volume(self, volumes: np.ndarray, prompt: np.ndarray) -> dict[str, np.ndarray]:
-        return self._vol.run({names.VOLUMES: volumes, names.PROMPT: prompt})
+        # The 3D engine's profile counts volumes (the 2D budget / K), so chunk and pad by its own range.
+        prof = self._vol.profile
+        parts = []
+        for i in range(0, len(volumes), prof.max):
+            v, p = volumes[i: i + prof.max], prompt[i: i + prof.max]
+            m = len(v)
+            if m < prof.min:
+                v = np.concatenate([v] + [v[-1:]] * (prof.min - m))
+                p = np.concatenate([p] + [p[-1:]] * (prof.min - m))
+            parts.append({k: o[:m] for k, o in self._vol.run({names.VOLUMES: np.ascontiguousarray(v),
+                                                               names.PROMPT: np.ascontiguousarray(p)}).items()})
+        return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
 
     def _classify(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self._cls.run({names.IMAGES: images})
