@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
-from engines import names
 from engines.artifact import ModelCard
 from engines.models.presets import get_preset
 from engines.models.registry import create_classifier, create_model
