@@ -208,3 +208,13 @@ def symlinks_supported(tmp_path: Path) -> bool:
     except (OSError, NotImplementedError):
         pytest.skip("symbolic links are not supported here")
         return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests run only when asked for (``-m slow``); elsewhere they are skipped visibly."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
