@@ -824,7 +824,10 @@ def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, discover_stu
         while True:
             # Drain what the feeder produced; block briefly only when there is nothing to compute.
             try:
-                timeout = 0.0 if (items or to_classify) else 0.05
+                # A full batch waiting: don't block. A partial one: wait for more arrivals rather
+                # than spin (spinning stole a core from the readers and the engine).
+                full = len(items) >= config.batch_size or len(to_classify) >= config.batch_size
+                timeout = 0.0 if full else 0.05
                 ev = feeder.out.get(timeout=timeout) if timeout else feeder.out.get_nowait()
                 on_event(ev)
                 while True:
