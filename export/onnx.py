@@ -28,6 +28,8 @@ from typing import Any
 from engines import names
 
 log = logging.getLogger(__name__)
+# onnx_ir (dynamo exporter) logs one INFO line per deduplicated initializer: thousands per export.
+logging.getLogger("onnx_ir").setLevel(logging.WARNING)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
