@@ -254,13 +254,7 @@ def header_from_dataset(path: Path, ds: Any, *, limits: ReadLimits = DEFAULT_LIM
             # An image object whose header ends before its image attributes: cut short.
             raise Truncated("image object ends before its image attributes (Rows/Columns)")
         raise NoPixelData("no image attributes (Rows/Columns); e.g. a structured report")
-    rows = _int_tag(ds, "Rows", required=True) or 0
-    cols = _int_tag(ds, "Columns", required=True) or 0
-    samples = _int_tag(ds, "SamplesPerPixel", 1) or 1
-    frames = _int_tag(ds, "NumberOfFrames", 1) or 1
-    if rows == 0 or cols == 0:
-        raise NoPixelData("Rows or Columns is zero")
-    limits.check_slice(rows, cols, samples)
+    rows, cols, samples, frames = _image_size(ds, limits)
     if frames > limits.max_frames:
         from engines.errors import TooLarge
 
@@ -293,6 +287,18 @@ def header_from_dataset(path: Path, ds: Any, *, limits: ReadLimits = DEFAULT_LIM
         if hdr.orientation is None and orients and orients[0] is not None:
             hdr.orientation = orients[0]
     return hdr
+
+
+def _image_size(ds: Any, limits: ReadLimits) -> tuple[int, int, int, int]:
+    """(rows, cols, samples, frames) validated against ``limits`` before any pixel is decoded."""
+    rows = _int_tag(ds, "Rows", required=True) or 0
+    cols = _int_tag(ds, "Columns", required=True) or 0
+    samples = _int_tag(ds, "SamplesPerPixel", 1) or 1
+    frames = _int_tag(ds, "NumberOfFrames", 1) or 1
+    if rows == 0 or cols == 0:
+        raise NoPixelData("Rows or Columns is zero")
+    limits.check_slice(rows, cols, samples)
+    return rows, cols, samples, frames
 
 
 def scan_header(path: Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> DicomHeader:
@@ -589,13 +595,7 @@ def decode_frame(ds: Any, frame: int | None = None, *, limits: ReadLimits = DEFA
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData("image attributes but no pixel data element (the file may be truncated)")
-    rows = _int_tag(ds, "Rows", required=True) or 0
-    cols = _int_tag(ds, "Columns", required=True) or 0
-    samples = _int_tag(ds, "SamplesPerPixel", 1) or 1
-    frames = _int_tag(ds, "NumberOfFrames", 1) or 1
-    if rows == 0 or cols == 0:
-        raise NoPixelData("Rows or Columns is zero")
-    limits.check_slice(rows, cols, samples)
+    rows, cols, samples, frames = _image_size(ds, limits)
     if frame is not None and not 0 <= frame < frames:
         raise BadGeometry(f"frame {frame} out of range 0..{frames - 1}")
     ts = _transfer_syntax(ds)
