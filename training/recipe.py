@@ -138,11 +138,11 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     metrics = {"val": ft.metrics.get("val"), "test": {k: rep[k] for k in ("overall", "groups")},
                "test_classifier": rep.get("classifier"), "pretrain_test": pre.metrics.get("test"),
                "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
-    from training.tasks import _jsonable  # noqa: PLC0415
+    from training.tasks import jsonable  # noqa: PLC0415
 
-    card = dataclasses.replace(card, metrics=_jsonable(metrics))
+    card = dataclasses.replace(card, metrics=jsonable(metrics))
     save_artifact(out_path, modules, card, dtype="fp16")
-    (work / "recipe_summary.json").write_text(json.dumps(_jsonable({"artifact": str(out_path), "metrics": metrics,
+    (work / "recipe_summary.json").write_text(json.dumps(jsonable({"artifact": str(out_path), "metrics": metrics,
                                                                     "stages": stages}), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
     return {"artifact": out_path, "metrics": metrics, "stages": stages}

@@ -208,19 +208,19 @@ def _card(task: str, cfg: TrainConfig, pcfg: Any, vocab: Any, label_scale: dict[
     return ModelCard(task=task, preset=preset or cfg.preset, prompt_vocab=vocab.to_dict(),
                      preprocess=pcfg.to_dict(), label_scale=label_scale, n_slices=cfg.k_slices,
                      classifier_preset=classifier_preset, ensemble_size=ensemble_size,
-                     data_summary=data_summary, metrics=_jsonable(metrics), training=_jsonable(training))
+                     data_summary=data_summary, metrics=jsonable(metrics), training=jsonable(training))
 
 
-def _jsonable(x: Any) -> Any:
-    """NaN / inf → None so cards and summaries are strict JSON."""
+def jsonable(x: Any) -> Any:
+    """NaN / inf → None (and numpy scalars → Python) so cards, summaries and reports are strict JSON."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
-        return _jsonable(x.item())
+        return jsonable(x.item())
     return x
 
 
@@ -286,8 +286,8 @@ def _finish(task_name: str, models: list[Any], results: list[Any], task: Any, it
     else:
         modules = {f"iqa.{i}": m for i, m in enumerate(models)}
     path = save_artifact(cfg.out_path / MODEL_NAME, modules, card)
-    summary = {"artifact": str(path), "metrics": _jsonable(metrics), "data": card.data_summary,
-               "images_per_s": _jsonable(ips)}
+    summary = {"artifact": str(path), "metrics": jsonable(metrics), "data": card.data_summary,
+               "images_per_s": jsonable(ips)}
     (cfg.out_path / SUMMARY_NAME).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return TrainOutcome(artifact=path, metrics=metrics, data_summary=card.data_summary, images_per_s=ips,
                         members=[r.best_path for r in results])

@@ -60,6 +60,7 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
             raise click.UsageError(f"{p}: no such file or folder")
     try:
         from training.evaluate import evaluate_model  # noqa: PLC0415
+        from training.tasks import jsonable  # noqa: PLC0415
 
         rep = evaluate_model(model, data, split=split, device=device, batch_size=batch_size,
                              workers=workers, progress=progress)
@@ -95,15 +96,6 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
                        str(p.get("degradation") or ""))
         console.print(t2)
     if json_out:
-        Path(json_out).write_text(json.dumps(_strict(rep), indent=1), encoding="utf-8")
+        Path(json_out).write_text(json.dumps(jsonable(rep), indent=1), encoding="utf-8")
         console.print(f"wrote {json_out}")
 
-
-def _strict(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    return x
