@@ -247,3 +247,37 @@ def test_cache_prepares_each_study_once_on_disk(tmp_path: Path, retina_path: Pat
     other = InputCache(PreprocessConfig(image_size=48), directory=tmp_path / "cache")
     assert other.key(jobs[0]) != cache.key(jobs[0])
     assert not math.isnan(float(cache.get(keys[0]).images.mean()))
+
+
+def test_rot90_flip_augmentation_is_dihedral_and_training_only(tmp_path: Path) -> None:
+    """Training-time rot90 + flip yields only dihedral transforms of the cached input; without
+    augmentation the dataset returns the cached input unchanged (evaluation is deterministic)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data as skdata
+
+    from engines.io.discover import discover_studies
+    from engines.preprocess import PreprocessConfig
+    from training.data.cache import InputCache, PrepJob
+    from training.data.torchdata import Item, StudyDataset
+
+    Image.fromarray(skdata.retina()[::8, ::8]).save(tmp_path / "retina.png")
+    ref = next(iter(discover_studies(tmp_path)))
+    cache = InputCache(PreprocessConfig(image_size=64))
+    keys, errors = cache.prepare([PrepJob(ref, 7, None)], workers=0)
+    assert errors == [None]
+    item = Item(key=keys[0], kind="2d", prompt=np.zeros(29, np.float32), target=0.5, sample=None)  # type: ignore[arg-type]
+    base = torch.from_numpy(np.asarray(cache.get(keys[0]).images, dtype=np.float32))
+    group = [torch.rot90(b, k, dims=(-2, -1)) for b in (base, base.flip(-1)) for k in range(4)]
+    plain = StudyDataset([item], cache)
+    assert torch.equal(plain[0]["x"], base)
+    aug = StudyDataset([item], cache, flip=True, rot90=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(64):
+        x = aug[0]["x"]
+        hits = [i for i, g in enumerate(group) if torch.equal(x, g)]
+        assert hits, "augmented input is not a dihedral transform of the cached one"
+        seen.add(hits[0])
+    assert len(seen) >= 6   # the random transforms actually vary

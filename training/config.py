@@ -52,6 +52,7 @@ class TrainConfig:
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = "mediqa-split-v1"
     flip_augment: bool = True               # random horizontal flips of training inputs
+    rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     max_items: int | None = None            # cap on training studies (quick runs); None = all
     workers: int = 0                        # processes for decoding/preprocessing; 0 = in-process
     cache_dir: str | None = None            # None: <out>/cache

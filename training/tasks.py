@@ -123,7 +123,8 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     if not items:
         return None
     gen = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment), batch_size=cfg.batch_size,
+    return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,
+                                   rot90=train and cfg.rot90_augment), batch_size=cfg.batch_size,
                       shuffle=train, generator=gen if train else None, collate_fn=collate_studies,
                       pin_memory=cfg.device.startswith("cuda"))
 

@@ -43,12 +43,18 @@ class Item:
 
 
 class StudyDataset(Dataset):
-    """Items → dicts of tensors. ``flip``: random horizontal flip (training only)."""
+    """Items → dicts of tensors (training-only augmentation; evaluation is deterministic).
 
-    def __init__(self, items: list[Item], cache: InputCache, *, flip: bool = False) -> None:
+    ``flip``: random horizontal flip. ``rot90``: random multiple of 90° in the image plane; with
+    ``flip`` that is the full dihedral group — content changes, noise / blur / ringing statistics
+    do not, which pushes a small-data model towards degradation rather than anatomy.
+    """
+
+    def __init__(self, items: list[Item], cache: InputCache, *, flip: bool = False, rot90: bool = False) -> None:
         self.items = items
         self.cache = cache
         self.flip = flip
+        self.rot90 = rot90
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,6 +64,10 @@ class StudyDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(self.cache.get(it.key).images, dtype=np.float32))
         if self.flip and bool(torch.rand(()) < 0.5):
             x = x.flip(-1)
+        if self.rot90:
+            k = int(torch.randint(0, 4, ()))
+            if k:
+                x = torch.rot90(x, k, dims=(-2, -1))
         return {"x": x, "kind": it.kind, "prompt": torch.from_numpy(it.prompt),
                 "target": torch.tensor(it.target, dtype=torch.float32),
                 "labels": torch.tensor(it.labels, dtype=torch.long), "index": i}
