@@ -184,3 +184,24 @@ def test_no_classifier_gives_none(tmp_path):
         out = b.score_volume(np.ascontiguousarray(vol), s.prompts[:1])
         assert out[names.SLICE_WEIGHTS].shape == (1, 7)
         np.testing.assert_allclose(out[names.SLICE_WEIGHTS].sum(1), 1.0, atol=1e-5)
+
+
+def test_classifier_only_artifact_is_refused_by_the_torch_backend(tmp_path) -> None:
+    """A prompt-classifier artifact cannot score: a clear UnsupportedArtifact, not an AttributeError."""
+    import pytest
+
+    from engines.artifact import ModelCard, save_artifact
+    from engines.backends.torch_backend import TorchBackend
+    from engines.errors import UnsupportedArtifact
+    from engines.models.presets import get_preset
+    from engines.models.registry import create_classifier
+    from engines.prompts import DEFAULT_VOCAB
+
+    preset = get_preset("mediqa-test")
+    card = ModelCard(task="classifier", preset=preset.name, prompt_vocab=DEFAULT_VOCAB.to_dict(),
+                     preprocess=preset.preprocess_config().to_dict(), label_scale={"min": 0, "max": 1, "name": "q"},
+                     classifier_preset=preset.name)
+    path = tmp_path / "cls.safetensors"
+    save_artifact(path, {"classifier": create_classifier(preset.name, DEFAULT_VOCAB)}, card)
+    with pytest.raises(UnsupportedArtifact, match="only a prompt classifier"):
+        TorchBackend(path)

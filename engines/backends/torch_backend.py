@@ -48,6 +48,11 @@ class TorchBackend(Backend):
         self.path = Path(path) if path is not None else None
         self.device = torch.device(device)
         self.precision = precision
+        if loaded.iqa is None:  # a classifier-only artifact
+            from engines.errors import UnsupportedArtifact
+
+            raise UnsupportedArtifact(f"{self.path.name if self.path else 'the artifact'} holds only a prompt "
+                                      "classifier; scoring needs an IQA model (task 'iqa')")
         self.iqa = loaded.iqa.to(self.device).eval()
         self.classifier = loaded.classifier.to(self.device).eval() if loaded.classifier is not None else None
         self._torch = torch
