@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--work", default=None, help="folder for the corpus (default: a temporary one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -111,7 +112,8 @@ def main() -> None:
         print(f"corpus: {args.series} series x {args.slices} slices + {args.images} PNGs "
               f"({time.perf_counter() - t:.1f} s to write)")
     model, backend_name = pick_model(work, args.model)
-    backend = open_backend(model, backend=args.backend or backend_name)
+    backend = open_backend(model, backend=args.backend or backend_name,
+                           **({"threads": args.threads} if args.threads else {}))
     cfg = ScoreConfig(batch_size=args.batch_size, workers=args.workers, privacy_key=b"bench-key-0123456789")
 
     # Warm-up (first-call allocations, lazy initialisation) on a couple of batches.
