@@ -68,13 +68,17 @@ class Backend(ABC):
             names.VOLUMES: TensorSpec(names.VOLUMES, (self.n_slices, 3, s, s)),
         }
 
+    # Runtimes that load the classifier / 3D graph as optional side-by-side sessions set these.
+    _cls: Any = None
+    _vol: Any = None
+
     @property
     def has_classifier(self) -> bool:
-        return False
+        return self._cls is not None
 
     @property
     def has_volume_graph(self) -> bool:
-        return False
+        return self._vol is not None
 
     def describe(self) -> str:
         return f"{self.name}"

@@ -125,14 +125,6 @@ class OnnxRuntimeBackend(Backend):
                         ", ".join(dropped), path.name, ", ".join(got))
         return sess
 
-    @property
-    def has_classifier(self) -> bool:
-        return self._cls is not None
-
-    @property
-    def has_volume_graph(self) -> bool:
-        return self._vol is not None
-
     def describe(self) -> str:
         return f"onnxruntime {self._ort.__version__} [{', '.join(self.providers)}] {self.path.name}"
 

@@ -141,14 +141,6 @@ class TensorRTBackend(Backend):
                          min_batch=self._main.profile.min, max_batch=self._main.profile.max)
         self.trt_version = trt.__version__
 
-    @property
-    def has_classifier(self) -> bool:
-        return self._cls is not None
-
-    @property
-    def has_volume_graph(self) -> bool:
-        return self._vol is not None
-
     def describe(self) -> str:
         h = self._main.header
         return f"tensorrt {self.trt_version} {h.get('precision')} profile {self._main.profile} on {h.get('gpu_name')}"
