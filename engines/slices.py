@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +126,17 @@ def _probe_indices(n: int, n_probes: int, scan_stride: int | None) -> list[int]:
     return sorted(set(idx))
 
 
+def _bisect(lo: int, hi: int, at_hi: bool, anatomy: Callable[[int], bool]) -> tuple[int, int]:
+    """Narrow ``lo < hi`` with ``anatomy(hi) == at_hi != anatomy(lo)`` to adjacent indices."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if anatomy(mid) == at_hi:
+            hi = mid
+        else:
+            lo = mid
+    return lo, hi
+
+
 def select_salient_slices(source: SliceSource, k: int = 7, *, modality: str | None,
                           min_fraction: float = 0.05, scan_stride: int | None = None,
                           n_probes: int = DEFAULT_PROBES, max_retries: int = 3) -> SliceSelection:
@@ -170,24 +182,10 @@ def select_salient_slices(source: SliceSource, k: int = 7, *, modality: str | No
         first, last = hits[0], hits[-1]
         pos_first = probes.index(first)
         if pos_first > 0:
-            lo, hi = probes[pos_first - 1], first  # lo blank, hi anatomy
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if anatomy(mid):
-                    hi = mid
-                else:
-                    lo = mid
-            first = hi
+            first = _bisect(probes[pos_first - 1], first, True, anatomy)[1]   # lo blank, hi anatomy
         pos_last = probes.index(last)
         if pos_last < len(probes) - 1:
-            lo, hi = last, probes[pos_last + 1]  # lo anatomy, hi blank
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if anatomy(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            last = lo
+            last = _bisect(last, probes[pos_last + 1], False, anatomy)[0]     # lo anatomy, hi blank
     blank_inside = {i for i, ok in verdict.items() if not ok and first <= i <= last} if hits else set()
     usable = [i for i in range(first, last + 1) if i not in blank_inside]
     m = len(usable)
