@@ -3,17 +3,22 @@ inference on one backend → fused per-study ``ScoreRecord``s, streamed in disco
 
 Data flow (DESIGN §8, §9)::
 
-    discover_studies (header scan, feeder thread)
-        └─► worker processes (killable; per study: open_study → select_salient_slices →
+    discover_studies (header scan, streamed folder by folder, in a scanner process)
+        └─► feeder thread ─► worker processes (killable; per study: open_study → select_salient_slices →
             preprocess_slice with the card's PreprocessConfig) ──► prepared studies
     main thread: prompt (tags, else the backend's classifier) → items of one (3, S, S) image each,
         2D images and 3D slices of different studies mixed in one batch → Backend.score
         (2D graph: ``score`` + ``slice_logit`` per input) → fusion of each series' K slices with
         ``engines.fusion.fuse_slice_scores`` → label scale of the card → ``ScoreRecord``.
 
-Memory stays flat: at most ``ScoreConfig.window`` studies are between discovery and the output
-(the reorder window that keeps the output order equal to the discovery order), each holding only
-its K preprocessed slices.
+Memory stays flat: the scanner holds one folder's headers and runs at most 64 studies ahead;
+at most ``ScoreConfig.window`` studies are between discovery and the output (the reorder window
+that keeps the output order equal to the discovery order), each holding only its K
+preprocessed slices.
+
+CPU sharing: the scanner and the readers run at ``ScoreConfig.reader_nice`` (default nice +10) and
+onnxruntime's idle threads do not spin, so on a CPU-only machine the engine pre-empts reading
+and reading fills the gaps between batches.
 
 Time limit: every study is prepared in a worker process; when one takes longer than
 ``ScoreConfig.timeout_s`` the worker is killed (SIGKILL — a signal handler cannot interrupt a
@@ -41,6 +46,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -77,10 +83,15 @@ class ScoreConfig:
                 so a stuck decoder can always be killed).
     timeout_s:  per-study limit on read + slice selection + preprocessing, seconds.
     window:     studies allowed between the oldest unfinished one and the newest dispatched;
-                0 = ``4 * workers + batch_size``.
+                0 = ``4 * workers + 2 * batch_size``: one full batch of 2D studies can be
+                prepared while the previous one is inferred.
     include / exclude: glob patterns passed to ``discover_studies``.
     thumbnails: also return small PNG thumbnails of the salient slices (for HTML reports).
     plugins:    ``"module:function"`` hooks called in every worker and in the main process.
+    reader_nice: CPU priority of the header scanner and the reader processes: 1..19 is added to
+                their niceness (default 10), ≥ 20 asks for Linux's SCHED_IDLE class, 0 leaves
+                them alone. On a CPU-only machine the engine's threads then pre-empt reading
+                instead of stalling on it, and reading fills the gaps between batches.
     """
 
     batch_size: int = 16
@@ -97,6 +108,7 @@ class ScoreConfig:
     plugins: tuple[str, ...] = ()
     device: str = "cpu"
     backend: str = "auto"
+    reader_nice: int = 10
 
     def replace(self, **kw: Any) -> "ScoreConfig":
         return dataclasses.replace(self, **kw)
@@ -377,13 +389,27 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
                      thumbs=thumbs, elapsed_s=time.perf_counter() - t0)
 
 
-def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
-                 min_fraction: float, thumbnails: bool, log_level: int) -> None:
-    """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
+def _lower_priority(nice: int) -> None:
+    """Lower the calling process's CPU priority for reading: ``nice`` ≥ 20 asks for Linux's
+    SCHED_IDLE class (runs only on otherwise idle CPU time), 1..19 adds that much niceness,
+    0 leaves it alone. Not permitted / not available → normal priority, logged at debug."""
+    if nice <= 0:
+        return
+    try:
+        if nice >= 20 and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except (AttributeError, OSError):
+        logger.debug("could not lower the reader priority", exc_info=True)
+
+
+def _quiet_child(log_level: int) -> None:
+    """Logging in a child process: warnings and up, PHI scrubbed, pydicom's value echoes off."""
     import warnings
 
     logging.basicConfig(level=max(log_level, logging.WARNING))
-    # pydicom warnings can echo raw tag values (PHI); they never reach a log from a worker.
+    # pydicom warnings can echo raw tag values (PHI); they never reach a log from a child.
     warnings.simplefilter("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     try:
@@ -391,6 +417,86 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
         install_log_scrubber()
     except Exception:  # noqa: BLE001 - optional helper
         pass
+
+
+def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tuple[str, ...],
+                  exclude: tuple[str, ...], nice: int, log_level: int, ahead: int) -> None:
+    """Header-scanner process: walks ``root`` with ``discover_studies`` and sends
+    ("ref", StudyRef) ... ("end", None), or ("error", exception). Up to ``ahead`` refs are
+    scanned ahead of the consumer (a sender thread does the blocking sends)."""
+    from engines.io.discover import discover_studies
+
+    _lower_priority(nice)
+    _quiet_child(log_level)
+    out: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+
+    def sender() -> None:
+        while True:
+            msg = out.get()
+            try:
+                conn.send(msg)
+            except (EOFError, OSError):
+                os._exit(0)   # the consumer is gone
+            if msg[0] != "ref":
+                return
+
+    t = threading.Thread(target=sender, name="mediqa-scan-sender", daemon=True)
+    t.start()
+    try:
+        for ref in discover_studies(root, max_depth=max_depth, include=include, exclude=exclude):
+            out.put(("ref", ref))
+        out.put(("end", None))
+    except MediqaError as exc:
+        out.put(("error", exc))
+    except BaseException as exc:  # noqa: BLE001 - reported to the consumer
+        out.put(("error", MediqaError(f"scanning the root failed ({type(exc).__name__})",
+                                      code="internal")))
+    t.join()
+
+
+class _RefSource:
+    """The study references, scanned in their own process: header parsing runs in parallel
+    with reading and inference and never holds the main process's GIL."""
+
+    def __init__(self, ctx: Any, root: Path, cfg: "ScoreConfig", log_level: int, ahead: int = 64) -> None:
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_scanner_main, name="mediqa-scanner", daemon=True,
+                                args=(child, str(root), cfg.max_depth, tuple(cfg.include),
+                                      tuple(cfg.exclude), cfg.reader_nice, log_level, ahead))
+        self.proc.start()
+        child.close()
+        self.done = False
+
+    def take(self) -> Any | None:
+        """The next ``StudyRef``; None when none is ready yet; ``StopIteration`` at the end."""
+        if self.done:
+            raise StopIteration
+        if not self.conn.poll():
+            return None
+        try:
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):
+            self.done = True
+            raise MediqaError("the header-scanner process died", code="internal") from None
+        if kind == "ref":
+            return payload
+        self.done = True
+        if kind == "error":
+            raise payload
+        raise StopIteration
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
+                 min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0) -> None:
+    """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
+    _lower_priority(nice)
+    _quiet_child(log_level)
     cfg = PreprocessConfig.from_dict(cfg_dict)
     run_plugins(plugins)
     while True:
@@ -471,29 +577,34 @@ class _Feeder(threading.Thread):
     ("fail", seq, (code, message)), ("reuse", seq, record) and finally _DONE.
     """
 
-    def __init__(self, refs: Iterator[Any], cfg: ScoreConfig, worker_args: tuple,
-                 emitted: Callable[[], int], reuse: Callable[[Any], ScoreRecord | None] | None) -> None:
+    def __init__(self, root: Path, cfg: ScoreConfig, worker_args: tuple,
+                 emitted: Callable[[], int], reuse: Callable[[Any], ScoreRecord | None] | None,
+                 log_level: int) -> None:
         super().__init__(name="mediqa-feeder", daemon=True)
-        self.refs, self.cfg, self.worker_args = refs, cfg, worker_args
+        self.root, self.cfg, self.worker_args, self.log_level = root, cfg, worker_args, log_level
         self.emitted, self.reuse = emitted, reuse
         self.out: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.ctx = mp.get_context("spawn")
         self.n_workers = max(1, cfg.workers)
-        self.window = cfg.window or (4 * self.n_workers + cfg.batch_size)
+        self.window = cfg.window or (4 * self.n_workers + 2 * cfg.batch_size)
         self.timeouts = 0
         self.restarts = 0
         self.in_flight = 0
 
     def run(self) -> None:
         workers: list[_Worker] = []
+        source: _RefSource | None = None
         try:
+            source = _RefSource(self.ctx, self.root, self.cfg, self.log_level)
             workers = [_Worker(self.ctx, self.worker_args) for _ in range(self.n_workers)]
-            self._loop(workers)
+            self._loop(workers, source)
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer
             self.error = exc
         finally:
+            if source is not None:
+                source.close()
             for w in workers:
                 if w.tasks:
                     w.kill()
@@ -501,7 +612,7 @@ class _Feeder(threading.Thread):
                     w.stop()
             self.out.put(_DONE)
 
-    def _loop(self, workers: list[_Worker]) -> None:
+    def _loop(self, workers: list[_Worker], source: _RefSource) -> None:
         seq = 0
         exhausted = False
         retry: deque[tuple[int, Any]] = deque()
@@ -516,9 +627,11 @@ class _Feeder(threading.Thread):
                         item = retry.popleft()
                     else:
                         try:
-                            ref = next(self.refs)
+                            ref = source.take()
                         except StopIteration:
                             exhausted = True
+                            break
+                        if ref is None:   # the scanner has nothing ready yet
                             break
                         item = (seq, ref)
                         seq += 1
@@ -535,16 +648,20 @@ class _Feeder(threading.Thread):
                     w.tasks.append(item)
                     w.conn.send(item)
             busy = [w for w in workers if w.tasks]
-            self.in_flight = sum(len(w.tasks) for w in busy) + len(retry)
+            self.in_flight = sum(len(w.tasks) for w in busy) + len(retry) + (0 if exhausted else 1)
             if exhausted and not busy and not retry:
                 return
-            if not busy:
+            # Wait for a worker's result, or for the scanner when a study could be handed out.
+            want_ref = (not exhausted and seq - self.emitted() < self.window
+                        and any(len(w.tasks) < depth for w in workers))
+            waitables = [w.conn for w in busy] + ([source.conn] if want_ref else [])
+            if not waitables:
                 # Window full of studies waiting for inference: let the consumer catch up.
                 time.sleep(0.005)
                 continue
             now = time.monotonic()
-            wait_s = max(0.0, min(w.started + self.cfg.timeout_s for w in busy) - now)
-            ready = mpc.wait([w.conn for w in busy], timeout=min(wait_s, 0.25))
+            wait_s = min([w.started + self.cfg.timeout_s for w in busy], default=now + 0.25) - now
+            ready = mpc.wait(waitables, timeout=min(max(0.0, wait_s), 0.25))
             for w in busy:
                 if w.conn in ready:
                     try:
@@ -602,7 +719,6 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     Per-study problems become error records; only setup problems (no model, unreadable root)
     raise.
     """
-    from engines.io.discover import discover_studies
     from engines.privacy import study_id as make_study_id
     from engines.privacy import study_key
 
@@ -629,7 +745,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
         k = int(getattr(card, "n_slices", 7) or 7)
         scale = dict(card.label_scale or {})
         lo, hi = float(scale.get("min", 0.0)), float(scale.get("max", 1.0))
-        yield from _run(root, backend, config, reuse, discover_studies, make_study_id, pcfg, vocab,
+        yield from _run(root, backend, config, reuse, make_study_id, pcfg, vocab,
                         k, lo, hi, model_label, model_hash, backend_name,
                         logging.getLogger().getEffectiveLevel() if log_level is None else log_level)
     finally:
@@ -640,28 +756,30 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
                 logger.debug("closing the backend failed", exc_info=True)
 
 
-def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, discover_studies: Any,
-         make_study_id: Any, pcfg: PreprocessConfig, vocab: PromptVocab, k: int, lo: float,
-         hi: float, model_label: str, model_hash: str, backend_name: str,
+def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, make_study_id: Any,
+         pcfg: PreprocessConfig, vocab: PromptVocab, k: int, lo: float, hi: float, model_label: str, model_hash: str, backend_name: str,
          log_level: int) -> Iterator[ScoreRecord]:
     from engines.prompts import Prompt, encode_prompt
 
-    refs = iter(discover_studies(root, max_depth=config.max_depth, include=config.include,
-                                 exclude=config.exclude))
     state: dict[int, _Study] = {}
     next_emit = 0
     worker_args = (tuple(config.plugins), pcfg.to_dict(), k, config.min_fraction,
-                   config.thumbnails, log_level)
-    feeder = _Feeder(refs, config, worker_args, lambda: next_emit, reuse)
+                   config.thumbnails, log_level, config.reader_nice)
+    feeder = _Feeder(root, config, worker_args, lambda: next_emit, reuse, log_level)
     items: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()   # (seq, slice i, image, prompt)
     to_classify: deque[int] = deque()
     feeder.start()
     finished_feeding = False
 
     def sid(ref: Any) -> str:
-        # Series split by orientation / echo share a UID: the "#n" suffix keeps their ids apart.
-        key_src = (ref.series_uid + ref.rel_path[ref.rel_path.rfind("#"):]
-                   if ref.series_uid and "#" in ref.rel_path else ref.series_uid or ref.rel_path)
+        # Series split by orientation / echo share a UID: the "#n" suffix keeps their ids apart;
+        # the later parts of a series spread over several folders add their folder.
+        if ref.series_uid and "series_split_across_folders" in (ref.flags or []):
+            key_src = f"{ref.series_uid}@{ref.rel_path}"
+        elif ref.series_uid and "#" in ref.rel_path:
+            key_src = ref.series_uid + ref.rel_path[ref.rel_path.rfind("#"):]
+        else:
+            key_src = ref.series_uid or ref.rel_path
         return make_study_id(key_src, key=config.privacy_key)
 
     def fail(st: _Study, code: str, message: str) -> None:

@@ -173,8 +173,38 @@ def test_identical_copies_counted_once(tmp_path: Path, ct_small_path: Path) -> N
     (tmp_path / "x").mkdir()
     shutil.copy(ct_small_path, tmp_path / "one.dcm")
     shutil.copy(ct_small_path, tmp_path / "x" / "copy.dcm")  # same SOPInstanceUID
+    skipped: list[tuple[str, str]] = []
+    (ref,) = list(discover_studies(tmp_path, on_skip=lambda rel, why: skipped.append((rel, why))))
+    assert ref.n_slices == 1 and ref.rel_path == "one.dcm"
+    assert skipped == [("x/copy.dcm", "copy of a series already found in another folder")]
+
+
+def test_duplicate_instances_in_one_folder_counted_once(tmp_path: Path, ct_small_path: Path) -> None:
+    shutil.copy(ct_small_path, tmp_path / "one.dcm")
+    shutil.copy(ct_small_path, tmp_path / "copy.dcm")  # same SOPInstanceUID, same folder
     (ref,) = list(discover_studies(tmp_path))
     assert ref.n_slices == 1 and "duplicate_instance" in ref.flags
+
+
+def test_series_split_over_folders_streams_per_folder(tmp_path: Path, write_ct_series) -> None:
+    """A series spread over two folders: one study per folder, the second flagged; studies of
+    the first folder are yielded before the second folder is read."""
+    import pydicom
+
+    write_ct_series(tmp_path / "a", [0.0, 1.0, 2.0])
+    uid = pydicom.dcmread(next((tmp_path / "a").iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    write_ct_series(tmp_path / "b", [3.0, 4.0, 5.0], series_uid=uid)
+    write_ct_series(tmp_path / "c", [6.0, 7.0], series_uid=uid)
+    gen = discover_studies(tmp_path)
+    first = next(gen)
+    assert first.rel_path == "a" and first.n_slices == 3
+    # Written after the first study was yielded: seen only because folder c is read later
+    # (the walk looks one folder ahead to know that a folder has ended).
+    write_ct_series(tmp_path / "c", [8.0], series_uid=uid, filenames=["late.dcm"])
+    rest = list(gen)
+    assert [(r.rel_path, r.n_slices) for r in rest] == [("b", 3), ("c", 3)]
+    assert all("series_split_across_folders" in r.flags for r in rest)
+    assert "series_split_across_folders" not in first.flags
 
 
 def test_real_dicomdirtests_tree(pydicom_test_dir: Path) -> None:

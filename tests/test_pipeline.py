@@ -256,3 +256,46 @@ def test_record_row_has_design_columns_and_escapes() -> None:
     assert r.to_row(hide_paths=True)["path"] == ""
     back = ScoreRecord.from_row(r.to_row())
     assert back.score == 0.5 and back.salient_slices == [1, 2]
+
+
+def test_series_split_over_folders_gets_one_row_per_folder_with_distinct_ids(artifact: Path,
+                                                                            tmp_path: Path) -> None:
+    """Discovery streams folder by folder: a series spread over two folders is two studies; the
+    second is flagged and the two study ids differ (they would collide on the series UID)."""
+    import pydicom
+
+    from engines.backends.torch_backend import TorchBackend
+    from engines.pipeline import score_studies
+
+    write_series(tmp_path / "part1", n=6, seed=1)
+    write_series(tmp_path / "part2", n=6, seed=2)
+    uid = pydicom.dcmread(next((tmp_path / "part1").iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    for f in (tmp_path / "part2").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(f, enforce_file_format=True)
+    with TorchBackend(artifact) as b:
+        recs = list(score_studies(tmp_path, b, _cfg()))
+    assert [r.path for r in recs] == ["part1", "part2"]
+    assert all(r.status == "ok" for r in recs)
+    assert "series_split_across_folders" in recs[1].flags
+    assert "series_split_across_folders" not in recs[0].flags
+    assert recs[0].study_id != recs[1].study_id
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority"), reason="POSIX priorities")
+def test_reader_priority_is_lowered_in_a_child_process() -> None:
+    """The helper the scanner and reader processes call: niceness rises by the configured
+    amount (capped at 19); 0 leaves it alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from engines.pipeline import _lower_priority as f; a = os.getpriority(os.PRIO_PROCESS, 0); "
+            "f(0); b = os.getpriority(os.PRIO_PROCESS, 0); f(5); c = os.getpriority(os.PRIO_PROCESS, 0); "
+            "f(30); print(a, b, c, os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', -1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    a, b, c = (int(v) for v in out[:3])
+    assert b == a and c == min(19, a + 5)
+    assert out[4] == "True" or not sys.platform.startswith("linux")

@@ -185,59 +185,102 @@ def _error_ref(root: Path, path: Path, fmt: str, exc: MediqaError) -> StudyRef:
 def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence[str] = (),
                      exclude: Sequence[str] = (), limits: ReadLimits = DEFAULT_LIMITS,
                      on_skip: SkipCallback | None = None) -> Iterator[StudyRef]:
-    """Find every study under ``root`` (header reads only; no pixel is decoded).
+    """Find every study under ``root`` (header reads only; no pixel is decoded), streamed.
 
-    Yields ``StudyRef``s sorted by ``rel_path``. Failed files are yielded with ``error`` set.
-    ``on_skip(rel_path, reason)`` is called for each skipped entry (hidden, junk, DICOMDIR, links
-    out of the root, non-image files). Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a
-    bad root only.
+    The walk goes folder by folder (depth first, names sorted, a folder's own files before its
+    subfolders); a folder's studies are yielded, sorted by ``rel_path``, as soon as its files have
+    been scanned, so scoring starts after the first folder and memory holds one folder's headers
+    rather than the whole archive's. DICOM files are therefore grouped into series *within a
+    folder*: a series whose files are spread over several folders becomes one study per folder,
+    and every part after the first is flagged ``series_split_across_folders`` (the first part
+    has already been yielded when the second is found); a folder that holds exactly the
+    instances of a series already found (a copy) is skipped with an ``on_skip`` reason.
+    Failed files are yielded with ``error`` set. ``on_skip(rel_path, reason)`` is called for each
+    skipped entry (hidden, junk, DICOMDIR, links out of the root, non-image files). Raises
+    ``FileNotFoundError`` / ``NotADirectoryError`` for a bad root only.
     """
     root_path = Path(root).resolve(strict=True)
     if not root_path.is_dir():
         raise NotADirectoryError(str(root))
+    depth = min(max_depth, limits.max_depth)
+    # series UID -> hashes of the SOP instance sets already yielded under it (a few bytes per
+    # series, so a 100,000-study archive costs megabytes, not its headers).
+    seen_series: dict[str, set[int]] = {}
     refs: list[StudyRef] = []
     headers: list[DicomHeader] = []
-    depth = min(max_depth, limits.max_depth)
+    meta_cache: dict[tuple, dict[str, Any]] = {}
+    folder: Path | None = None
+
+    def flush() -> list[StudyRef]:
+        sop_of = {h.path: h.sop_uid or str(h.path) for h in headers}
+        out = list(refs)
+        for ref in _dicom_refs(root_path, headers):
+            if ref.series_uid:
+                sops = hash(tuple(sorted(sop_of.get(f, str(f)) for f in ref.files)))
+                parts = seen_series.setdefault(ref.series_uid, set())
+                if sops in parts:
+                    # The same instances again in another folder: a copy, scanned once.
+                    if on_skip is not None:
+                        on_skip(ref.rel_path, "copy of a series already found in another folder")
+                    continue
+                if parts:
+                    ref.flags.append("series_split_across_folders")
+                parts.add(sops)
+            out.append(ref)
+        out.sort(key=lambda r: (r.rel_path, r.files[0].as_posix() if r.files else ""))
+        refs.clear()
+        headers.clear()
+        meta_cache.clear()
+        return out
+
     for path in iter_files(root_path, max_depth=depth, include=include, exclude=exclude,
                            max_files=limits.max_files, on_skip=on_skip):
-        rel = _rel(path, root_path)
-        lower = path.name.lower()
-        if is_nifti_name(path):
-            refs.append(_nifti_ref(root_path, path, limits))
-            continue
-        if is_image_name(path):
-            refs.append(_image_ref(root_path, path, limits))
-            continue
-        if path.suffix.lower() in NON_IMAGE_SUFFIXES:
-            if on_skip is not None:
-                on_skip(rel, "not an image file")
-            continue
-        named_dicom = path.suffix.lower() in DICOM_SUFFIXES
-        if lower.startswith("dicomdir"):
+        if path.parent != folder:
+            yield from flush()
+            folder = path.parent
+        ref = _scan_file(root_path, path, limits, on_skip, headers, meta_cache)
+        if ref is not None:
+            refs.append(ref)
+    yield from flush()
+
+
+def _scan_file(root: Path, path: Path, limits: ReadLimits, on_skip: SkipCallback | None,
+               headers: list[DicomHeader], meta_cache: dict[tuple, dict[str, Any]]) -> StudyRef | None:
+    """One file of the walk: a finished ``StudyRef`` (image, NIfTI, error), or None when the file
+    was skipped or its DICOM header was appended to ``headers`` for series grouping."""
+    rel = _rel(path, root)
+    if is_nifti_name(path):
+        return _nifti_ref(root, path, limits)
+    if is_image_name(path):
+        return _image_ref(root, path, limits)
+    if path.suffix.lower() in NON_IMAGE_SUFFIXES:
+        if on_skip is not None:
+            on_skip(rel, "not an image file")
+        return None
+    named_dicom = path.suffix.lower() in DICOM_SUFFIXES
+    if path.name.lower().startswith("dicomdir"):
+        if on_skip is not None:
+            on_skip(rel, "DICOMDIR (media index) skipped; the images it lists are scanned directly")
+        logger.debug("skipped DICOMDIR %s", rel)
+        return None
+    if not named_dicom and sniff_dicom(path) == "no":
+        if on_skip is not None:
+            on_skip(rel, "not a recognised image file")
+        return None
+    try:
+        headers.append(scan_header(path, limits=limits, meta_cache=meta_cache))
+    except NoPixelData as exc:
+        if "DICOMDIR" in exc.message:
             if on_skip is not None:
                 on_skip(rel, "DICOMDIR (media index) skipped; the images it lists are scanned directly")
-            logger.debug("skipped DICOMDIR %s", rel)
-            continue
-        if not named_dicom and sniff_dicom(path) == "no":
-            if on_skip is not None:
-                on_skip(rel, "not a recognised image file")
-            continue
-        try:
-            headers.append(scan_header(path, limits=limits))
-        except NoPixelData as exc:
-            if "DICOMDIR" in exc.message:
-                if on_skip is not None:
-                    on_skip(rel, "DICOMDIR (media index) skipped; the images it lists are scanned directly")
-                continue
-            refs.append(_error_ref(root_path, path, "dicom", exc))
-        except MediqaError as exc:
-            refs.append(_error_ref(root_path, path, "dicom", exc))
-        except Exception as exc:  # noqa: BLE001 - the per-file boundary
-            refs.append(_error_ref(root_path, path, "dicom",
-                                   UnreadableInput(f"DICOM header could not be read ({type(exc).__name__})")))
-    refs.extend(_dicom_refs(root_path, headers))
-    refs.sort(key=lambda r: (r.rel_path, r.files[0].as_posix() if r.files else ""))
-    yield from refs
+            return None
+        return _error_ref(root, path, "dicom", exc)
+    except MediqaError as exc:
+        return _error_ref(root, path, "dicom", exc)
+    except Exception as exc:  # noqa: BLE001 - the per-file boundary
+        return _error_ref(root, path, "dicom",
+                          UnreadableInput(f"DICOM header could not be read ({type(exc).__name__})"))
+    return None
 
 
 def _nifti_ref(root: Path, path: Path, limits: ReadLimits) -> StudyRef:
