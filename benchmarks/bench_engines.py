@@ -10,8 +10,9 @@ it is installed and matches the preset, otherwise a random-initialised model of 
 speed is the same; the int8 SRCC is then measured on an untrained model, which the output says).
 
 Timing: every engine is warmed up, then the engines are timed round-robin (one call each per
-round) so that load from other processes hits all of them alike; images/s = batch / median call
-time. FLOPs per image are counted on the torch graph with ``torch.utils.flop_counter`` (matmul,
+round, an untimed ``--settle`` pause before each so that the previous engine's spinning threads
+have gone idle) so that load from other processes hits all of them alike; images/s = batch /
+median call time. FLOPs per image are counted on the torch graph with ``torch.utils.flop_counter`` (matmul,
 conv, attention; elementwise ops excluded), achieved GFLOP/s = FLOPs × images/s, compared with a
 measured fp32 GEMM ceiling (torch.matmul and numpy.matmul, 1024³, same thread count).
 ``--exporters`` also times the ONNX graph of the TorchScript exporter against the dynamo one.
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--settle", type=float, default=0.05,
+                    help="untimed pause (s) before each call, so one engine's spinning threads do "
+                         "not slow the next one")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--exporters", action="store_true", help="also time the TorchScript exporter's graph")
     ap.add_argument("--json", default=None)
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     from engines.preprocess import PreprocessConfig
     from engines.prompts import PromptVocab
     from export.onnx import torch_to_onnx
-    from export.quantize import accept_quantized, quantize_onnx
+    from export.quantize import METHODS, accept_quantized, quantize_onnx
     from export.samples import sample_set
 
     torch.set_num_threads(args.threads)
@@ -142,21 +146,21 @@ def main(argv: list[str] | None = None) -> dict:
                         prompt_dim=vocab.size)
     export_s = time.perf_counter() - t0
     quant = {}
-    for method in ("static", "dynamic"):
+    for method in METHODS:
         q = quantize_onnx(tmp / "model.onnx", tmp / f"model.int8-{method}.onnx", method=method,
                           raise_on_refuse=False, **calib, **val)
         if q.path is None:  # refused: keep the file for timing anyway, marked as refused
             quantize_onnx(tmp / "model.onnx", tmp / f"model.int8-{method}.onnx", method=method, min_srcc=-1.0,
                           **calib, **val)
         quant[method] = q
-    chosen = next((m for m in ("static", "dynamic") if quant[m].accepted), None)
+    chosen = next((m for m in METHODS if quant[m].accepted), None)
 
     engines = {
         "torch fp32": TorchBackend.from_modules(iqa, card, threads=args.threads),
         "torch bf16": TorchBackend.from_modules(iqa, card, precision="bf16", threads=args.threads),
         "onnxruntime fp32": OnnxRuntimeBackend(tmp / "model.onnx", card=card, threads=args.threads),
-        "onnxruntime int8 static": OnnxRuntimeBackend(tmp / "model.int8-static.onnx", card=card, threads=args.threads),
-        "onnxruntime int8 dynamic": OnnxRuntimeBackend(tmp / "model.int8-dynamic.onnx", card=card, threads=args.threads),
+        **{f"onnxruntime int8 {m}": OnnxRuntimeBackend(tmp / f"model.int8-{m}.onnx", card=card, threads=args.threads)
+           for m in METHODS},
     }
     if args.exporters:
         torch_to_onnx(iqa, tmp / "model.ts.onnx", graph="2d", card=card, image_size=cfg.image_size,
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
         times: dict[str, list[float]] = {k: [] for k in engines}
         for _ in range(args.repeats):
             for k, b in engines.items():
+                # Let the previous engine's worker threads stop spinning (onnxruntime and OpenMP
+                # spin for a while after a call) so that they do not slow the engine timed next.
+                time.sleep(args.settle)
                 times[k].append(_timeit(lambda: b.score(x, p)))
         for k in engines:
             results[k][bsz] = bsz / float(np.median(times[k]))
@@ -211,14 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
         r_ort = results["onnxruntime fp32"][b] / results["torch fp32"][b]
         r_bf16 = results["torch bf16"][b] / results["torch fp32"][b]
         parts = [f"batch {b}: onnxruntime fp32 / torch fp32 = {r_ort:.2f}x", f"torch bf16 / fp32 = {r_bf16:.2f}x"]
-        for m in ("static", "dynamic"):
+        for m in METHODS:
             parts.append(f"int8 {m} / onnxruntime fp32 = "
                          f"{results[f'onnxruntime int8 {m}'][b] / results['onnxruntime fp32'][b]:.2f}x")
         if args.exporters:
             parts.append(f"dynamo / TorchScript graph = "
                          f"{results['onnxruntime fp32'][b] / results['onnxruntime fp32 (TorchScript export)'][b]:.2f}x")
         lines.append("; ".join(parts))
-    for m in ("static", "dynamic"):
+    for m in METHODS:
         lines.append(f"int8 {m}: {quant[m].summary()}")
     lines.append(f"export --int8 would ship: {chosen or 'nothing (refused)'}")
     print("\n".join(lines))

@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    ap.add_argument("--spin", action="store_true",
+                    help="let onnxruntime's idle threads spin (its default; score_studies turns it off)")
     ap.add_argument("--work", default=None, help="folder for the corpus (default: a temporary one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -113,7 +115,8 @@ def main() -> None:
               f"({time.perf_counter() - t:.1f} s to write)")
     model, backend_name = pick_model(work, args.model)
     backend = open_backend(model, backend=args.backend or backend_name,
-                           **({"threads": args.threads} if args.threads else {}))
+                           **({"threads": args.threads} if args.threads else {}),
+                           spin=args.spin)   # the pipeline opens its backend with spin=False
     cfg = ScoreConfig(batch_size=args.batch_size, workers=args.workers, privacy_key=b"bench-key-0123456789")
 
     # Warm-up (first-call allocations, lazy initialisation) on a couple of batches.

@@ -732,7 +732,9 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     owns_backend = not hasattr(backend_or_model_path, "score")
     if owns_backend:
         from engines.backends.auto import open_backend
-    backend = (open_backend(backend_or_model_path, backend=config.backend, device=config.device)
+    # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
+    backend = (open_backend(backend_or_model_path, backend=config.backend, device=config.device,
+                            spin=False)
                if owns_backend else backend_or_model_path)
     try:
         card = backend.card

@@ -6,7 +6,10 @@ ranges calibrated by ``CalibrationDataReader`` batches of real preprocessed imag
 (``export.samples``), QDQ format. Only the matrix products are quantised (MatMul, Gemm, Conv):
 they carry nearly all the FLOPs of a ViT, while quantising softmax / layer-norm / residual adds
 costs accuracy and adds Q/DQ pairs that onnxruntime cannot fuse.
-Dynamic (fallback): int8 weights, activations quantised per batch at run time (MatMul, Gemm).
+Dynamic (fallback): int8 weights, activations quantised per batch at run time (MatMul, Gemm),
+including the activation × activation products of attention; when that is refused,
+"dynamic-weights" quantises only the products with a weight operand. All start from
+onnxruntime's quantisation pre-processing (shape inference + graph optimisation).
 
 Acceptance: the int8 model's scores must rank the validation images like the fp32 model's
 (Spearman SRCC ≥ ``min_srcc``, default 0.99). Otherwise the int8 file is deleted and
@@ -34,7 +37,8 @@ from export.verify import spearman
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SRCC = 0.99
-METHODS = ("static", "dynamic")
+#: Tried in this order by method="auto"; the first accepted one is kept.
+METHODS = ("static", "dynamic", "dynamic-weights")
 STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 DYNAMIC_OPS = ["MatMul", "Gemm"]
 
@@ -166,12 +170,12 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _quantize_static(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], calibrate: str) -> None:
-    import onnx
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
+@contextlib.contextmanager
+def _preprocessed(src: Path) -> Iterator[Path]:
+    """onnxruntime's quantisation pre-processing (shape inference + graph optimisation), which
+    gives the quantiser fused, fully shaped nodes; the original graph when it fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
@@ -179,6 +183,15 @@ def _quantize_static(src: Path, dst: Path, batches: list[dict[str, np.ndarray]],
         except Exception as exc:  # symbolic shape inference does not know every op; optional step
             log.info("quantisation pre-processing skipped (%s)", exc)
             pre = src
+        yield pre
+
+
+def _quantize_static(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], calibrate: str) -> None:
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
+
+    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    with _preprocessed(src) as pre:
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[calibrate]
         quantize_static(str(pre), str(dst), _reader(batches, inputs), quant_format=QuantFormat.QDQ,
@@ -188,11 +201,17 @@ def _quantize_static(src: Path, dst: Path, batches: list[dict[str, np.ndarray]],
                                        "CalibMovingAverage": calibrate == "minmax"})
 
 
-def _quantize_dynamic(src: Path, dst: Path) -> None:
+def _quantize_dynamic(src: Path, dst: Path, *, weights_only: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=DYNAMIC_OPS)
+    with _preprocessed(src) as pre:
+        # weights_only=False quantises the activation × activation products of attention too
+        # (Q·Kᵀ, A·V, the channel attention): a third of the weights-only int8 graph's time was
+        # left in them in fp32 (onnxruntime's profiler, batch 1). It perturbs scores more, so
+        # the weights-only variant is the next candidate when it is refused.
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=DYNAMIC_OPS,
+                         extra_options={"MatMulConstBOnly": weights_only})
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calib_images: np.ndarray,
@@ -201,7 +220,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calib_images: 
                   calib_batch: int = 8, raise_on_refuse: bool = True) -> QuantizeResult:
     """Quantise a MedIQA 2D graph to int8 and accept it only if validation SRCC ≥ ``min_srcc``.
 
-    ``method``: "static" | "dynamic" | "auto" (static, then dynamic when static fails or is refused).
+    ``method``: "static" | "dynamic" (every MatMul) | "dynamic-weights" (MatMuls with a weight
+    operand only) | "auto" (that order; the first accepted one is kept).
     Images (N, 3, S, S) float32 preprocessed; prompts (N, P) float32. Calibration and validation
     sets should be different images. Returns the accepted result; when every method is refused,
     raises ``QuantizationRefused`` (or returns the last refused result if ``raise_on_refuse`` is
@@ -221,7 +241,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calib_images: 
                 if m == "static":
                     _quantize_static(src, dst, batches, calibrate)
                 else:
-                    _quantize_dynamic(src, dst)
+                    _quantize_dynamic(src, dst, weights_only=(m == "dynamic-weights"))
             _copy_metadata(src, dst)
             q = _scores(dst, val_images, val_prompts)
         except Exception as exc:

@@ -86,13 +86,26 @@ def test_dynamic_int8_accepted_and_served(fp32, tmp_path):
     assert accept_quantized(ref, got)[0]
 
 
+def test_dynamic_quantises_attention_products_weights_variant_does_not(fp32, tmp_path):
+    """"dynamic" also quantises the activation × activation MatMuls (attention); the
+    "dynamic-weights" fallback leaves them in fp32, so it has fp32 MatMuls left."""
+    d, _, split = fp32
+    graphs = {}
+    for m in ("dynamic", "dynamic-weights"):
+        out = tmp_path / f"{m}.onnx"
+        quantize_onnx(d / "model.onnx", out, method=m, min_srcc=-1.0, **split)
+        graphs[m] = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert graphs["dynamic"].count("MatMul") < graphs["dynamic-weights"].count("MatMul")
+    assert graphs["dynamic"].count("MatMulInteger") > graphs["dynamic-weights"].count("MatMulInteger")
+
+
 def test_refused_with_numbers_when_threshold_unreachable(fp32, tmp_path):
     d, _, split = fp32
     out = tmp_path / "model.int8.onnx"
     with pytest.raises(QuantizationRefused) as ei:
         quantize_onnx(d / "model.onnx", out, method="auto", min_srcc=1.01, **split)
     msg = str(ei.value)
-    assert "static" in msg and "dynamic" in msg and "SRCC" in msg and "1.01" in msg
+    assert "static" in msg and "dynamic" in msg and "dynamic-weights" in msg and "SRCC" in msg and "1.01" in msg
     assert ei.value.code == "quantization_refused"
     assert not out.exists()                 # a refused model is not left behind
     r = quantize_onnx(d / "model.onnx", out, method="dynamic", min_srcc=1.01, raise_on_refuse=False, **split)

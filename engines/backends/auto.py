@@ -38,7 +38,8 @@ def backend_for(path: str | Path, backend: str = "auto") -> str:
 
 def open_backend(path: str | Path, *, backend: str = "auto", device: str = "cpu", **opts: Any) -> Backend:
     """Open a model artifact with the backend its suffix calls for. ``opts`` go to the backend
-    (torch: precision, threads; onnxruntime: providers, threads; tensorrt: none)."""
+    (torch: precision, threads; onnxruntime: providers, threads, spin; tensorrt: none); an option
+    the chosen backend does not take is ignored."""
     name = backend_for(path, backend)
     if not Path(path).is_file():
         raise UnsupportedArtifact(f"model file not found: {path}")
