@@ -156,3 +156,21 @@ def test_pretrain_ensemble_and_classifier(corpus: Path, tmp_path: Path) -> None:
     lc = load_artifact(cl.artifact)
     assert lc.classifier is not None and lc.iqa is None and lc.card.task == "classifier"
     assert 0.0 <= cl.metrics["val"]["accuracy"] <= 1.0
+
+
+def test_plcc_loss_rewards_ranking_and_punishes_collapse() -> None:
+    import torch
+
+    from training.loop import IQATask, plcc_loss
+
+    t = torch.tensor([0.1, 0.4, 0.5, 0.9])
+    assert float(plcc_loss(2 * t + 1, t)) == pytest.approx(0.0, abs=1e-5)       # linear: 0
+    assert float(plcc_loss(-t, t)) == pytest.approx(2.0, abs=1e-5)              # reversed: 2
+    const = torch.full_like(t, 0.5, requires_grad=True)
+    loss = plcc_loss(const, t)                                                  # collapsed: 1
+    assert float(loss) == pytest.approx(1.0, abs=1e-4)
+    loss.backward()
+    assert torch.isfinite(const.grad).all() and float(const.grad.abs().sum()) > 0  # and it pushes
+    assert float(plcc_loss(t, torch.full_like(t, 0.3))) == 0.0                  # no ranking info
+    with pytest.raises(ValueError):
+        IQATask("l1")

@@ -51,6 +51,7 @@ class TrainConfig:
     k_slices: int = 7                       # salient slices per 3D study (paper: 7)
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = "mediqa-split-v1"
+    loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC)
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     max_items: int | None = None            # cap on training studies (quick runs); None = all

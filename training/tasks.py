@@ -339,7 +339,7 @@ def run_pretrain(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
         init_score_bias(model, mean_target)
         return model
 
-    task = IQATask()
+    task = IQATask(cfg.loss)
     models, results = _train_members(make, task, items, cache, cfg, lambda info: _card(
         "pretrain", cfg, metrics={"val": info["val"], "epoch": info["epoch"]}, **card_args))
     return _finish("pretrain", models, results, task, items, cache, cfg, card_args)
@@ -399,7 +399,7 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
             init_score_bias(model, mean_target)
         return model
 
-    task = IQATask()
+    task = IQATask(cfg.loss)
     models, results = _train_members(make, task, items, cache, cfg, lambda info: _card(
         "iqa", cfg, metrics={"val": info["val"], "epoch": info["epoch"]}, extra={"handover": handover},
         **card_args))
