@@ -434,7 +434,19 @@ def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tupl
         while True:
             msg = out.get()
             try:
-                conn.send(msg)
+                try:
+                    conn.send(msg)
+                except (EOFError, OSError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. an error object that won't pickle
+                    # Nothing was written (pickling comes first): pass the study on as failed.
+                    if msg[0] != "ref":
+                        raise
+                    ref = msg[1]
+                    ref.error = MediqaError(f"study reference could not be passed on "
+                                            f"({type(exc).__name__})", code="internal")
+                    ref.meta, ref._slices = {}, None
+                    conn.send(msg)
             except (EOFError, OSError):
                 os._exit(0)   # the consumer is gone
             if msg[0] != "ref":
@@ -472,6 +484,9 @@ class _RefSource:
         if self.done:
             raise StopIteration
         if not self.conn.poll():
+            if not self.proc.is_alive() and not self.conn.poll():
+                self.done = True
+                raise MediqaError("the header-scanner process died", code="internal")
             return None
         try:
             kind, payload = self.conn.recv()

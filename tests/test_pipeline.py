@@ -299,3 +299,50 @@ def test_reader_priority_is_lowered_in_a_child_process() -> None:
     a, b, c = (int(v) for v in out[:3])
     assert b == a and c == min(19, a + 5)
     assert out[4] == "True" or not sys.platform.startswith("linux")
+
+
+def test_scanner_process_reports_a_vanished_root_as_an_error(tmp_path: Path) -> None:
+    """The header scanner runs in its own process; a failure there reaches the consumer as a
+    MediqaError (not a hang, not a silent end of the run)."""
+    import multiprocessing as mp
+
+    from engines.errors import MediqaError
+    from engines.pipeline import ScoreConfig, _RefSource
+
+    src = _RefSource(mp.get_context("spawn"), tmp_path / "gone", ScoreConfig(), log_level=30)
+    try:
+        deadline = time.monotonic() + 60
+        with pytest.raises(MediqaError) as ei:
+            while time.monotonic() < deadline:
+                if src.take() is None:
+                    time.sleep(0.05)
+        assert "FileNotFoundError" in str(ei.value)
+        with pytest.raises(StopIteration):
+            src.take()
+    finally:
+        src.close()
+
+
+def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from engines.pipeline import ScoreConfig, _RefSource
+
+    for i in range(3):
+        write_png(tmp_path / f"d{i}" / "x.png", seed=i)
+    src = _RefSource(mp.get_context("spawn"), tmp_path, ScoreConfig(), log_level=30)
+    got: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ref = src.take()
+            except StopIteration:
+                break
+            if ref is None:
+                time.sleep(0.02)
+            else:
+                got.append(ref.rel_path)
+    finally:
+        src.close()
+    assert got == ["d0/x.png", "d1/x.png", "d2/x.png"]
