@@ -12,8 +12,9 @@ speed is the same; the int8 SRCC is then measured on an untrained model, which t
 Timing: every engine is warmed up, then the engines are timed round-robin (one call each per
 round, an untimed ``--settle`` pause before each so that the previous engine's spinning threads
 have gone idle) so that load from other processes hits all of them alike; images/s = batch /
-median call time. FLOPs per image are counted on the torch graph with ``torch.utils.flop_counter`` (matmul,
-conv, attention; elementwise ops excluded), achieved GFLOP/s = FLOPs × images/s, compared with a
+median call time over at least ``--repeats`` rounds and ``--min-time`` seconds per engine.
+FLOPs per image are counted on the torch graph with ``torch.utils.flop_counter`` (matmul, conv,
+attention; elementwise ops excluded), achieved GFLOP/s = FLOPs × images/s, compared with a
 measured fp32 GEMM ceiling (torch.matmul and numpy.matmul, 1024³, same thread count).
 ``--exporters`` also times the ONNX graph of the TorchScript exporter against the dynamo one.
 """
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--min-time", type=float, default=3.0,
+                    help="time every engine for at least this many seconds per batch size")
     ap.add_argument("--settle", type=float, default=0.05,
                     help="untimed pause (s) before each call, so one engine's spinning threads do "
                          "not slow the next one")
@@ -179,11 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
     for bsz in args.batches:
         idx = np.arange(bsz) % len(samples)
         x, p = samples.images[idx], samples.prompts[idx]
+        warm = []
         for b in engines.values():
             for _ in range(2):
-                b.score(x, p)
+                warm.append(_timeit(lambda: b.score(x, p)))
+        # Enough rounds that every engine is timed for ≥ --min-time seconds (short batch-1 calls
+        # need many more samples than batch-8 ones for a stable median on shared cores).
+        rounds = max(args.repeats, int(np.ceil(args.min_time / max(float(np.median(warm)), 1e-4))))
         times: dict[str, list[float]] = {k: [] for k in engines}
-        for _ in range(args.repeats):
+        for _ in range(rounds):
             for k, b in engines.items():
                 # Let the previous engine's worker threads stop spinning (onnxruntime and OpenMP
                 # spin for a while after a call) so that they do not slow the engine timed next.
