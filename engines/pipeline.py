@@ -88,6 +88,8 @@ class ScoreConfig:
     include / exclude: glob patterns passed to ``discover_studies``.
     thumbnails: also return small PNG thumbnails of the salient slices (for HTML reports).
     plugins:    ``"module:function"`` hooks called in every worker and in the main process.
+    header_cache: SQLite file of cached DICOM header scans (``engines.io.header_cache``), or
+                None to parse every header.
     reader_nice: CPU priority of the header scanner and the reader processes: 1..19 is added to
                 their niceness (default 10), ≥ 20 asks for Linux's SCHED_IDLE class, 0 leaves
                 them alone. On a CPU-only machine the engine's threads then pre-empt reading
@@ -109,6 +111,7 @@ class ScoreConfig:
     device: str = "cpu"
     backend: str = "auto"
     reader_nice: int = 10
+    header_cache: str | None = None
 
     def replace(self, **kw: Any) -> "ScoreConfig":
         return dataclasses.replace(self, **kw)
@@ -420,7 +423,8 @@ def _quiet_child(log_level: int) -> None:
 
 
 def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tuple[str, ...],
-                  exclude: tuple[str, ...], nice: int, log_level: int, ahead: int) -> None:
+                  exclude: tuple[str, ...], nice: int, log_level: int, ahead: int,
+                  header_cache: str | None = None) -> None:
     """Header-scanner process: walks ``root`` with ``discover_studies`` and sends
     ("ref", StudyRef) ... ("end", None), or ("error", exception). Up to ``ahead`` refs are
     scanned ahead of the consumer (a sender thread does the blocking sends)."""
@@ -454,9 +458,18 @@ def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tupl
 
     t = threading.Thread(target=sender, name="mediqa-scan-sender", daemon=True)
     t.start()
+    cache = None
     try:
-        for ref in discover_studies(root, max_depth=max_depth, include=include, exclude=exclude):
+        if header_cache:
+            from engines.io.header_cache import HeaderCache
+
+            cache = HeaderCache(header_cache)
+        for ref in discover_studies(root, max_depth=max_depth, include=include, exclude=exclude,
+                                    header_cache=cache):
             out.put(("ref", ref))
+        if cache is not None:
+            cache.close()
+            logger.info("header cache: %d files served, %d parsed", cache.hits, cache.misses)
         out.put(("end", None))
     except MediqaError as exc:
         out.put(("error", exc))
@@ -474,7 +487,8 @@ class _RefSource:
         self.conn, child = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=_scanner_main, name="mediqa-scanner", daemon=True,
                                 args=(child, str(root), cfg.max_depth, tuple(cfg.include),
-                                      tuple(cfg.exclude), cfg.reader_nice, log_level, ahead))
+                                      tuple(cfg.exclude), cfg.reader_nice, log_level, ahead,
+                                      cfg.header_cache))
         self.proc.start()
         child.close()
         self.done = False

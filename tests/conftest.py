@@ -32,6 +32,14 @@ CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the header cache of ``mediqa score`` (default: the user's cache folder) inside a
+    temporary folder for the whole session, subprocesses included."""
+    import tempfile
+
+    os.environ.setdefault("MEDIQA_CACHE_DIR", tempfile.mkdtemp(prefix="mediqa-test-cache-"))
+
+
 def _testdata(name: str) -> Path:
     from pydicom.data import get_testdata_file
 

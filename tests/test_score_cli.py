@@ -116,3 +116,31 @@ def test_report_command_several_runs_with_thumbnails(artifact: Path, small_corpu
     assert "Median score per scanner over time" in html and "2024-01-01" in html
     assert html.count("data:image/png;base64,") >= 16  # 2 PNGs + 7 CT + 7 MR salient slices
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_header_cache_gives_the_same_report_and_keeps_no_phi(artifact: Path, small_corpus: Path,
+                                                             tmp_path: Path) -> None:
+    """Two runs with --header-cache: the second is served from the cache (the SQLite file holds
+    one row per DICOM file) and writes the same rows; the cache holds no patient identifiers."""
+    import sqlite3
+
+    from tests.test_pipeline import CANARY_ACCESSION, CANARY_BIRTH, CANARY_ID, CANARY_NAME
+
+    db = tmp_path / "cache" / "h.sqlite"
+    rows = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.csv"
+        code, _, stderr = _run(["score", str(small_corpus), "-o", str(out), "--model", str(artifact),
+                                "--backend", "torch", "--workers", "1", "--header-cache", str(db)])
+        assert code == 0, stderr
+        rows.append([{k: v for k, v in r.items() if k != "elapsed_ms"} for r in _rows(out)])
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    n_dicom = sum(1 for p in small_corpus.rglob("*.dcm"))
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM headers").fetchone()[0] == n_dicom
+    blob = b"".join(p.read_bytes() for p in db.parent.iterdir())   # incl. a WAL file, if any
+    for canary in (CANARY_NAME, CANARY_ID, CANARY_BIRTH, CANARY_ACCESSION):
+        assert canary.encode() not in blob
+    code, _, _ = _run(["score", str(small_corpus), "-o", str(tmp_path / "off.csv"), "--model",
+                       str(artifact), "--backend", "torch", "--workers", "1", "--header-cache", "off"])
+    assert code == 0

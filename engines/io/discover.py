@@ -184,7 +184,8 @@ def _error_ref(root: Path, path: Path, fmt: str, exc: MediqaError) -> StudyRef:
 
 def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence[str] = (),
                      exclude: Sequence[str] = (), limits: ReadLimits = DEFAULT_LIMITS,
-                     on_skip: SkipCallback | None = None) -> Iterator[StudyRef]:
+                     on_skip: SkipCallback | None = None,
+                     header_cache: Any | None = None) -> Iterator[StudyRef]:
     """Find every study under ``root`` (header reads only; no pixel is decoded), streamed.
 
     The walk goes folder by folder (depth first, names sorted, a folder's own files before its
@@ -195,6 +196,8 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
     and every part after the first is flagged ``series_split_across_folders`` (the first part
     has already been yielded when the second is found); a folder that holds exactly the
     instances of a series already found (a copy) is skipped with an ``on_skip`` reason.
+    ``header_cache`` (an ``engines.io.header_cache.HeaderCache``) serves unchanged files' headers
+    without parsing them and stores new ones.
     Failed files are yielded with ``error`` set. ``on_skip(rel_path, reason)`` is called for each
     skipped entry (hidden, junk, DICOMDIR, links out of the root, non-image files). Raises
     ``FileNotFoundError`` / ``NotADirectoryError`` for a bad root only.
@@ -238,14 +241,15 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
         if path.parent != folder:
             yield from flush()
             folder = path.parent
-        ref = _scan_file(root_path, path, limits, on_skip, headers, meta_cache)
+        ref = _scan_file(root_path, path, limits, on_skip, headers, meta_cache, header_cache)
         if ref is not None:
             refs.append(ref)
     yield from flush()
 
 
 def _scan_file(root: Path, path: Path, limits: ReadLimits, on_skip: SkipCallback | None,
-               headers: list[DicomHeader], meta_cache: dict[tuple, dict[str, Any]]) -> StudyRef | None:
+               headers: list[DicomHeader], meta_cache: dict[tuple, dict[str, Any]],
+               header_cache: Any | None = None) -> StudyRef | None:
     """One file of the walk: a finished ``StudyRef`` (image, NIfTI, error), or None when the file
     was skipped or its DICOM header was appended to ``headers`` for series grouping."""
     rel = _rel(path, root)
@@ -263,12 +267,25 @@ def _scan_file(root: Path, path: Path, limits: ReadLimits, on_skip: SkipCallback
             on_skip(rel, "DICOMDIR (media index) skipped; the images it lists are scanned directly")
         logger.debug("skipped DICOMDIR %s", rel)
         return None
+    st = None
+    if header_cache is not None:
+        try:
+            st = path.stat()
+            cached = header_cache.get(path, st, limits)
+        except OSError:
+            cached = None
+        if cached is not None:
+            headers.append(cached)
+            return None
     if not named_dicom and sniff_dicom(path) == "no":
         if on_skip is not None:
             on_skip(rel, "not a recognised image file")
         return None
     try:
-        headers.append(scan_header(path, limits=limits, meta_cache=meta_cache))
+        hdr = scan_header(path, limits=limits, meta_cache=meta_cache)
+        headers.append(hdr)
+        if header_cache is not None and st is not None:
+            header_cache.put(path, st, hdr)
     except NoPixelData as exc:
         if "DICOMDIR" in exc.message:
             if on_skip is not None:

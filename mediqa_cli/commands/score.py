@@ -196,6 +196,10 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
               help="Per-study limit in seconds on reading + slice selection + preprocessing.")
 @click.option("--log-every", type=click.FloatRange(0.1, None), default=30.0, show_default=True,
               help="Seconds between progress log lines when not on a terminal.")
+@click.option("--header-cache", "header_cache", default="auto", show_default=True,
+              help="SQLite cache of DICOM header scans so unchanged files are not parsed again on the "
+                   "next run: 'auto' = $MEDIQA_CACHE_DIR, $XDG_CACHE_HOME/mediqa or ~/.cache/mediqa "
+                   "(headers.sqlite, mode 0600); a file path; or 'off'.")
 @click.option("--reader-nice", type=click.IntRange(0, 20), default=10, show_default=True,
               help="CPU priority of the header scanner and readers: niceness added (1-19), 20 = "
                    "Linux SCHED_IDLE, 0 = unchanged. Keeps the engine's cores for inference.")
@@ -204,7 +208,7 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
 def score(root: Path, output: Path, model: Path | None, backend: str, device: str, batch_size: int,
           workers: int | None, fmt: str, resume: bool, include: tuple[str, ...], exclude: tuple[str, ...],
           min_score: float | None, report: Path | None, hide_paths: bool, timeout_s: float,
-          log_every: float, reader_nice: int, quiet: bool, verbose: int) -> None:
+          log_every: float, header_cache: str, reader_nice: int, quiet: bool, verbose: int) -> None:
     """Score every study under ROOT into one report row per study (DESIGN §8 columns)."""
     from mediqa_cli.main import setup_logging
 
@@ -217,8 +221,19 @@ def score(root: Path, output: Path, model: Path | None, backend: str, device: st
                    batch_size=batch_size, workers=workers, fmt=fmt, resume=resume, include=include,
                    exclude=exclude, min_score=min_score, report=report, hide_paths=hide_paths,
                    timeout_s=timeout_s, log_every=log_every, quiet=quiet, verbose=verbose,
-                   reader_nice=reader_nice)
+                   reader_nice=reader_nice, header_cache=header_cache)
     sys.exit(rc)
+
+
+def _header_cache_path(value: str | None) -> str | None:
+    """``--header-cache``: 'auto' → the user's cache folder, 'off'/'' → None, else the path."""
+    if not value or value.lower() in ("off", "none", "no"):
+        return None
+    if value.lower() == "auto":
+        from engines.io.header_cache import default_cache_path
+
+        return str(default_cache_path())
+    return str(Path(value).expanduser().resolve())
 
 
 def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "auto",
@@ -227,7 +242,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
               exclude: tuple[str, ...] = (), min_score: float | None = None,
               report: Path | None = None, hide_paths: bool = False, timeout_s: float = 120.0,
               log_every: float = 30.0, quiet: bool = False, verbose: int = 0,
-              reader_nice: int = 10) -> int:
+              reader_nice: int = 10, header_cache: str = "off") -> int:
     """The body of ``mediqa score``; returns the exit code."""
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
@@ -266,7 +281,8 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         cfg = ScoreConfig(batch_size=batch_size, workers=n_workers, timeout_s=timeout_s,
                           include=tuple(include), exclude=tuple(exclude) + tuple(own),
                           thumbnails=report is not None, hide_paths=hide_paths, privacy_key=key,
-                          device=device, backend=backend, reader_nice=reader_nice)
+                          device=device, backend=backend, reader_nice=reader_nice,
+                          header_cache=_header_cache_path(header_cache))
         reuse = (lambda ref: writer.previous(ref.rel_path, _fingerprint(ref, key))) if resume else None
         stats: dict[str, Any] = {"status": Counter(), "codes": Counter(), "by_mod": defaultdict(list),
                                  "scored": 0, "reused": 0, "low": 0}
