@@ -218,3 +218,22 @@ def test_real_dicomdirtests_tree(pydicom_test_dir: Path) -> None:
     zs = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in ct5.files]
     assert zs == sorted(zs) or zs == sorted(zs, reverse=True)
     assert all(not r.rel_path.endswith("DICOMDIR") for r in refs)
+
+
+def test_same_folder_encodings_of_one_multiframe_object_are_not_called_copies(tmp_path: Path) -> None:
+    """pydicom ships one 2-frame RGB object in several encodings (same SOP instance UID): within
+    one folder they stay separate studies, as before streaming; only another folder's exact
+    repeat of a series is a copy."""
+    from pydicom.data import get_testdata_file
+
+    for name in ("SC_rgb_2frame.dcm", "SC_rgb_rle_2frame.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / name)
+    skipped: list[tuple[str, str]] = []
+    refs = list(discover_studies(tmp_path, on_skip=lambda rel, why: skipped.append((rel, why))))
+    assert sorted(r.rel_path for r in refs) == ["SC_rgb_2frame.dcm", "SC_rgb_rle_2frame.dcm"]
+    assert skipped == []
+    (tmp_path / "again").mkdir()
+    shutil.copy(get_testdata_file("SC_rgb_2frame.dcm"), tmp_path / "again" / "copy.dcm")
+    skipped.clear()
+    refs = list(discover_studies(tmp_path, on_skip=lambda rel, why: skipped.append((rel, why))))
+    assert len(refs) == 2 and skipped == [("again/copy.dcm", "copy of a series already found in another folder")]

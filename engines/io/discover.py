@@ -217,10 +217,11 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
     def flush() -> list[StudyRef]:
         sop_of = {h.path: h.sop_uid or str(h.path) for h in headers}
         out = list(refs)
+        found: list[tuple[str, int]] = []
         for ref in _dicom_refs(root_path, headers):
             if ref.series_uid:
                 sops = hash(tuple(sorted(sop_of.get(f, str(f)) for f in ref.files)))
-                parts = seen_series.setdefault(ref.series_uid, set())
+                parts = seen_series.get(ref.series_uid, set())   # from earlier folders only
                 if sops in parts:
                     # The same instances again in another folder: a copy, scanned once.
                     if on_skip is not None:
@@ -228,8 +229,10 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
                     continue
                 if parts:
                     ref.flags.append("series_split_across_folders")
-                parts.add(sops)
+                found.append((ref.series_uid, sops))
             out.append(ref)
+        for uid, sops in found:
+            seen_series.setdefault(uid, set()).add(sops)
         out.sort(key=lambda r: (r.rel_path, r.files[0].as_posix() if r.files else ""))
         refs.clear()
         headers.clear()
