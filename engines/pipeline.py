@@ -677,7 +677,10 @@ class _Feeder(threading.Thread):
                     w.tasks.append(item)
                     w.conn.send(item)
             busy = [w for w in workers if w.tasks]
-            self.in_flight = sum(len(w.tasks) for w in busy) + len(retry) + (0 if exhausted else 1)
+            # A scanner still walking the tree counts only once it has studies ready: while it is
+            # busy (a huge folder), the consumer may run the partial batch it already holds.
+            self.in_flight = (sum(len(w.tasks) for w in busy) + len(retry)
+                              + (1 if not exhausted and source.conn.poll() else 0))
             if exhausted and not busy and not retry:
                 return
             # Wait for a worker's result, or for the scanner when a study could be handed out.
