@@ -467,10 +467,11 @@ def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tupl
         for ref in discover_studies(root, max_depth=max_depth, include=include, exclude=exclude,
                                     header_cache=cache):
             out.put(("ref", ref))
+        stats = None
         if cache is not None:
             cache.close()
-            logger.info("header cache: %d files served, %d parsed", cache.hits, cache.misses)
-        out.put(("end", None))
+            stats = {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
+        out.put(("end", stats))
     except MediqaError as exc:
         out.put(("error", exc))
     except BaseException as exc:  # noqa: BLE001 - reported to the consumer
@@ -512,6 +513,9 @@ class _RefSource:
         self.done = True
         if kind == "error":
             raise payload
+        if payload:
+            logger.info("header cache %s: %d files served from it, %d parsed", payload["path"],
+                        payload["hits"], payload["misses"])
         raise StopIteration
 
     def close(self) -> None:
