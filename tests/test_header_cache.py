@@ -73,30 +73,14 @@ def test_corrupt_cache_is_ignored_with_a_warning(tmp_path: Path, write_ct_series
 
 def test_scanner_process_uses_the_cache_and_reports_hits(tmp_path: Path, write_ct_series,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    import multiprocessing as mp
-    import time
-
-    from engines.pipeline import ScoreConfig, _RefSource
+    from engines.pipeline import ScoreConfig
+    from tests.test_pipeline import drain_scanner
 
     write_ct_series(tmp_path / "data" / "a", [0.0, 1.0, 2.0])
     cfg = ScoreConfig(header_cache=str(tmp_path / "h.sqlite"))
     for expected in ("0 files served from it, 3 parsed", "3 files served from it, 0 parsed"):
         caplog.clear()
-        src = _RefSource(mp.get_context("spawn"), tmp_path / "data", cfg, log_level=30)
-        refs = []
-        try:
-            with caplog.at_level("INFO", logger="engines.pipeline"):
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    try:
-                        ref = src.take()
-                    except StopIteration:
-                        break
-                    if ref is None:
-                        time.sleep(0.02)
-                    else:
-                        refs.append(ref)
-        finally:
-            src.close()
+        with caplog.at_level("INFO", logger="engines.pipeline"):
+            refs = drain_scanner(tmp_path / "data", cfg)
         assert [r.n_slices for r in refs] == [3]
         assert expected in caplog.text

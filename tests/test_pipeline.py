@@ -323,17 +323,17 @@ def test_scanner_process_reports_a_vanished_root_as_an_error(tmp_path: Path) -> 
         src.close()
 
 
-def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
+def drain_scanner(root: Path, cfg, timeout_s: float = 60.0) -> list:
+    """Every StudyRef a scanner process (``engines.pipeline._RefSource``) yields for ``root``,
+    polling as the feeder does, until it ends (shared with test_header_cache.py)."""
     import multiprocessing as mp
 
-    from engines.pipeline import ScoreConfig, _RefSource
+    from engines.pipeline import _RefSource
 
-    for i in range(3):
-        write_png(tmp_path / f"d{i}" / "x.png", seed=i)
-    src = _RefSource(mp.get_context("spawn"), tmp_path, ScoreConfig(), log_level=30)
-    got: list[str] = []
+    src = _RefSource(mp.get_context("spawn"), root, cfg, log_level=30)
+    got: list = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 ref = src.take()
@@ -342,7 +342,16 @@ def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
             if ref is None:
                 time.sleep(0.02)
             else:
-                got.append(ref.rel_path)
+                got.append(ref)
     finally:
         src.close()
+    return got
+
+
+def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
+    from engines.pipeline import ScoreConfig
+
+    for i in range(3):
+        write_png(tmp_path / f"d{i}" / "x.png", seed=i)
+    got = [r.rel_path for r in drain_scanner(tmp_path, ScoreConfig())]
     assert got == ["d0/x.png", "d1/x.png", "d2/x.png"]
