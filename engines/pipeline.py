@@ -46,7 +46,6 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import queue
-import sys
 import threading
 import time
 from collections import deque

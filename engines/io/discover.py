@@ -336,9 +336,9 @@ def _dicom_refs(root: Path, headers: list[DicomHeader]) -> list[StudyRef]:
                 files.append(p)
         if len(files) == 1:
             base = _rel(files[0], root)
-        else:
-            common = Path(os.path.commonpath([str(f.parent) for f in files]))
-            base = _rel(common, root) if common != root else "."
+        else:   # a folder's headers only (discovery streams per folder): the folder
+            folder = files[0].parent
+            base = _rel(folder, root) if folder != root else "."
         ref = StudyRef(kind=grp.kind, format="dicom", root=root, files=files, rel_path=base,
                        series_uid=grp.series_uid, meta=grp.meta, flags=grp.flags, n_slices=len(grp.slices),
                        spacing=grp.spacing, _slices=grp.slices)
