@@ -174,3 +174,8 @@ def test_plcc_loss_rewards_ranking_and_punishes_collapse() -> None:
     assert float(plcc_loss(t, torch.full_like(t, 0.3))) == 0.0                  # no ranking info
     with pytest.raises(ValueError):
         IQATask("l1")
+    from engines.errors import ConfigError
+    from training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        TrainConfig(loss="l1")              # a typo in a recipe fails before any data is read

@@ -19,6 +19,7 @@ import yaml
 from engines.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "classifier")
+LOSSES: tuple[str, ...] = ("mse", "mse+plcc")   # iqa losses (training.loop.IQATask)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class TrainConfig:
         r = self.split_ratios
         if len(r) != 3 or any(x < 0 for x in r) or not sum(r) > 0:
             raise ConfigError(f"split_ratios must be three non-negative numbers, got {r!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
 

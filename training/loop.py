@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engines.errors import UnsupportedArtifact
-from training.config import TrainConfig
+from training.config import LOSSES, TrainConfig
 from training.data.torchdata import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ def _safe_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         return evaluate_all(pred, target)
 
 
-LOSSES = ("mse", "mse+plcc")
 
 
 def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
