@@ -524,6 +524,22 @@ class _RefSource:
         self.conn.close()
 
 
+def _compact_grey(images: np.ndarray) -> np.ndarray:
+    """(n, 3, S, S) → (n, 1, S, S) when the three channels are equal (a grey image repeated by
+    ``preprocess_slice``): a third of the bytes to pickle and pipe. ``_expand_grey`` undoes it."""
+    if images.ndim == 4 and images.shape[1] == 3 and np.array_equal(images[:, 0], images[:, 1]) \
+            and np.array_equal(images[:, 0], images[:, 2]):
+        return np.ascontiguousarray(images[:, :1])
+    return images
+
+
+def _expand_grey(images: np.ndarray) -> np.ndarray:
+    """(n, 1, S, S) → a read-only (n, 3, S, S) view (no copy; batches are stacked anyway)."""
+    if images.ndim == 4 and images.shape[1] == 1:
+        return np.broadcast_to(images, (images.shape[0], 3) + images.shape[2:])
+    return images
+
+
 def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
                  min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0) -> None:
     """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
@@ -540,8 +556,9 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
             return
         seq, ref = msg
         try:
-            out: tuple = (seq, True, prepare_study(ref, cfg, k, min_fraction=min_fraction,
-                                                   thumbnails=thumbnails))
+            prep = prepare_study(ref, cfg, k, min_fraction=min_fraction, thumbnails=thumbnails)
+            prep.images = _compact_grey(prep.images)
+            out: tuple = (seq, True, prep)
         except BaseException as exc:  # noqa: BLE001 - per-study boundary
             out = (seq, False, (error_code(exc), safe_error_message(exc, ref)))
         try:
@@ -957,6 +974,7 @@ def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, make_study_i
             fail(st, code, msg)
         elif kind == "ready":
             p: _Prepared = payload
+            p.images = _expand_grey(p.images)
             st.prep = p
             st.busy_s += p.elapsed_s
             r = st.record

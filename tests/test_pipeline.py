@@ -355,3 +355,23 @@ def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
         write_png(tmp_path / f"d{i}" / "x.png", seed=i)
     got = [r.rel_path for r in drain_scanner(tmp_path, ScoreConfig())]
     assert got == ["d0/x.png", "d1/x.png", "d2/x.png"]
+
+
+def test_grey_inputs_cross_the_pipe_as_one_channel() -> None:
+    """Readers send a grey study's repeated channels once; the main process gets the same array."""
+    import pickle
+
+    from engines.pipeline import _compact_grey, _expand_grey
+    from engines.preprocess import PreprocessConfig, preprocess_slice
+
+    cfg = PreprocessConfig(image_size=32)
+    rng = np.random.default_rng(0)
+    grey = np.stack([preprocess_slice(rng.normal(size=(40, 40)), "mr", None, cfg) for _ in range(3)])
+    small = _compact_grey(grey)
+    assert small.shape == (3, 1, 32, 32)
+    assert len(pickle.dumps(small)) < len(pickle.dumps(grey)) / 2.5
+    back = _expand_grey(small)
+    assert back.shape == grey.shape and np.array_equal(back, grey)
+    assert np.array_equal(np.stack([back[0], back[2]]), grey[[0, 2]])
+    rgb = np.stack([preprocess_slice(rng.uniform(size=(40, 40, 3)), "fundus", None, cfg)])
+    assert _compact_grey(rgb) is rgb and _expand_grey(rgb) is rgb
