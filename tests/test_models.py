@@ -115,12 +115,12 @@ def test_eval_forward_is_deterministic(model: MedIQANet) -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-# Golden outputs of mediqa-test. Produced once with torch 2.14.1 / timm 1.0.31 on CPU by:
+# Golden outputs of mediqa-test (conv stem since 2026-11-28). Produced with torch 2.14.1 / timm 1.0.31 on CPU by:
 #   torch.manual_seed(0); net = create_model("mediqa-test", 29).eval()
 #   net(_images(2, seed=1), _prompts(CT_CHEST, MR_HEAD))  -> (score, slice_logit)
 # They change when the architecture, the init order or the preset changes (then regenerate).
-GOLDEN_SCORE = [4.6723862760700285e-04, 7.482366054318845e-04]
-GOLDEN_LOGIT = [-1.881834678351879e-02, -5.440812092274427e-03]
+GOLDEN_SCORE = [4.403754701343132e-06, 2.4102928000502288e-04]
+GOLDEN_LOGIT = [-4.285258240997791e-03, -9.148634038865566e-03]
 
 
 def test_golden_output(model: MedIQANet) -> None:
@@ -280,3 +280,38 @@ def test_vitt16_shape_and_size_budget() -> None:
     with torch.no_grad():
         score, logit = net(torch.zeros(1, 3, 224, 224), _prompts(CT_CHEST))
     assert score.shape == (1,) and logit.shape == (1,)
+
+
+def test_conv_stem_replaces_the_patch_projection() -> None:
+    """The conv stem keeps the ViT's token grid, is used by the from-scratch presets and is checked."""
+    from dataclasses import replace
+
+    from engines.models.maniqa import ConvStem
+
+    stem = ConvStem(3, 192, 16)
+    assert stem(torch.zeros(2, 3, 224, 224)).shape == (2, 192, 14, 14)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 48, 96, 192, 192]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 2, 1]
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(3, 192, 12)
+    for name in ("mediqa-vitt16", "mediqa-test"):
+        cfg = get_preset(name)
+        assert cfg.stem == "conv"
+        net = create_model(name, P)
+        assert isinstance(net.encoder.patch_embed.proj, ConvStem)
+        assert isinstance(create_classifier(name, DEFAULT_VOCAB).encoder.patch_embed.proj, ConvStem)
+    assert get_preset("mediqa-vitb8").stem == "patch"   # the paper's encoder, for ImageNet weights
+    assert isinstance(create_vit("vit_tiny_patch16_224", 224).patch_embed.proj, torch.nn.Conv2d)
+    with pytest.raises(ConfigError, match="stem"):
+        replace(get_preset("mediqa-test"), stem="resnet").validate()
+    with pytest.raises(ConfigError, match="power-of-two"):
+        replace(get_preset("mediqa-test"), patch_size=6, image_size=48, window_size=4).validate()
+    # In eval mode the stem's BatchNorm uses running statistics: no dependence on batch neighbours.
+    torch.manual_seed(0)
+    net = create_model("mediqa-test", P).eval()
+    x, p = _images(3), _prompts(CT_CHEST, MR_HEAD, CT_CHEST)
+    with torch.no_grad():
+        together = net(x, p)[0]
+        alone = torch.cat([net(x[i:i + 1], p[i:i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-7)

@@ -78,12 +78,17 @@ def test_dynamic_int8_accepted_and_served(fp32, tmp_path):
     assert r.accepted and r.srcc >= 0.99 and r.path == out and out.exists()
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    # Served through the backend in the acceptance check's batches of 8: dynamic int8 picks its
+    # activation scales per batch, so other batchings move the (near-tied) scores of this random
+    # model and are not what was accepted (README, "int8").
+    imgs, prm = split["val_images"], split["val_prompts"]
     with open_backend(out) as b:            # shares the fp32 classifier next to it
         assert b.has_classifier
-        got = b.score(split["val_images"], split["val_prompts"])[names.SCORE]
+        got = np.concatenate([b.score(imgs[i:i + 8], prm[i:i + 8])[names.SCORE] for i in range(0, len(imgs), 8)])
     with open_backend(d / "model.onnx") as f:
-        ref = f.score(split["val_images"], split["val_prompts"])[names.SCORE]
-    assert accept_quantized(ref, got)[0]
+        ref = np.concatenate([f.score(imgs[i:i + 8], prm[i:i + 8])[names.SCORE] for i in range(0, len(imgs), 8)])
+    ok, srcc, _ = accept_quantized(ref, got)
+    assert ok and srcc == pytest.approx(r.srcc, abs=1e-9)
 
 
 def test_dynamic_quantises_attention_products_weights_variant_does_not(fp32, tmp_path):

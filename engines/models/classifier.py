@@ -28,7 +28,8 @@ class PromptClassifier(nn.Module):
         self.preset = cfg
         self.vocab = vocab
         # num_classes=0: the ViT returns its pooled (class-token) features, (N, D).
-        self.encoder = create_vit(cfg.classifier_vit, cfg.image_size, cfg.classifier_overrides, init_weights)
+        self.encoder = create_vit(cfg.classifier_vit, cfg.image_size, cfg.classifier_overrides, init_weights,
+                                  stem=cfg.stem)
         dim = int(self.encoder.num_features)
         # "*_head": ``nn.Module.type`` is a method and must not be shadowed.
         self.modality_head = nn.Linear(dim, len(vocab.modality))

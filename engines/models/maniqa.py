@@ -23,6 +23,7 @@ axes; here the block returns ``attn @ v`` (B, C, N) as the transposed-attention 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,13 +40,44 @@ log = logging.getLogger(__name__)
 _EPS = 1e-8  # keeps Σ w > 0 in q = Σ w·s / Σ w (sigmoid weights are > 0 but may underflow)
 
 
+class ConvStem(nn.Sequential):
+    """Convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see
+    better"): log2(patch) × [3 × 3 conv stride 2 → BatchNorm → ReLU] with widths doubling up to
+    ``embed_dim``, then a 1 × 1 conv to ``embed_dim``.
+
+    (N, in_chans, S, S) → (N, embed_dim, S / patch, S / patch): a drop-in for the ViT's linear
+    ``PatchEmbed.proj`` (one 16 × 16 stride-16 conv), so the token grid and everything after it
+    are unchanged. A ViT trained from random weights on a few thousand images learns local
+    distortion statistics (noise, blur, blocking) through this stem; through the linear patch
+    embedding the bundled model collapsed to the mean (README, "The bundled model"). The
+    BatchNorm is what makes it trainable here: the same stem without it (PyTorch's default conv
+    init) left the pretraining loss at the label variance. In eval mode (scoring, export) it uses
+    running statistics, so a study's score does not depend on its batch neighbours.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        n = int(round(math.log2(patch_size)))
+        if n < 1 or 2 ** n != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        widths = [max(embed_dim >> (n - 1 - i), 1) for i in range(n)]
+        layers: list[nn.Module] = []
+        prev = in_chans
+        for w in widths:
+            layers += [nn.Conv2d(prev, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            prev = w
+        layers.append(nn.Conv2d(prev, embed_dim, 1))
+        super().__init__(*layers)
+
+
 def create_vit(vit_name: str, image_size: int, overrides: Sequence[tuple[str, object]] = (),
-               init_weights: Path | None = None, keep_blocks: Sequence[int] | None = None) -> nn.Module:
+               init_weights: Path | None = None, keep_blocks: Sequence[int] | None = None,
+               stem: str = "patch") -> nn.Module:
     """A timm VisionTransformer built without downloading anything.
 
     ``init_weights`` (optional) is a local timm state-dict file loaded before pruning;
     ``keep_blocks`` prunes the blocks after the last index and the final norm / head, so every
-    remaining parameter takes part in the forward pass.
+    remaining parameter takes part in the forward pass. ``stem="conv"`` replaces the linear patch
+    projection by a ``ConvStem`` (after ``init_weights``, whose patch projection is then unused).
     """
     import timm
 
@@ -56,6 +88,13 @@ def create_vit(vit_name: str, image_size: int, overrides: Sequence[tuple[str, ob
         from engines.models.loading import load_encoder_weights
 
         load_encoder_weights(vit, Path(init_weights))
+    if stem == "conv":
+        proj = vit.patch_embed.proj
+        vit.patch_embed.proj = ConvStem(proj.in_channels, proj.out_channels, int(proj.stride[0]))
+        if init_weights is not None:
+            log.warning("conv stem: the patch projection of %s is not used", Path(init_weights).name)
+    elif stem != "patch":
+        raise ValueError(f"unknown ViT stem {stem!r}; expected 'patch' or 'conv'")
     if keep_blocks is not None:
         vit.prune_intermediate_layers(list(keep_blocks), prune_norm=True, prune_head=True)
     return vit
@@ -122,7 +161,7 @@ class MedIQANet(_VolumeMixin, nn.Module):
         self.feature_blocks = tuple(cfg.blocks)
         g, (c1, c2) = cfg.grid, cfg.widths
         self.encoder = create_vit(cfg.vit_name, cfg.image_size, cfg.vit_overrides, init_weights,
-                                  keep_blocks=cfg.blocks)
+                                  keep_blocks=cfg.blocks, stem=cfg.stem)
         stage = dict(n_layers=cfg.swin_layers, blocks_per_layer=cfg.swin_blocks_per_layer,
                      heads=cfg.swin_heads, window=cfg.window_size, mlp_dim=cfg.swin_mlp_dim,
                      prompt_dim=prompt_dim, drop=cfg.drop, drop_path=cfg.drop_path,

@@ -59,6 +59,10 @@ class PresetConfig:
     vit_overrides: tuple[tuple[str, Any], ...] = ()
     classifier_vit: str = "vit_tiny_patch16_224"
     classifier_overrides: tuple[tuple[str, Any], ...] = ()
+    # "patch": the ViT's linear patch embedding (paper, for ImageNet-initialised encoders);
+    # "conv": a convolutional stem (``engines.models.maniqa.ConvStem``) for both the IQA encoder
+    # and the classifier, used by the presets trained here from random weights.
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -88,6 +92,10 @@ class PresetConfig:
         for w in self.widths:
             if w % self.swin_heads:
                 raise ConfigError(f"{self.name}: width {w} not divisible by {self.swin_heads} heads")
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"{self.name}: stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"{self.name}: a conv stem needs a power-of-two patch, got {self.patch_size}")
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
 
@@ -122,21 +130,22 @@ _register(PresetConfig(
 # tests/test_models.py::test_vitt16_fits_size_budget).
 _register(PresetConfig(
     name="mediqa-vitt16",
-    description="CPU default: ViT-Ti/16 (blocks 6-9, 14x14 grid, widths 128/64, window 7).",
+    description="CPU default: ViT-Ti/16 with a conv stem (blocks 6-9, 14x14 grid, widths 128/64, window 7).",
     vit_name="vit_tiny_patch16_224", patch_size=16, image_size=224, vit_embed_dim=192,
     blocks=(6, 7, 8, 9), widths=(128, 64), window_size=7, swin_heads=4, swin_mlp_dim=256,
     head_hidden=128,
     classifier_vit="vit_tiny_patch16_224",
+    stem="conv",   # trained from random weights here: see ConvStem
 ))
 
 _TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
 _register(PresetConfig(
     name="mediqa-test",
-    description="Tiny random model for tests: 64x64 input, 4-block 32-dim ViT/8, 8x8 grid, window 4.",
+    description="Tiny random model for tests: 64x64 input, 4-block 32-dim ViT/8 with conv stem, 8x8 grid, window 4.",
     vit_name="vit_tiny_patch16_224", patch_size=8, image_size=64, vit_embed_dim=32,
     blocks=(0, 1, 2, 3), widths=(32, 16), window_size=4, swin_heads=2, swin_mlp_dim=32,
     vit_overrides=_TEST_VIT,
-    classifier_vit="vit_tiny_patch16_224", classifier_overrides=_TEST_VIT,
+    classifier_vit="vit_tiny_patch16_224", classifier_overrides=_TEST_VIT, stem="conv",
 ))
 
 DEFAULT_PRESET = "mediqa-vitt16"
