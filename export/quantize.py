@@ -1,18 +1,20 @@
-"""CPU int8 for onnxruntime: static QDQ per-channel quantisation calibrated on real images,
-dynamic quantisation as the fallback, and an acceptance test on a validation set.
+"""CPU int8 for onnxruntime: dynamic quantisation (the default), static QDQ per-channel
+quantisation calibrated on real images, and an acceptance test on a validation set.
 
-Static (the default): weights int8 per output channel (symmetric), activations uint8 with
+Dynamic (tried first): int8 weights, activations quantised per batch at run time (MatMul, Gemm),
+including the activation × activation products of attention; "dynamic-weights" quantises only
+the products with a weight operand. Dynamic activation scales come from the whole batch tensor,
+so a dynamic int8 score depends slightly on the other inputs of its batch (≤ 6e-3 on the 0–1
+scale measured on a bundled model); static and fp32 scores do not.
+Static (tried second): weights int8 per output channel (symmetric), activations uint8 with
 ranges calibrated by ``CalibrationDataReader`` batches of real preprocessed images
 (``export.samples``), QDQ format. Only the matrix products are quantised (MatMul, Gemm, Conv):
 they carry nearly all the FLOPs of a ViT, while quantising softmax / layer-norm / residual adds
 costs accuracy and adds Q/DQ pairs that onnxruntime cannot fuse.
-Dynamic (fallback): int8 weights, activations quantised per batch at run time (MatMul, Gemm),
-including the activation × activation products of attention; when that is refused,
-"dynamic-weights" quantises only the products with a weight operand. All start from
-onnxruntime's quantisation pre-processing (shape inference + graph optimisation). Dynamic
-activation scales come from the whole batch tensor, so a dynamic int8 score depends slightly on
-the other inputs of its batch (≤ 6e-3 on the 0–1 scale for the bundled model); static and fp32
-scores do not.
+Order of "auto": dynamic → static → dynamic-weights, the measured speed order on both bundled
+models (README, "CPU engine benchmark"): dynamic was the fastest every time; static came first
+until the conv-stem model, where it was accepted but only 1.27× onnxruntime fp32 at batch 1.
+All start from onnxruntime's quantisation pre-processing (shape inference + graph optimisation).
 
 Acceptance: the int8 model's scores must rank the validation images like the fp32 model's
 (Spearman SRCC ≥ ``min_srcc``, default 0.99). Otherwise the int8 file is deleted and
@@ -40,8 +42,8 @@ from export.verify import spearman
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SRCC = 0.99
-#: Tried in this order by method="auto"; the first accepted one is kept.
-METHODS = ("static", "dynamic", "dynamic-weights")
+#: Tried in this order by method="auto" (fastest first, as measured); the first accepted one is kept.
+METHODS = ("dynamic", "static", "dynamic-weights")
 STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 DYNAMIC_OPS = ["MatMul", "Gemm"]
 
@@ -223,7 +225,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calib_images: 
                   calib_batch: int = 8, raise_on_refuse: bool = True) -> QuantizeResult:
     """Quantise a MedIQA 2D graph to int8 and accept it only if validation SRCC ≥ ``min_srcc``.
 
-    ``method``: "static" | "dynamic" (every MatMul) | "dynamic-weights" (MatMuls with a weight
+    ``method``: "dynamic" (every MatMul) | "static" | "dynamic-weights" (MatMuls with a weight
     operand only) | "auto" (that order; the first accepted one is kept).
     Images (N, 3, S, S) float32 preprocessed; prompts (N, P) float32. Calibration and validation
     sets should be different images. Returns the accepted result; when every method is refused,

@@ -111,7 +111,14 @@ def test_refused_with_numbers_when_threshold_unreachable(fp32, tmp_path):
         quantize_onnx(d / "model.onnx", out, method="auto", min_srcc=1.01, **split)
     msg = str(ei.value)
     assert "static" in msg and "dynamic" in msg and "dynamic-weights" in msg and "SRCC" in msg and "1.01" in msg
+    assert msg.index("(dynamic)") < msg.index("(static)") < msg.index("(dynamic-weights)")   # tried fastest first
     assert ei.value.code == "quantization_refused"
     assert not out.exists()                 # a refused model is not left behind
     r = quantize_onnx(d / "model.onnx", out, method="dynamic", min_srcc=1.01, raise_on_refuse=False, **split)
     assert not r.accepted and r.path is None and 0 < r.srcc < 1.01
+
+
+def test_auto_keeps_the_first_accepted_in_speed_order(fp32, tmp_path):
+    d, _, split = fp32
+    r = quantize_onnx(d / "model.onnx", tmp_path / "auto.onnx", method="auto", min_srcc=-1.0, **split)
+    assert r.accepted and r.method == "dynamic"
