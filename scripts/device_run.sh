@@ -2,7 +2,7 @@
 # One prepared run on a lent GPU machine (python3.12 + torch CUDA + timm + onnx, no pydicom, no network):
 #   1. install the carried wheels (.whl/: pydicom, pydicom-data, nibabel, pylibjpeg*) into /tmp/site
 #   2. train the bundled default model: mediqa train recipe $RECIPE --device cuda
-#      (RECIPE defaults to training/recipes/default-gpu.yaml; RECIPE_TIMEOUT caps it, default 300 s)
+#      (RECIPE defaults to training/recipes/default-gpu.yaml; RECIPE_TIMEOUT caps it, default 420 s)
 #   3. scripts/gpu_check.sh (CUDA parity + throughput; TensorRT if importable)
 # Everything that must come back is written to $OUT (files ≤ 16 MB: the artifact is split in parts).
 set -u
@@ -18,7 +18,7 @@ echo "== recipe (t=$(( $(date +%s) - T0 )) s)"
 ( while sleep 10; do f=runs/default-gpu/runs/finetune/best.safetensors
     [ -f "$f" ] && split -b 12M -d "$f" "$OUT/finetune.part"; done ) &
 WATCH=$!
-timeout ${RECIPE_TIMEOUT:-300} python3 -m mediqa_cli --log-level info train recipe "${RECIPE:-training/recipes/default-gpu.yaml}" \
+timeout ${RECIPE_TIMEOUT:-420} python3 -m mediqa_cli --log-level info train recipe "${RECIPE:-training/recipes/default-gpu.yaml}" \
     --device cuda --output "$OUT/default.safetensors" --no-progress > "$OUT/recipe.log" 2>&1
 echo "recipe exit $?  (t=$(( $(date +%s) - T0 )) s)"
 kill $WATCH 2>/dev/null
