@@ -425,7 +425,7 @@ def _scanner_main(conn: mpc.Connection, root: str, max_depth: int, include: tupl
                   exclude: tuple[str, ...], nice: int, log_level: int, ahead: int,
                   header_cache: str | None = None) -> None:
     """Header-scanner process: walks ``root`` with ``discover_studies`` and sends
-    ("ref", StudyRef) ... ("end", None), or ("error", exception). Up to ``ahead`` refs are
+    ("ref", StudyRef) ... ("end", header-cache stats or None), or ("error", exception). Up to ``ahead`` refs are
     scanned ahead of the consumer (a sender thread does the blocking sends)."""
     from engines.io.discover import discover_studies
 

@@ -84,3 +84,22 @@ def test_scanner_process_uses_the_cache_and_reports_hits(tmp_path: Path, write_c
             refs = drain_scanner(tmp_path / "data", cfg)
         assert [r.n_slices for r in refs] == [3]
         assert expected in caplog.text
+
+
+def test_lowered_limits_are_checked_on_cached_headers(tmp_path: Path, write_ct_series) -> None:
+    """A header cached under generous limits is not served once the limits are lowered below it:
+    the file is scanned again and fails with the scan's own error."""
+    from engines.errors import TooLarge
+    from engines.io.limits import ReadLimits
+
+    write_ct_series(tmp_path / "data" / "a", [0.0, 1.0])
+    db = tmp_path / "headers.sqlite"
+    with HeaderCache(db) as cache:
+        assert all(r.error is None for r in discover_studies(tmp_path / "data", header_cache=cache))
+    with pytest.raises(TooLarge, match="2 frames exceeds the cap of 1"):
+        ReadLimits(max_frames=1).check_frames(2)
+    for tight in (ReadLimits(max_slice_pixels=100), ReadLimits(max_frames=0)):
+        with HeaderCache(db) as cache:
+            refs = list(discover_studies(tmp_path / "data", header_cache=cache, limits=tight))
+            assert cache.hits == 0
+        assert refs and all(r.error is not None and r.error.code == "too_large" for r in refs)

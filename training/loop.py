@@ -109,12 +109,10 @@ def _safe_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         return evaluate_all(pred, target)
 
 
-
-
 def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """1 − Pearson correlation of a batch (0 when perfectly linear, 1 for constant predictions,
     2 when reversed). Unlike MSE it gains nothing from predicting the mean, the collapse seen in
-    the bundled model (score std 0.019 against a target std of 0.27). ``eps`` inside the square
+    an earlier bundled model (score std 0.019 against a target std of 0.27). ``eps`` inside the square
     root keeps the gradient finite for constant predictions. Batches with < 3 items or constant
     targets give 0 (no ranking information)."""
     if pred.numel() < 3:

@@ -261,10 +261,7 @@ def header_from_dataset(path: Path, ds: Any, *, limits: ReadLimits = DEFAULT_LIM
             raise Truncated("image object ends before its image attributes (Rows/Columns)")
         raise NoPixelData("no image attributes (Rows/Columns); e.g. a structured report")
     rows, cols, samples, frames = _image_size(ds, limits)
-    if frames > limits.max_frames:
-        from engines.errors import TooLarge
-
-        raise TooLarge(f"{frames} frames exceeds the cap of {limits.max_frames}")
+    limits.check_frames(frames)
     _check_native_length_from_file(path, ds, rows, cols, samples, frames)
     key: tuple | None = None
     meta: dict[str, Any] | None = None

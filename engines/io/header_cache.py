@@ -120,12 +120,11 @@ class HeaderCache:
         except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
             self._disable(exc)
             return None
-        # Limits may have been lowered since the header was cached.
+        # Limits may have been lowered since the header was cached: the same checks as the scan.
         try:
             limits.check_slice(hdr.rows, hdr.columns, hdr.samples)
+            limits.check_frames(hdr.frames)
         except Exception:  # noqa: BLE001 - let the real scan raise the proper error
-            return None
-        if hdr.frames > limits.max_frames:
             return None
         self.hits += 1
         return hdr

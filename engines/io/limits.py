@@ -40,6 +40,11 @@ class ReadLimits:
             raise TooLarge(f"{what} of {rows}x{columns}x{samples} values exceeds the cap of "
                            f"{self.max_slice_pixels} values per slice")
 
+    def check_frames(self, frames: int) -> None:
+        """Raise ``TooLarge`` when one multi-frame object has more frames than the cap."""
+        if frames > self.max_frames:
+            raise TooLarge(f"{frames} frames exceeds the cap of {self.max_frames}")
+
     def check_study(self, n_slices: int, rows: int, columns: int, samples: int = 1) -> None:
         """Raise ``TooLarge`` when a whole study exceeds the per-slice, per-study or frame caps."""
         self.check_slice(rows, columns, samples)
