@@ -14,7 +14,7 @@ from engines.errors import ConfigError, UnsupportedArtifact
 from engines.models.loading import load_artifact
 from tests.test_datasets import build_scored_corpus
 from training.config import TrainConfig, load_config
-from training.loop import LOG_NAME, STATE_JSON, STATE_TENSORS, lr_factor
+from training.loop import LOG_NAME, STATE_JSON, STATE_TENSORS, fit_epochs_to_budget, lr_factor
 from training.tasks import load_pretrained_into, run_classifier, run_finetune, run_pretrain
 
 FAST = dict(preset="mediqa-test", batch_size=4, lr=2e-3, amp=False, progress=False, warmup_epochs=0.5,
@@ -56,6 +56,26 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert all(a < b for a, b in zip(f[:10], f[1:11]))                       # warm-up rises
     assert all(a >= b for a, b in zip(f[10:], f[11:]))                       # cosine falls
     assert f[55] == pytest.approx(0.505, abs=1e-3) and f[100] == pytest.approx(0.01)
+
+
+def test_schedule_fitted_to_time_budget() -> None:
+    # first epoch took 100 s of a 1000 s budget: 9 more fit, so a 50-epoch plan shrinks to 10
+    assert fit_epochs_to_budget(1, 1, 100.0, 1000.0, 50) == 10
+    assert fit_epochs_to_budget(1, 1, 100.0, 1000.0, 6) == 6        # never longer than planned
+    assert fit_epochs_to_budget(1, 1, 900.0, 100.0, 50) == 1        # over budget: the epoch done
+    # resumed at epoch 4: this run's first epoch (its 5th) took 200 s of a 700 s budget
+    assert fit_epochs_to_budget(5, 1, 200.0, 700.0, 50) == 7
+
+
+def test_time_budget_ends_schedule_and_training(corpus: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(task="finetune", epochs=3, out=str(tmp_path), time_budget_s=1e-3, **FAST)
+    run_finetune(corpus, cfg)
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    assert json.loads((tmp_path / STATE_JSON).read_text())["budget_epochs"] == 1
+    # resuming with more epochs keeps the fitted schedule: nothing more to train
+    run_finetune(corpus, cfg.replace(resume=True, time_budget_s=None))
+    assert len((tmp_path / LOG_NAME).read_text().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------ fine-tune smoke run
@@ -179,3 +199,28 @@ def test_plcc_loss_rewards_ranking_and_punishes_collapse() -> None:
 
     with pytest.raises(ConfigError, match="loss must be one of"):
         TrainConfig(loss="l1")              # a typo in a recipe fails before any data is read
+
+
+def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    from training import recipe
+    from training.synth.sources import sources_fingerprint
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, check=False):  # noqa: ANN001 - subprocess.run's signature
+        calls.append(list(cmd))
+        (tmp_path / "manifest.csv").write_text("path,score\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(recipe.subprocess, "run", fake_run)
+    (tmp_path / "manifest.csv").write_text("path,score\n")
+    stamp = tmp_path / ".recipe-synth.json"
+    stamp.write_text(json.dumps({"size": "tiny", "seed": 1, "sources": sources_fingerprint()}))
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)
+    assert calls == []                                   # same size, seed and sources: reused
+    stamp.write_text(json.dumps({"size": "tiny", "seed": 1}))   # made before the fingerprint
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)
+    assert len(calls) == 1 and "--force" in calls[0]
+    assert json.loads(stamp.read_text())["sources"] == sources_fingerprint()

@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 8                     # studies per micro-batch (a 3D study holds k slices)
     grad_accum: int = 1                     # micro-batches per optimizer step
     lr: float = 1e-5                        # paper: Adam, 1e-5
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0               # AdamW decoupled decay; 0 = the paper's Adam
     warmup_epochs: float = 1.0
     warmup_start: float = 0.01              # fraction of lr at step 0
     min_lr_ratio: float = 0.01
@@ -67,7 +67,7 @@ class TrainConfig:
     label_max: float | None = None
     label_name: str = "score"
     progress: bool = True
-    time_budget_s: float | None = None     # stop after the epoch that exhausts this wall-clock budget (best kept)
+    time_budget_s: float | None = None     # wall-clock budget: after epoch 1 the lr schedule is shortened to the epochs that fit; training stops after the epoch that exhausts it (best kept)
     log_every: int = 10                     # optimizer steps between progress-bar loss updates
 
     def __post_init__(self) -> None:

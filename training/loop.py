@@ -93,6 +93,21 @@ def lr_factor(step: int, total: int, warmup: int, start: float = 0.01, floor: fl
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def fit_epochs_to_budget(epochs_done: int, run_epochs: int, elapsed_s: float, budget_s: float,
+                         planned: int) -> int:
+    """Epochs the lr schedule should span so that it ends inside the time budget.
+
+    Called once, after the first epoch of a run: ``epochs_done`` counts every finished epoch
+    (earlier runs of a resumed training included), ``run_epochs`` those of this run, which took
+    ``elapsed_s`` seconds, validation included; the budget counts from this run's start. Without
+    it a budget that stops training early leaves the cosine schedule half-way, at a high lr."""
+    if run_epochs <= 0 or elapsed_s <= 0:
+        return planned
+    per_epoch = elapsed_s / run_epochs
+    fits = epochs_done + int(max(0.0, budget_s - elapsed_s) // per_epoch)
+    return max(epochs_done, min(planned, fits))
+
+
 # --------------------------------------------------------------------------------------------
 # Tasks
 
@@ -443,13 +458,17 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     model.to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # AdamW: with weight_decay = 0 (the default) it is the paper's Adam; with decay, the decay is
+    # decoupled from the adaptive step (Loshchilov & Hutter), not an L2 term in the gradient.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # plan["epochs"]: the epochs the schedule spans; cfg.epochs unless a time budget cuts it (below).
+    plan = {"epochs": cfg.epochs}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, steps_per_epoch * plan["epochs"], warmup, cfg.warmup_start,
+                                       cfg.min_lr_ratio))
     scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp
               and autocast_dtype(device) == torch.float16 else None)
 
@@ -468,6 +487,8 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
         info = load_train_state(out, optimizer, scaler)
         scheduler.load_state_dict(info["scheduler"])
         start_epoch, best, best_epoch = info["epoch"], info["best"], info["best_epoch"]
+        if info.get("budget_epochs"):   # a schedule fitted to the time budget stays fitted
+            plan["epochs"] = min(cfg.epochs, int(info["budget_epochs"]))
         bad_epochs, best_metrics, history = info["bad_epochs"], info["best_metrics"], info["history"]
         logger.info("resumed %s at epoch %d (best %s %.4f at epoch %d)", out, start_epoch,
                     task.primary, best, best_epoch)
@@ -482,14 +503,14 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
     t_start = time.perf_counter()
     with _progress(cfg.progress) as prog:
         for epoch in range(start_epoch, cfg.epochs):
-            if bad_epochs >= cfg.patience > 0:
+            if epoch >= plan["epochs"] or bad_epochs >= cfg.patience > 0:
                 break
             if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
                 logger.info("time budget of %.0f s used after %d epochs; stopping", cfg.time_budget_s, epoch)
                 break
             tid = None
             if prog is not None:
-                tid = prog.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(train_loader),
+                tid = prog.add_task(f"{description} {epoch + 1}/{plan['epochs']}", total=len(train_loader),
                                     loss="-", val=last_val)
 
             def on_step(avg: float, _tid: Any = tid) -> None:
@@ -500,6 +521,14 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
                                     scaler, on_step)
             ips.append(stats.images_per_s)
             val = validate(model, task, val_loader, device, cfg.amp) if val_loader is not None else {}
+            if cfg.time_budget_s is not None and epoch == start_epoch:
+                fitted = fit_epochs_to_budget(epoch + 1, 1, time.perf_counter() - t_start,
+                                              cfg.time_budget_s, plan["epochs"])
+                if fitted < plan["epochs"]:
+                    logger.info("time budget %.0f s fits %d epochs (first took %.0f s): the lr "
+                                "schedule now ends at epoch %d instead of %d", cfg.time_budget_s,
+                                fitted, time.perf_counter() - t_start, fitted, plan["epochs"])
+                    plan["epochs"] = fitted
             score = val.get(task.primary, float("nan")) if val_loader is not None else float(epoch)
             improved = score == score and score > best + cfg.min_delta
             if improved:
@@ -525,6 +554,7 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
             save_train_state(out, optimizer, scaler, {
                 "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "best_metrics": best_metrics, "history": history, "scheduler": scheduler.state_dict(),
+                "budget_epochs": plan["epochs"] if plan["epochs"] < cfg.epochs else None,
                 "config": cfg.to_dict()})
     if not (out / BEST).exists() and (out / LAST).exists():
         (out / BEST).write_bytes((out / LAST).read_bytes())

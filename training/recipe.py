@@ -70,9 +70,12 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
 
 
 def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None) -> Path:
-    """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this size and seed."""
+    """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this size and seed made
+    from the current table of base images (``sources_fingerprint``)."""
+    from training.synth.sources import sources_fingerprint
+
     stamp = corpus / ".recipe-synth.json"
-    want = {"size": size, "seed": seed}
+    want = {"size": size, "seed": seed, "sources": sources_fingerprint()}
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
@@ -80,7 +83,7 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
            "--progress" if progress else "--no-progress"]
     if workers:
         cmd += ["--workers", str(workers)]
-    if (corpus / "manifest.csv").is_file():   # a corpus of another size / seed: replace it
+    if (corpus / "manifest.csv").is_file():   # another size / seed / source table: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
     res = subprocess.run(cmd, check=False)

@@ -108,6 +108,11 @@ def sniff_dicom(path: Path) -> str:
             head = fh.read(132)
     except OSError:
         return "no"
+    return _sniff_head(head)
+
+
+def _sniff_head(head: bytes) -> str:
+    """``sniff_dicom`` on the first 132 bytes of a file."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if len(head) < 8:
@@ -122,30 +127,40 @@ def sniff_dicom(path: Path) -> str:
 
 
 def read_dataset(path: Path, *, header_only: bool) -> Any:
-    """pydicom ``Dataset`` of ``path``; raises ``NotDicom`` for anything that is not DICOM."""
+    """pydicom ``Dataset`` of ``path``; raises ``NotDicom`` for anything that is not DICOM.
+
+    The file is opened once: size, sniff and parse use the same handle (the header scan reads
+    every file of an archive, and a second ``open`` per file was a measurable share of it)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
     try:
-        size = path.stat().st_size
+        fh = open(path, "rb")
     except OSError as exc:
-        raise UnreadableInput(f"cannot stat file ({type(exc).__name__})") from None
-    if size == 0:
-        raise NotDicom("empty file (0 bytes)")
-    kind = sniff_dicom(path)
-    if kind == "no":
-        raise NotDicom("no DICOM preamble and no recognisable data elements")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        raise UnreadableInput(f"cannot open file ({type(exc).__name__})") from None
+    with fh:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=(kind == "raw"))
-        except InvalidDicomError:
-            raise NotDicom("not a DICOM file") from None
-        except MediqaError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - parse errors of every kind (see RELIABILITY.md)
-            raise UnreadableInput(f"DICOM header could not be parsed ({type(exc).__name__})") from None
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(132)
+            fh.seek(0)
+        except OSError as exc:
+            raise UnreadableInput(f"cannot read file ({type(exc).__name__})") from None
+        if size == 0:
+            raise NotDicom("empty file (0 bytes)")
+        kind = _sniff_head(head)
+        if kind == "no":
+            raise NotDicom("no DICOM preamble and no recognisable data elements")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=header_only, force=(kind == "raw"))
+            except InvalidDicomError:
+                raise NotDicom("not a DICOM file") from None
+            except MediqaError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - parse errors of every kind (see RELIABILITY.md)
+                raise UnreadableInput(f"DICOM header could not be parsed ({type(exc).__name__})") from None
     if kind == "raw" and not any(k in ds for k in ("SOPClassUID", "Modality", "Rows")):
         raise NotDicom("no DICOM preamble and no image attributes")
     return ds

@@ -7,9 +7,12 @@ MONOCHROME1).
 
 Split units. The held-out splits must not share base images with training. A *unit* is what is
 assigned to a split:
-* CT and MR: one unit per physical source (one patient / one acquisition). With three CT sources
-  each split gets exactly one (train: the 693 head CT, val: CT_small chest, test: the Siemens
-  neck CT ``bad_sequence``).
+* CT and MR: one unit per physical source (one patient / one acquisition). CT has five sources:
+  train gets three (the 693 head slice, an abdomen slice ``explicit_VR-UN`` and a skull-base
+  slice ``J2K_pixelrep_mismatch``, whose pixel-representation quirk pydicom corrects), val the
+  CT_small chest, test the Siemens neck CT ``bad_sequence``. (``eCT_Supplemental`` is not used: a
+  processed, skull-stripped map with air holes, not an acquired image.) MR train has five sources (shoulder, abdomen, three heads of which two ship in
+  dipy: a DWI b0 volume and a T1 coronal slice); val and test keep their own subjects.
 * X-ray and fundus: only two real photographs / radiographs of each kind ship in packages, so
   those images are cut into non-overlapping tiles and the tiles are the units; the val and test
   tiles are image regions never seen in training. This is weaker than a held-out patient and is
@@ -30,6 +33,8 @@ spacing (nominal for single slices).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -96,6 +101,12 @@ SOURCES: tuple[SourceSpec, ...] = (
     # --- CT (HU) ---
     SourceSpec("ct-693", "ct", "head", "soft", "dicom", "693_UNCR.dcm", "pydicom-data", ("train",),
                header={"BodyPartExamined": "HEAD", "Manufacturer": "SYNTH (base: 693 head CT)"}),
+    SourceSpec("ct-abdomen", "ct", "abdomen", "soft", "dicom", "explicit_VR-UN.dcm", "pydicom-data",
+               ("train",), header={"BodyPartExamined": "ABDOMEN",
+                                   "Manufacturer": "SYNTH (base: abdomen CT)"}),
+    SourceSpec("ct-head2", "ct", "head", "soft", "dicom", "J2K_pixelrep_mismatch.dcm", "pydicom",
+               ("train",), header={"BodyPartExamined": "HEAD",
+                                   "Manufacturer": "SYNTH (base: skull-base CT)"}),
     SourceSpec("ct-small", "ct", "chest", "lung", "dicom", "CT_small.dcm", "pydicom", ("val",),
                header={"BodyPartExamined": "CHEST", "Manufacturer": "SYNTH (base: GE CT_small)"}),
     SourceSpec("ct-neck", "ct", "other", "soft", "dicom", "bad_sequence.dcm", "pydicom-data",
@@ -111,6 +122,12 @@ SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec("mr-anatomical", "mr", "head", "t1", "nifti", "anatomical.nii", "nibabel", ("train",),
                header={"BodyPartExamined": "HEAD", "RepetitionTime": 500.0, "EchoTime": 15.0,
                        "SeriesDescription": "T1 3D"}),
+    SourceSpec("mr-dwi", "mr", "head", "dwi", "dipy_nifti", "S0_10slices.nii.gz", "dipy", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 8000.0, "EchoTime": 80.0,
+                       "SeriesDescription": "DWI b0"}),
+    SourceSpec("mr-t1cor", "mr", "head", "t1", "dipy_npy", "t1_coronal_slice.npy", "dipy", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 2000.0, "EchoTime": 3.0,
+                       "SeriesDescription": "T1 MPRAGE COR"}),
     SourceSpec("mr-emri", "mr", "head", "t1", "dicom", "emri_small.dcm", "pydicom-data", ("val",),
                header={"BodyPartExamined": "HEAD", "RepetitionTime": 9.0, "EchoTime": 4.6,
                        "SeriesDescription": "T1 TFE"}),
@@ -130,6 +147,16 @@ SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec("fundus-retina", "fundus", "eye", "color", "skimage", "retina.jpg", "scikit-image",
                ("train", "train", "val", "test"), grid=(2, 2)),
 )
+
+
+def sources_fingerprint() -> str:
+    """12 hex digits that change whenever the table of sources, their labels or splits change.
+
+    Recorded next to a generated corpus so that a recipe never reuses a corpus made from another
+    table (see ``training.recipe.ensure_corpus``)."""
+    rows = [[s.name, s.modality, s.region, s.type, s.loader, s.arg, list(s.splits), list(s.grid),
+             list(s.crop_x)] for s in SOURCES]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def source_by_name(name: str) -> SourceSpec:
@@ -199,6 +226,36 @@ def _load_nifti(name: str, four_d: bool) -> tuple[np.ndarray, tuple[float, float
     return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), float(zooms[2])
 
 
+def _dipy_file(name: str) -> Any:
+    try:
+        ref = resources.files("dipy") / "data" / "files" / name
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(f"{name} ships in dipy: pip install dipy") from exc
+    return ref
+
+
+def _load_dipy_nifti(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    """A dipy NIfTI (x, y, z[, t]) → (z, y, x) with y down the rows; first volume of a 4D file."""
+    import nibabel as nib
+
+    with resources.as_file(_dipy_file(name)) as p:
+        img = nib.load(str(p))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = img.header.get_zooms()
+    if data.ndim == 4:
+        data = data[..., 0]
+    vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])
+    # S0_10slices stores 10 thin-slab slices with a nominal 53 mm z-zoom: keep a sane spacing.
+    return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), float(min(zooms[2], 5.0))
+
+
+def _load_dipy_npy(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    """A single 2D slice saved as .npy (dipy's T1 coronal slice, values in [0, 1], 1 mm nominal)."""
+    with resources.as_file(_dipy_file(name)) as p:
+        arr = np.load(str(p), allow_pickle=False).astype(np.float32)
+    return np.clip(arr, 0.0, None)[None], (1.0, 1.0), 1.0
+
+
 def _load_skimage(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     ref = resources.files("skimage") / "data" / name
     with resources.as_file(ref) as p:
@@ -211,6 +268,8 @@ _LOADERS: dict[str, Callable[[str], tuple[np.ndarray, tuple[float, float], float
     "nifti": lambda n: _load_nifti(n, False),
     "nifti4d": lambda n: _load_nifti(n, True),
     "skimage": _load_skimage,
+    "dipy_nifti": _load_dipy_nifti,
+    "dipy_npy": _load_dipy_npy,
 }
 
 
