@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--spin", action="store_true",
                     help="let onnxruntime's idle threads spin (its default; score_studies turns it off)")
+    ap.add_argument("--reader-nice", type=int, default=None,
+                    help="ScoreConfig.reader_nice of the scanner and readers (default: the pipeline's)")
     ap.add_argument("--work", default=None, help="folder for the corpus (default: a temporary one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -118,6 +120,8 @@ def main() -> None:
                            **({"threads": args.threads} if args.threads else {}),
                            spin=args.spin)   # the pipeline opens its backend with spin=False
     cfg = ScoreConfig(batch_size=args.batch_size, workers=args.workers, privacy_key=b"bench-key-0123456789")
+    if args.reader_nice is not None:
+        cfg = cfg.replace(reader_nice=args.reader_nice)
 
     # Warm-up (first-call allocations, lazy initialisation) on a couple of batches.
     s = int(backend.card.preprocess.get("image_size", 224))
@@ -178,6 +182,7 @@ def main() -> None:
     rows = [
         ("model / backend", f"{backend.card.preset} / {backend.describe()}"),
         ("studies (ok / all)", f"{len(ok)} / {len(recs)}"),
+        ("reader workers / reader nice", f"{cfg.workers} / {cfg.reader_nice}"),
         ("end-to-end studies/s", f"{len(recs) / e2e:.2f}"),
         ("end-to-end slices inferred/s", f"{e2e_sps:.1f}"),
         ("engine-only slices/s (same batches)", f"{eng_sps:.1f}"),

@@ -247,3 +247,57 @@ def test_decoder_coverage_table_in_readme_is_right(pydicom_test_dir: Path, testd
     assert sorted(failed) == ["JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
                               "emri_small_jpeg_2k_lossless_too_short.dcm"]
     assert (ok, ok + len(failed)) == _readme_coverage()
+
+
+def _every_test_file() -> list[Path]:
+    import pydicom.data
+    from pydicom.data import get_testdata_file
+
+    dirs = [Path(pydicom.data.__file__).parent / "test_files"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = get_testdata_file("693_UNCR.dcm")   # pydicom-data's folder, when installed
+    if store is not None:
+        dirs.append(Path(store).parent)
+    return sorted({p for d in dirs for p in d.rglob("*.dcm") if p.is_file()})
+
+
+def test_fast_header_read_equals_the_full_header() -> None:
+    """The header scan stops after group 0028 for classic single-frame images; on every DICOM
+    test file in pydicom and pydicom-data it must give the same DicomHeader, or the same error,
+    as parsing the whole header before the pixel data (what it did before)."""
+    from engines.io.dicom import _sniff_head, header_from_dataset
+
+    def outcome(read) -> object:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return header_from_dataset(path, read(path))
+        except MediqaError as exc:
+            return ("error", exc.code)
+        except Exception as exc:  # noqa: BLE001 - compared, not raised
+            return ("exception", type(exc).__name__)
+
+    def whole_header(p: Path):
+        kind = _sniff_head(p.read_bytes()[:132])
+        if kind == "no":
+            raise MediqaError("not DICOM", code="not_dicom")
+        return pydicom.dcmread(p, stop_before_pixels=True, force=kind == "raw")
+
+    files = _every_test_file()
+    assert len(files) > 70
+    cut_short = 0
+    for path in files:
+        fast = outcome(lambda p: read_dataset(p, header_only=True))
+        ref = outcome(whole_header)
+        if fast == ("error", "not_dicom") or ref == ("error", "unreadable"):
+            continue
+        assert fast == ref, path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fast_ds, ref_ds = read_dataset(path, header_only=True), whole_header(path)
+            except Exception:  # noqa: BLE001 - failures were compared above
+                continue
+        cut_short += len(fast_ds) < len(ref_ds)
+    assert cut_short >= 5   # the early stop is taken (11 files here: private groups, overlays)

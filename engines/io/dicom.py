@@ -126,13 +126,25 @@ def _sniff_head(head: bytes) -> str:
     return "no"
 
 
+def _past_image_module(tag: Any, vr: Any, length: int) -> bool:
+    """Header-scan stop: every element the scan uses (``DicomHeader``, the meta whitelist) lies in
+    groups 0002-0028; what follows in a single-frame file is private data (e.g. Siemens CSA in
+    0029, GE in 0043), overlays and pixel data."""
+    return int(tag) > 0x0028FFFF
+
+
 def read_dataset(path: Path, *, header_only: bool) -> Any:
     """pydicom ``Dataset`` of ``path``; raises ``NotDicom`` for anything that is not DICOM.
 
     The file is opened once: size, sniff and parse use the same handle (the header scan reads
-    every file of an archive, and a second ``open`` per file was a measurable share of it)."""
+    every file of an archive, and a second ``open`` per file was a measurable share of it).
+    ``header_only``: elements up to group 0028 (``_past_image_module``) for a classic single-frame
+    image (no NumberOfFrames, a top-level PixelSpacing / ImagerPixelSpacing), else the whole
+    header before the pixel data (``tests/test_dicom.py`` checks both give the same
+    ``DicomHeader`` on every pydicom / pydicom-data test file)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_partial
 
     path = Path(path)
     try:
@@ -154,7 +166,16 @@ def read_dataset(path: Path, *, header_only: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(fh, stop_before_pixels=header_only, force=(kind == "raw"))
+                if header_only:
+                    ds = read_partial(fh, _past_image_module, force=(kind == "raw"))
+                    if "NumberOfFrames" in ds or not ("PixelSpacing" in ds or "ImagerPixelSpacing" in ds):
+                        # Multi-frame and enhanced objects (SEG too, even with one frame) keep
+                        # geometry and spacing in the functional groups (5200,xxxx); objects
+                        # without a top-level spacing may as well: read the whole header.
+                        fh.seek(0)
+                        ds = pydicom.dcmread(fh, stop_before_pixels=True, force=(kind == "raw"))
+                else:
+                    ds = pydicom.dcmread(fh, stop_before_pixels=False, force=(kind == "raw"))
             except InvalidDicomError:
                 raise NotDicom("not a DICOM file") from None
             except MediqaError:
