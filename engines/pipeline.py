@@ -540,6 +540,27 @@ def _expand_grey(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _warm_imports() -> None:
+    """Import what every study needs before the first one arrives: a fresh reader spends ~1 s
+    importing pydicom, Pillow and scikit-image's Otsu threshold, and it would otherwise do so
+    on the first study, while the engine waits (the header scanner is busy with the first
+    series meanwhile). NIfTI support (nibabel) stays lazy: many archives have none."""
+    import importlib
+
+    for name in ("pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin",
+                 "skimage.filters"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a missing optional module is imported (and reported) when used
+            logger.debug("warm import of %s failed", name, exc_info=True)
+    try:
+        from skimage.filters import threshold_otsu  # lazy module: the attribute loads it
+
+        threshold_otsu(np.arange(4.0))
+    except Exception:  # noqa: BLE001
+        logger.debug("warm import of threshold_otsu failed", exc_info=True)
+
+
 def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
                  min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0) -> None:
     """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
@@ -547,6 +568,11 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
     _quiet_child(log_level)
     cfg = PreprocessConfig.from_dict(cfg_dict)
     run_plugins(plugins)
+    _warm_imports()
+    try:
+        conn.send(_READY)   # the study clock starts now, not at spawn (see _Worker.deadline)
+    except (EOFError, OSError, BrokenPipeError):
+        return
     while True:
         try:
             msg = conn.recv()
@@ -567,8 +593,18 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
             return
 
 
+_READY = "ready"          # a reader's first message: imports done, studies can be timed
+STARTUP_LIMIT_S = 60.0    # a reader that is not ready after this long counts as stuck
+MAX_STARTUP_FAILURES = 3  # readers dying before they are ready more often: the run stops with an error
+
+
 class _Worker:
-    """One killable reader process with a duplex pipe and its queue of assigned studies."""
+    """One killable reader process with a duplex pipe and its queue of assigned studies.
+
+    ``started``: when the current study's clock started (assignment, or the worker's ready
+    message when it came later). Until the ready message, the limit is ``STARTUP_LIMIT_S``:
+    spawning and importing (a second or more on a loaded machine or a cold disk) must not eat
+    the first study's time limit."""
 
     def __init__(self, ctx: Any, args: tuple) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
@@ -577,6 +613,10 @@ class _Worker:
         child.close()
         self.tasks: deque[tuple[int, Any]] = deque()
         self.started = time.monotonic()
+        self.ready = False
+
+    def deadline(self, timeout_s: float) -> float:
+        return self.started + (timeout_s if self.ready else max(timeout_s, STARTUP_LIMIT_S))
 
     def kill(self) -> None:
         try:
@@ -640,6 +680,7 @@ class _Feeder(threading.Thread):
         self.window = cfg.window or (4 * self.n_workers + 2 * cfg.batch_size)
         self.timeouts = 0
         self.restarts = 0
+        self.startup_failures = 0
         self.in_flight = 0
 
     def run(self) -> None:
@@ -697,6 +738,7 @@ class _Feeder(threading.Thread):
                     w.tasks.append(item)
                     w.conn.send(item)
             busy = [w for w in workers if w.tasks]
+            starting = [w for w in workers if not w.ready and not w.tasks]
             # A scanner still walking the tree counts only once it has studies ready: while it is
             # busy (a huge folder), the consumer may run the partial batch it already holds.
             self.in_flight = (sum(len(w.tasks) for w in busy) + len(retry)
@@ -706,33 +748,51 @@ class _Feeder(threading.Thread):
             # Wait for a worker's result, or for the scanner when a study could be handed out.
             want_ref = (not exhausted and seq - self.emitted() < self.window
                         and any(len(w.tasks) < depth for w in workers))
-            waitables = [w.conn for w in busy] + ([source.conn] if want_ref else [])
+            waitables = ([w.conn for w in busy] + [w.conn for w in starting]
+                         + ([source.conn] if want_ref else []))
             if not waitables:
                 # Window full of studies waiting for inference: let the consumer catch up.
                 time.sleep(0.005)
                 continue
             now = time.monotonic()
-            wait_s = min([w.started + self.cfg.timeout_s for w in busy], default=now + 0.25) - now
+            wait_s = min([w.deadline(self.cfg.timeout_s) for w in busy], default=now + 0.25) - now
             ready = mpc.wait(waitables, timeout=min(max(0.0, wait_s), 0.25))
-            for w in busy:
+            for w in busy + starting:
                 if w.conn in ready:
                     try:
-                        s, ok, payload = w.conn.recv()
+                        msg = w.conn.recv()
                     except (EOFError, OSError):
+                        if not w.ready:   # died while starting: no study is to blame
+                            self.startup_failures += 1
+                            if self.startup_failures > MAX_STARTUP_FAILURES:
+                                raise MediqaError("reader processes die while starting (see the "
+                                                  "log of a run with --verbose)", code="internal")
+                            retry.extendleft(reversed(list(w.tasks)))
+                            w.tasks.clear()
+                            w.kill()
+                            self.restarts += 1
+                            workers[workers.index(w)] = _Worker(self.ctx, self.worker_args)
+                            continue
                         # The process died (e.g. killed by the OOM killer): its current study fails.
                         self._replace(workers, w, retry, code="internal",
                                       message="reader process died")
                         continue
+                    if msg == _READY:
+                        w.ready = True
+                        w.started = time.monotonic()
+                        continue
+                    s, ok, payload = msg
                     w.tasks.popleft()
                     w.started = time.monotonic()
                     self.out.put(("ready" if ok else "fail", s, payload))
             now = time.monotonic()
             for w in list(workers):
-                if w.tasks and now - w.started > self.cfg.timeout_s:
+                if w.tasks and now > w.deadline(self.cfg.timeout_s):
                     self.timeouts += 1
                     self._replace(workers, w, retry, code="timeout",
-                                  message=f"reading took longer than {self.cfg.timeout_s:g} s; "
-                                          "the reader process was killed")
+                                  message=(f"reading took longer than {self.cfg.timeout_s:g} s; "
+                                           "the reader process was killed") if w.ready else
+                                  f"the reader process did not start within {STARTUP_LIMIT_S:g} s")
 
     def _replace(self, workers: list[_Worker], w: _Worker, retry: deque, *, code: str,
                  message: str) -> None:

@@ -231,6 +231,50 @@ def register_hanging_reader() -> None:
     register_opener(lambda ref: ref.rel_path.endswith(".hang.png"), opener)
 
 
+def slow_start_plugin() -> None:
+    """Test plugin: a reader process takes 3 s to start (a cold disk, a loaded machine)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().name != "MainProcess":
+        time.sleep(3.0)
+
+
+def dying_start_plugin() -> None:
+    """Test plugin: every reader process dies while starting."""
+    import multiprocessing
+    import os
+
+    if multiprocessing.current_process().name != "MainProcess":
+        os._exit(3)
+
+
+def test_reader_startup_does_not_count_against_the_study_limit(artifact: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.backends.torch_backend import TorchBackend
+    from engines.pipeline import PLUGINS_ENV, score_studies
+
+    monkeypatch.setenv(PLUGINS_ENV, "tests.test_pipeline:slow_start_plugin")
+    write_png(tmp_path / "a.png", seed=1)
+    write_png(tmp_path / "b.png", seed=2)
+    with TorchBackend(artifact) as b:
+        recs = list(score_studies(tmp_path, b, _cfg(timeout_s=1.5)))
+    assert [r.status for r in recs] == ["ok", "ok"], [(r.error_code, r.error) for r in recs]
+
+
+def test_readers_dying_at_startup_stop_the_run(artifact: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.backends.torch_backend import TorchBackend
+    from engines.errors import MediqaError
+    from engines.pipeline import PLUGINS_ENV, score_studies
+
+    monkeypatch.setenv(PLUGINS_ENV, "tests.test_pipeline:dying_start_plugin")
+    write_png(tmp_path / "a.png", seed=1)
+    t0 = time.monotonic()
+    with TorchBackend(artifact) as b, pytest.raises(MediqaError, match="die while starting"):
+        list(score_studies(tmp_path, b, _cfg()))
+    assert time.monotonic() - t0 < 60
+
+
 def test_reuse_callback_skips_scoring(artifact: Path, small_corpus: Path) -> None:
     from engines.backends.torch_backend import TorchBackend
     from engines.pipeline import ScoreRecord, score_studies
