@@ -224,3 +224,39 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)
     assert len(calls) == 1 and "--force" in calls[0]
     assert json.loads(stamp.read_text())["sources"] == sources_fingerprint()
+
+
+def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: Path) -> None:
+    from training import recipe
+    from training.tasks import TrainOutcome
+
+    calls: list[TrainConfig] = []
+
+    def fake_stage(manifest: Path, cfg: TrainConfig) -> TrainOutcome:
+        calls.append(cfg)
+        art = Path(cfg.out) / "model.safetensors"
+        art.parent.mkdir(parents=True, exist_ok=True)
+        art.write_bytes(f"weights of run {len(calls)}".encode())
+        return TrainOutcome(artifact=art, metrics={"val": {"srcc": 0.5}}, data_summary={"n": 3},
+                            images_per_s=2.0, members=[art])
+
+    inp = tmp_path / "pre.safetensors"
+    inp.write_bytes(b"pretrained")
+    cfg = TrainConfig(task="classifier", epochs=2, out=str(tmp_path / "stage"))
+    corpus = {"size": "tiny", "seed": 0, "sources": "abc"}
+    first = recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg, corpus, [inp])
+    again = recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(progress=False), corpus, [inp])
+    assert len(calls) == 1 and again.artifact == first.artifact and again.metrics == first.metrics
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0), corpus, [inp])
+    assert len(calls) == 2                                        # another configuration
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0), corpus, [inp])
+    assert len(calls) == 2
+    inp.write_bytes(b"pretrained again")                          # another input artifact
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0), corpus, [inp])
+    assert len(calls) == 3
+    (tmp_path / "stage" / "model.safetensors").write_bytes(b"edited by hand")   # output changed
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0), corpus, [inp])
+    assert len(calls) == 4
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0),
+                      dict(corpus, seed=1), [inp])                 # another corpus
+    assert len(calls) == 5

@@ -93,6 +93,51 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
     return corpus / "manifest.csv"
 
 
+STAGE_DONE = "recipe-stage.json"
+
+
+def stage_key(cfg: TrainConfig, corpus_id: dict[str, Any], inputs: list[Path]) -> dict[str, Any]:
+    """What decides a stage's output: its configuration (progress display aside), the corpus
+    (size, seed, source fingerprint) and the sha256 of its input artifacts."""
+    from engines.pipeline import file_sha256  # noqa: PLC0415
+    from training.tasks import jsonable  # noqa: PLC0415
+
+    key = {"config": {k: v for k, v in cfg.to_dict().items() if k != "progress"},
+           "corpus": corpus_id, "inputs": [file_sha256(p) for p in inputs]}
+    return json.loads(json.dumps(jsonable(key)))
+
+
+def _run_stage(fn: Any, manifest: Path, cfg: TrainConfig, corpus_id: dict[str, Any],
+               inputs: list[Path]) -> Any:
+    """Run one stage, or reuse its finished output: a stage folder holding ``recipe-stage.json``
+    written by a run with the same configuration (progress aside), the same corpus and the same
+    input artifact (sha256) is not trained again. An edit to one stage of a recipe (say the
+    classifier's budget) then re-runs that stage and the ones after it, not the hour before it."""
+    from engines.pipeline import file_sha256  # noqa: PLC0415
+    from training.tasks import TrainOutcome, jsonable  # noqa: PLC0415
+
+    key = stage_key(cfg, corpus_id, inputs)
+    done = Path(cfg.out) / STAGE_DONE
+    if done.is_file():
+        try:
+            rec = json.loads(done.read_text())
+        except ValueError:
+            rec = {}
+        artifact = Path(rec.get("outcome", {}).get("artifact", ""))
+        if rec.get("key") == key and artifact.is_file() and file_sha256(artifact) == rec.get("sha256"):
+            logger.info("stage %s: reusing %s (same configuration, corpus and inputs)", cfg.task, artifact)
+            o = rec["outcome"]
+            return TrainOutcome(artifact=artifact, metrics=o["metrics"], data_summary=o["data_summary"],
+                                images_per_s=o["images_per_s"], members=[Path(m) for m in o["members"]])
+    done.unlink(missing_ok=True)
+    out = fn(manifest, cfg)
+    done.write_text(json.dumps(jsonable({
+        "key": key, "sha256": file_sha256(out.artifact),
+        "outcome": {"artifact": str(out.artifact), "metrics": out.metrics, "data_summary": out.data_summary,
+                    "images_per_s": out.images_per_s, "members": [str(m) for m in out.members]}}), indent=1))
+    return out
+
+
 def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | Path | None = None,
                output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the recipe at ``path``; returns {"artifact", "metrics", "stages"}."""
@@ -108,13 +153,15 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"))
     cache = work / "cache"
 
+    corpus_id = json.loads((work / "corpus" / ".recipe-synth.json").read_text()) \
+        if (work / "corpus" / ".recipe-synth.json").is_file() else {"size": size, "seed": seed}
     pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
-    pre = run_pretrain(manifest, pre_cfg)
+    pre = _run_stage(run_pretrain, manifest, pre_cfg, corpus_id, [])
     ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)
     ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(pre.artifact))
-    ft = run_finetune(manifest, ft_cfg)
+    ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [pre.artifact])
     cl_cfg = _stage_config(recipe, "classifier", "classifier", work / "runs" / "classifier", cache, device, progress)
-    cl = run_classifier(manifest, cl_cfg)
+    cl = _run_stage(run_classifier, manifest, cl_cfg, corpus_id, [])
 
     ft_groups, ft_card = load_tensors(ft.artifact)
     cl_groups, cl_card = load_tensors(cl.artifact)
