@@ -767,11 +767,7 @@ class _Feeder(threading.Thread):
                             if self.startup_failures > MAX_STARTUP_FAILURES:
                                 raise MediqaError("reader processes die while starting (see the "
                                                   "log of a run with --verbose)", code="internal")
-                            retry.extendleft(reversed(list(w.tasks)))
-                            w.tasks.clear()
-                            w.kill()
-                            self.restarts += 1
-                            workers[workers.index(w)] = _Worker(self.ctx, self.worker_args)
+                            self._replace(workers, w, retry)
                             continue
                         # The process died (e.g. killed by the OOM killer): its current study fails.
                         self._replace(workers, w, retry, code="internal",
@@ -794,16 +790,19 @@ class _Feeder(threading.Thread):
                                            "the reader process was killed") if w.ready else
                                   f"the reader process did not start within {STARTUP_LIMIT_S:g} s")
 
-    def _replace(self, workers: list[_Worker], w: _Worker, retry: deque, *, code: str,
-                 message: str) -> None:
-        s, _ref = w.tasks.popleft()
+    def _replace(self, workers: list[_Worker], w: _Worker, retry: deque, *, code: str | None = None,
+                 message: str = "") -> None:
+        """Kill ``w`` and start another reader. With ``code`` its current study fails with it;
+        without (a reader that died while starting) every study it held is retried."""
+        failed = w.tasks.popleft() if code is not None else None
         others = list(w.tasks)
         w.tasks.clear()
         w.kill()
         self.restarts += 1
         workers[workers.index(w)] = _Worker(self.ctx, self.worker_args)
         retry.extendleft(reversed(others))
-        self.out.put(("fail", s, (code, message)))
+        if failed is not None:
+            self.out.put(("fail", failed[0], (code, message)))
 
 
 def _classifier_prompts_row(out: dict[str, np.ndarray], j: int, vocab: PromptVocab) -> dict[str, str]:

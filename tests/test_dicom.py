@@ -249,20 +249,7 @@ def test_decoder_coverage_table_in_readme_is_right(pydicom_test_dir: Path, testd
     assert (ok, ok + len(failed)) == _readme_coverage()
 
 
-def _every_test_file() -> list[Path]:
-    import pydicom.data
-    from pydicom.data import get_testdata_file
-
-    dirs = [Path(pydicom.data.__file__).parent / "test_files"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = get_testdata_file("693_UNCR.dcm")   # pydicom-data's folder, when installed
-    if store is not None:
-        dirs.append(Path(store).parent)
-    return sorted({p for d in dirs for p in d.rglob("*.dcm") if p.is_file()})
-
-
-def test_fast_header_read_equals_the_full_header() -> None:
+def test_fast_header_read_equals_the_full_header(pydicom_test_dir: Path, testdata_file) -> None:
     """The header scan stops after group 0028 for classic single-frame images; on every DICOM
     test file in pydicom and pydicom-data it must give the same DicomHeader, or the same error,
     as parsing the whole header before the pixel data (what it did before)."""
@@ -284,7 +271,8 @@ def test_fast_header_read_equals_the_full_header() -> None:
             raise MediqaError("not DICOM", code="not_dicom")
         return pydicom.dcmread(p, stop_before_pixels=True, force=kind == "raw")
 
-    files = _every_test_file()
+    dirs = {pydicom_test_dir, testdata_file("693_UNCR.dcm").parent}   # pydicom, pydicom-data
+    files = sorted({p for d in dirs for p in d.rglob("*.dcm") if p.is_file()})
     assert len(files) > 70
     cut_short = 0
     for path in files:

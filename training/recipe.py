@@ -36,6 +36,7 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier")
+CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
 SYNTH_KEYS = ("size", "seed", "workers")
 
 
@@ -74,7 +75,7 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
     from the current table of base images (``sources_fingerprint``)."""
     from training.synth.sources import sources_fingerprint
 
-    stamp = corpus / ".recipe-synth.json"
+    stamp = corpus / CORPUS_STAMP
     want = {"size": size, "seed": seed, "sources": sources_fingerprint()}
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
@@ -153,8 +154,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"))
     cache = work / "cache"
 
-    corpus_id = json.loads((work / "corpus" / ".recipe-synth.json").read_text()) \
-        if (work / "corpus" / ".recipe-synth.json").is_file() else {"size": size, "seed": seed}
+    corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
     pre = _run_stage(run_pretrain, manifest, pre_cfg, corpus_id, [])
     ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)

@@ -211,19 +211,24 @@ def _load_dicom(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     return arr, pixel, thick
 
 
-def _load_nifti(name: str, four_d: bool) -> tuple[np.ndarray, tuple[float, float], float]:
+def _read_nifti(ref: Any, max_slice_mm: float | None = None) -> tuple[np.ndarray, tuple[float, float], float]:
+    """A NIfTI file shipped in a package (x, y, z[, t]) → (z, y, x) with y down the rows, ≥ 0;
+    the first volume of a 4D file. ``max_slice_mm`` caps a nonsensical nominal z-zoom."""
     import nibabel as nib
 
-    ref = resources.files("nibabel") / "tests" / "data" / name
     with resources.as_file(ref) as p:
         img = nib.load(str(p))
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = img.header.get_zooms()
-    if four_d:
+    if data.ndim == 4:
         data = data[..., 0]
-    # NIfTI (x, y, z) → (z, y, x) with y down the rows.
     vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])
-    return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), float(zooms[2])
+    slice_mm = float(zooms[2]) if max_slice_mm is None else float(min(zooms[2], max_slice_mm))
+    return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), slice_mm
+
+
+def _load_nifti(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    return _read_nifti(resources.files("nibabel") / "tests" / "data" / name)
 
 
 def _dipy_file(name: str) -> Any:
@@ -235,18 +240,8 @@ def _dipy_file(name: str) -> Any:
 
 
 def _load_dipy_nifti(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
-    """A dipy NIfTI (x, y, z[, t]) → (z, y, x) with y down the rows; first volume of a 4D file."""
-    import nibabel as nib
-
-    with resources.as_file(_dipy_file(name)) as p:
-        img = nib.load(str(p))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        zooms = img.header.get_zooms()
-    if data.ndim == 4:
-        data = data[..., 0]
-    vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])
     # S0_10slices stores 10 thin-slab slices with a nominal 53 mm z-zoom: keep a sane spacing.
-    return np.clip(vol, 0.0, None), (float(zooms[1]), float(zooms[0])), float(min(zooms[2], 5.0))
+    return _read_nifti(_dipy_file(name), max_slice_mm=5.0)
 
 
 def _load_dipy_npy(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
@@ -265,8 +260,8 @@ def _load_skimage(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
 
 _LOADERS: dict[str, Callable[[str], tuple[np.ndarray, tuple[float, float], float]]] = {
     "dicom": _load_dicom,
-    "nifti": lambda n: _load_nifti(n, False),
-    "nifti4d": lambda n: _load_nifti(n, True),
+    "nifti": _load_nifti,
+    "nifti4d": _load_nifti,     # 4D: the first volume (the key stays: it names the source's file kind)
     "skimage": _load_skimage,
     "dipy_nifti": _load_dipy_nifti,
     "dipy_npy": _load_dipy_npy,
