@@ -841,37 +841,50 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
         config = config.replace(privacy_key=study_key())
 
     owns_backend = not hasattr(backend_or_model_path, "score")
+    holder: dict[str, Any] = {}
     if owns_backend:
+        from engines.artifact import load_card
         from engines.backends.auto import open_backend
-    # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
-    backend = (open_backend(backend_or_model_path, backend=config.backend, device=config.device,
-                            spin=False)
-               if owns_backend else backend_or_model_path)
+
+        model_path: Any = Path(backend_or_model_path)
+        # The card alone (no weights): the scanner and readers start, and import, while the
+        # backend loads the model (both take about a second on a small machine).
+        card = load_card(model_path)
+
+        def get_backend() -> Any:
+            if "b" not in holder:
+                # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
+                holder["b"] = open_backend(model_path, backend=config.backend, device=config.device,
+                                           spin=False)
+            return holder["b"]
+    else:
+        card = backend_or_model_path.card
+        model_path = getattr(backend_or_model_path, "path", None)
+
+        def get_backend() -> Any:
+            return backend_or_model_path
     try:
-        card = backend.card
-        model_path = getattr(backend, "path", None) or (backend_or_model_path if owns_backend else None)
         model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
         model_label = f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)
-        backend_name = str(getattr(backend, "name", type(backend).__name__))
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()
         k = int(getattr(card, "n_slices", 7) or 7)
         scale = dict(card.label_scale or {})
         lo, hi = float(scale.get("min", 0.0)), float(scale.get("max", 1.0))
-        yield from _run(root, backend, config, reuse, make_study_id, pcfg, vocab,
-                        k, lo, hi, model_label, model_hash, backend_name,
+        yield from _run(root, get_backend, config, reuse, make_study_id, pcfg, vocab,
+                        k, lo, hi, model_label,
                         logging.getLogger().getEffectiveLevel() if log_level is None else log_level)
     finally:
-        if owns_backend:
+        if "b" in holder:
             try:
-                backend.__exit__(None, None, None)
+                holder["b"].__exit__(None, None, None)
             except Exception:  # noqa: BLE001
                 logger.debug("closing the backend failed", exc_info=True)
 
 
-def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, make_study_id: Any,
-         pcfg: PreprocessConfig, vocab: PromptVocab, k: int, lo: float, hi: float, model_label: str, model_hash: str, backend_name: str,
-         log_level: int) -> Iterator[ScoreRecord]:
+def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse: Any,
+         make_study_id: Any, pcfg: PreprocessConfig, vocab: PromptVocab, k: int, lo: float,
+         hi: float, model_label: str, log_level: int) -> Iterator[ScoreRecord]:
     from engines.prompts import Prompt, encode_prompt
 
     state: dict[int, _Study] = {}
@@ -883,6 +896,13 @@ def _run(root: Path, backend: Any, config: ScoreConfig, reuse: Any, make_study_i
     to_classify: deque[int] = deque()
     feeder.start()
     finished_feeding = False
+    try:
+        backend = get_backend()   # opened after the feeder started: model load and reader start overlap
+    except BaseException:
+        feeder.stop_event.set()
+        feeder.join(10)
+        raise
+    backend_name = str(getattr(backend, "name", type(backend).__name__))
 
     def sid(ref: Any) -> str:
         # Series split by orientation / echo share a UID: the "#n" suffix keeps their ids apart;

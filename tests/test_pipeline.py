@@ -275,6 +275,31 @@ def test_readers_dying_at_startup_stop_the_run(artifact: Path, tmp_path: Path,
     assert time.monotonic() - t0 < 60
 
 
+def test_readers_start_while_the_model_loads(artifact: Path, small_corpus: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a model path, score_studies reads only the card, starts the header scanner and the
+    readers, then loads the model: their spawn and imports overlap the model load."""
+    import multiprocessing
+
+    import engines.backends.auto as auto
+    from engines.pipeline import score_studies
+
+    real = auto.open_backend
+    children_at_open: list[int] = []
+
+    def spy(*a, **kw):
+        deadline = time.monotonic() + 10.0   # the feeder thread spawns them asynchronously
+        while not multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        children_at_open.append(len(multiprocessing.active_children()))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(auto, "open_backend", spy)
+    recs = list(score_studies(small_corpus, artifact, _cfg()))
+    assert children_at_open and children_at_open[0] >= 1
+    assert [r.status for r in recs] == ["ok"] * 4
+
+
 def test_reuse_callback_skips_scoring(artifact: Path, small_corpus: Path) -> None:
     from engines.backends.torch_backend import TorchBackend
     from engines.pipeline import ScoreRecord, score_studies
