@@ -62,6 +62,35 @@ def make_corpus(root: Path, n_series: int, n_slices: int, n_images: int, seed: i
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:04d}.png")
 
 
+class TimedBackend:
+    """A backend wrapper that logs when each engine call starts and how long it runs: the
+    end-to-end pass's engine-busy time and its time to the first batch (startup: spawning the
+    scanner and readers, their imports, the first study read) come from it."""
+
+    def __init__(self, backend: object) -> None:
+        self._b = backend
+        self.calls: list[tuple[float, float]] = []   # (start, duration), perf_counter seconds
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def _timed(self, name: str, *a: object) -> object:
+        t = time.perf_counter()
+        try:
+            return getattr(self._b, name)(*a)
+        finally:
+            self.calls.append((t, time.perf_counter() - t))
+
+    def score(self, images: object, prompts: object) -> object:
+        return self._timed("score", images, prompts)
+
+    def classify(self, images: object) -> object:
+        return self._timed("classify", images)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._b, name)
+
+
 def pick_model(work: Path, explicit: str | None) -> tuple[Path, str]:
     import engines
 
@@ -173,11 +202,29 @@ def main() -> None:
                 pass
             done.wait(0.2)
 
+    import resource
+
+    timed = TimedBackend(backend)
+
+    def end_to_end() -> tuple[list, dict[str, float]]:
+        """One end-to-end pass: records, wall time, engine-busy time, time to the first batch,
+        CPU seconds of the main process (engine threads included) and of its children (the
+        header scanner and the readers, reaped when the pass ends)."""
+        timed.reset()
+        ru0 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        t0 = time.perf_counter()
+        out = list(score_studies(root, timed, cfg))
+        wall = time.perf_counter() - t0
+        ru1 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        cpu = [(b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime) for a, b in zip(ru0, ru1)]
+        return out, {"wall": wall, "busy": sum(d for _, d in timed.calls),
+                     "first": (timed.calls[0][0] - t0) if timed.calls else wall,
+                     "cpu_main": cpu[0], "cpu_children": cpu[1]}
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    t0 = time.perf_counter()
-    recs = list(score_studies(root, backend, cfg))
-    e2e = time.perf_counter() - t0
+    recs, pass1 = end_to_end()
+    e2e = pass1["wall"]
     done.set()
     ok = [r for r in recs if r.status == "ok"]
     inferred = sum(len(r.salient_slices) for r in ok)
@@ -199,18 +246,22 @@ def main() -> None:
             left -= n
     engine = time.perf_counter() - t0
     e2e_runs = [e2e]
+    passes = [pass1]
     if args.passes == 3:
         # end-to-end again: the ratio uses the mean of the passes around the engine-only one,
         # which cancels a linear drift of a shared machine's speed (an A-B-A design).
-        t0 = time.perf_counter()
-        again = list(score_studies(root, backend, cfg))
-        e2e_runs.append(time.perf_counter() - t0)
+        again, pass2 = end_to_end()
+        passes.append(pass2)
+        e2e_runs.append(pass2["wall"])
         same = [(a.score, b.score) for a, b in zip(recs, again) if a.score is not None and b.score is not None]
         drift = max((abs(a - b) for a, b in same), default=0.0)   # batch neighbours differ: ~1e-7
         e2e = float(np.mean(e2e_runs))
     backend.close()
 
     e2e_sps, eng_sps = inferred / e2e, inferred / engine
+
+    def mean(key: str) -> float:
+        return float(np.mean([p[key] for p in passes]))
     rows = [
         ("model / backend", f"{backend.card.preset} / {backend.describe()}"),
         ("studies (ok / all)", f"{len(ok)} / {len(recs)}"),
@@ -223,6 +274,14 @@ def main() -> None:
         *([("max |Δscore| between the end-to-end passes", f"{drift:.1e}")] if len(e2e_runs) > 1 else []),
         ("engine-only slices/s (same batches)", f"{eng_sps:.1f}"),
         ("end-to-end / engine-only (target ≥ 85 %)", f"{100 * e2e_sps / eng_sps:.0f} %"),
+        ("where the end-to-end time goes (mean of passes): startup to the first batch / engine "
+         "busy / engine idle after the first batch",
+         f"{mean('first'):.2f} s / {mean('busy'):.2f} s / {mean('wall') - mean('first') - mean('busy'):.2f} s "
+         f"(engine-only {engine:.2f} s)"),
+        ("after the first batch: end-to-end / engine-only",
+         f"{100 * inferred / (mean('wall') - mean('first')) / eng_sps:.0f} %"),
+        ("CPU seconds per pass: main process (engine threads) / scanner + readers",
+         f"{mean('cpu_main'):.1f} / {mean('cpu_children'):.1f}"),
         ("slices decoded / present, 3D series (target ≤ 25 %)",
          f"{decoded3} / {present3} = {100 * decoded3 / max(present3, 1):.1f} %"),
         ("slices decoded / present, all studies incl. 2D", f"{decoded} / {present} = {100 * decoded / max(present, 1):.1f} %"),
