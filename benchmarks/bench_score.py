@@ -9,6 +9,9 @@ its CT_small test file) and 2D PNGs, then:
    slices/s; the ratio end-to-end / engine-only (target ≥ 85 %); by default the end-to-end run
    is repeated after the engine-only one and their mean is used (``--passes 3``: a shared
    machine's speed drifts between the two measurements);
+   Inside the end-to-end passes every engine call is timed (``TimedBackend``): start-up until
+   the first batch, engine busy time, engine idle time after it; and the CPU seconds of the
+   main process (engine threads) and of its children (header scanner, readers);
 3. slices decoded / slices present (target ≤ 25 %);
 4. peak RSS of the main process and of the largest reader process (target ≤ 2 GB in total).
 
