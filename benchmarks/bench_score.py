@@ -227,7 +227,6 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     recs, pass1 = end_to_end()
-    e2e = pass1["wall"]
     done.set()
     ok = [r for r in recs if r.status == "ok"]
     inferred = sum(len(r.salient_slices) for r in ok)
@@ -248,23 +247,22 @@ def main() -> None:
             fn(n)
             left -= n
     engine = time.perf_counter() - t0
-    e2e_runs = [e2e]
     passes = [pass1]
     if args.passes == 3:
         # end-to-end again: the ratio uses the mean of the passes around the engine-only one,
         # which cancels a linear drift of a shared machine's speed (an A-B-A design).
         again, pass2 = end_to_end()
         passes.append(pass2)
-        e2e_runs.append(pass2["wall"])
         same = [(a.score, b.score) for a, b in zip(recs, again) if a.score is not None and b.score is not None]
         drift = max((abs(a - b) for a, b in same), default=0.0)   # batch neighbours differ: ~1e-7
-        e2e = float(np.mean(e2e_runs))
     backend.close()
-
-    e2e_sps, eng_sps = inferred / e2e, inferred / engine
 
     def mean(key: str) -> float:
         return float(np.mean([p[key] for p in passes]))
+
+    e2e_runs = [p["wall"] for p in passes]
+    e2e = mean("wall")
+    e2e_sps, eng_sps = inferred / e2e, inferred / engine
     rows = [
         ("model / backend", f"{backend.card.preset} / {backend.describe()}"),
         ("studies (ok / all)", f"{len(ok)} / {len(recs)}"),

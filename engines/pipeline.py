@@ -840,23 +840,21 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     if config.privacy_key is None:
         config = config.replace(privacy_key=study_key())
 
-    owns_backend = not hasattr(backend_or_model_path, "score")
-    holder: dict[str, Any] = {}
-    if owns_backend:
+    opened: list[Any] = []   # the backend this call opened itself (closed at the end)
+    if not hasattr(backend_or_model_path, "score"):
         from engines.artifact import load_card
         from engines.backends.auto import open_backend
 
         model_path: Any = Path(backend_or_model_path)
-        # The card alone (no weights): the scanner and readers start, and import, while the
-        # backend loads the model (both take about a second on a small machine).
+        # The card alone (no weights): _run starts the scanner and readers, which spawn and
+        # import, and only then calls get_backend to load the model.
         card = load_card(model_path)
 
         def get_backend() -> Any:
-            if "b" not in holder:
-                # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
-                holder["b"] = open_backend(model_path, backend=config.backend, device=config.device,
-                                           spin=False)
-            return holder["b"]
+            # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
+            opened.append(open_backend(model_path, backend=config.backend, device=config.device,
+                                       spin=False))
+            return opened[0]
     else:
         card = backend_or_model_path.card
         model_path = getattr(backend_or_model_path, "path", None)
@@ -875,9 +873,9 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
                         k, lo, hi, model_label,
                         logging.getLogger().getEffectiveLevel() if log_level is None else log_level)
     finally:
-        if "b" in holder:
+        for backend in opened:
             try:
-                holder["b"].__exit__(None, None, None)
+                backend.__exit__(None, None, None)
             except Exception:  # noqa: BLE001
                 logger.debug("closing the backend failed", exc_info=True)
 
