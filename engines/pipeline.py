@@ -57,7 +57,7 @@ import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
-from engines.preprocess import PreprocessConfig, preprocess_slice, resize_unit, to_unit_range
+from engines.preprocess import PreprocessConfig, grey_channels, preprocess_slice, resize_unit, to_unit_range
 from engines.prompts import GROUPS, PromptVocab
 
 logger = logging.getLogger(__name__)
@@ -361,8 +361,12 @@ class _Prepared:
 
 
 def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: float = 0.05,
-                  thumbnails: bool = False) -> _Prepared:
-    """Read one study lazily, choose its salient slices and preprocess them (runs in a worker)."""
+                  thumbnails: bool = False, compact_grey: bool = False) -> _Prepared:
+    """Read one study lazily, choose its salient slices and preprocess them (runs in a worker).
+
+    ``compact_grey``: a grey study's images are (n, 1, S, S) (``preprocess_slice``'s
+    ``compact_grey``): a third of the bytes to pickle and pipe, and no repeated channels to
+    compute; the main process restores the three with the zero-copy ``grey_channels``."""
     from engines.prompts import prompts_from_tags
     from engines.slices import select_salient_slices
 
@@ -381,7 +385,11 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
         flags += [f for f in getattr(sel, "flags", []) if f not in flags]
     ptype = tags.get("type")
     wt = window_tags(meta)
-    images = np.stack([preprocess_slice(np.asarray(s), modality, ptype, cfg, wt) for s in slices])
+    per_slice = [preprocess_slice(np.asarray(s), modality, ptype, cfg, wt, compact_grey=compact_grey)
+                 for s in slices]
+    if len({a.shape[0] for a in per_slice}) > 1:   # grey and RGB slices in one study
+        per_slice = [grey_channels(a[None])[0] for a in per_slice]
+    images = np.stack(per_slice)
     undecided_ct = (modality == "ct" and not ptype)
     thumbs = [thumbnail_png(np.asarray(s), modality, ptype, cfg, wt) for s in slices] if thumbnails else None
     return _Prepared(images=images.astype(np.float32, copy=False), indices=indices,
@@ -524,22 +532,6 @@ class _RefSource:
         self.conn.close()
 
 
-def _compact_grey(images: np.ndarray) -> np.ndarray:
-    """(n, 3, S, S) → (n, 1, S, S) when the three channels are equal (a grey image repeated by
-    ``preprocess_slice``): a third of the bytes to pickle and pipe. ``_expand_grey`` undoes it."""
-    if images.ndim == 4 and images.shape[1] == 3 and np.array_equal(images[:, 0], images[:, 1]) \
-            and np.array_equal(images[:, 0], images[:, 2]):
-        return np.ascontiguousarray(images[:, :1])
-    return images
-
-
-def _expand_grey(images: np.ndarray) -> np.ndarray:
-    """(n, 1, S, S) → a read-only (n, 3, S, S) view (no copy; batches are stacked anyway)."""
-    if images.ndim == 4 and images.shape[1] == 1:
-        return np.broadcast_to(images, (images.shape[0], 3) + images.shape[2:])
-    return images
-
-
 def _warm_imports() -> None:
     """Import what every study needs before the first one arrives: a fresh reader spends ~1 s
     importing pydicom, Pillow and scikit-image's Otsu threshold, and it would otherwise do so
@@ -582,8 +574,8 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
             return
         seq, ref = msg
         try:
-            prep = prepare_study(ref, cfg, k, min_fraction=min_fraction, thumbnails=thumbnails)
-            prep.images = _compact_grey(prep.images)
+            prep = prepare_study(ref, cfg, k, min_fraction=min_fraction, thumbnails=thumbnails,
+                                 compact_grey=True)
             out: tuple = (seq, True, prep)
         except BaseException as exc:  # noqa: BLE001 - per-study boundary
             out = (seq, False, (error_code(exc), safe_error_message(exc, ref)))
@@ -1051,7 +1043,7 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
             fail(st, code, msg)
         elif kind == "ready":
             p: _Prepared = payload
-            p.images = _expand_grey(p.images)
+            p.images = grey_channels(p.images)
             st.prep = p
             st.busy_s += p.elapsed_s
             r = st.record

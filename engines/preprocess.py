@@ -115,10 +115,15 @@ def resize_unit(img: np.ndarray, size: int, resample: str = "bilinear") -> np.nd
 
 
 def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,
-                     cfg: PreprocessConfig, window_tags: tuple[float, float] | None = None) -> np.ndarray:
+                     cfg: PreprocessConfig, window_tags: tuple[float, float] | None = None,
+                     *, compact_grey: bool = False) -> np.ndarray:
     """One slice in physical units → network input float32 (3, S, S), normalised with mean/std.
 
     img: (H, W) grey or (H, W, 3) RGB, any real dtype.
+    compact_grey: return a grey slice as (1, S, S) — its three input channels are equal when
+    ``cfg.mean`` and ``cfg.std`` are the same for every channel, and the scoring pipeline's
+    readers send one (``grey_channels`` restores the three). RGB, or per-channel mean/std,
+    always gives (3, S, S).
     """
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
@@ -126,10 +131,20 @@ def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,
         raise ValueError(f"expected (H, W) or (H, W, 3), got shape {img.shape}")
     unit = to_unit_range(img, modality, ptype, cfg, window_tags)
     small = resize_unit(unit, cfg.image_size, cfg.resample)
+    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
     if small.ndim == 2:
+        if compact_grey and len(set(cfg.mean)) == 1 and len(set(cfg.std)) == 1:
+            return ((small[None] - mean[:1]) / std[:1]).astype(np.float32, copy=False)
         small = np.repeat(small[None], 3, axis=0)
     else:
         small = np.ascontiguousarray(small.transpose(2, 0, 1))
-    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
     return ((small - mean) / std).astype(np.float32, copy=False)
+
+
+def grey_channels(images: np.ndarray) -> np.ndarray:
+    """(n, 1, S, S) from ``preprocess_slice(compact_grey=True)`` → a read-only (n, 3, S, S)
+    broadcast view (no copy); (n, 3, S, S) unchanged."""
+    if images.ndim == 4 and images.shape[1] == 1:
+        return np.broadcast_to(images, (images.shape[0], 3) + images.shape[2:])
+    return images

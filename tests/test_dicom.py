@@ -289,3 +289,80 @@ def test_fast_header_read_equals_the_full_header(pydicom_test_dir: Path, testdat
                 continue
         cut_short += len(fast_ds) < len(ref_ds)
     assert cut_short >= 5   # the early stop is taken (11 files here: private groups, overlays)
+
+
+def _header_fields(h) -> tuple:
+    return (h.series_uid, h.sop_uid, h.modality, h.rows, h.columns, h.samples, h.frames, h.orientation,
+            h.position, h.instance, h.echo, h.image_class, h.pixel_spacing, h.meta)
+
+
+def test_header_longer_than_the_in_memory_chunk_is_read_from_the_file(ct_small_path: Path, tmp_path: Path) -> None:
+    """The scan parses the first ``HEADER_CHUNK`` bytes in memory; a header whose elements up to
+    group 0028 do not fit (a large private element in group 0009) must give the same header as
+    the whole file, and a file cut inside that header the same error as pydicom on the file."""
+    from engines.io.dicom import HEADER_CHUNK
+
+    def big_private(ds) -> None:
+        block = ds.private_block(0x0009, "MEDIQA TEST", create=True)
+        block.add_new(0x01, "OB", b"\x00" * (HEADER_CHUNK + 4096))
+        ds.Exposure = 123   # after the private block, inside the part the scan uses
+
+    path = _write_ct_copy(ct_small_path, tmp_path / "big.dcm", big_private)
+    hdr = scan_header(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = pydicom.dcmread(path, stop_before_pixels=True)
+    assert hdr.meta["Exposure"] == 123.0 and hdr.rows == int(ref.Rows)
+    assert hdr.position == tuple(float(v) for v in ref.ImagePositionPatient)
+    # The same file with a one-chunk parse of 1 KiB forced: identical header.
+    import engines.io.dicom as dicom_mod
+
+    small_chunk = dicom_mod.HEADER_CHUNK
+    try:
+        dicom_mod.HEADER_CHUNK = 1024
+        assert _header_fields(scan_header(path)) == _header_fields(hdr)
+    finally:
+        dicom_mod.HEADER_CHUNK = small_chunk
+    # Every chunk length through CT_small's header (element boundaries included, where the
+    # in-memory parse ends without an error): the header of the whole file.
+    whole = _header_fields(scan_header(ct_small_path))
+    try:
+        for n in range(132, 4000, 4):
+            dicom_mod.HEADER_CHUNK = n
+            assert _header_fields(scan_header(ct_small_path)) == whole, n
+    finally:
+        dicom_mod.HEADER_CHUNK = small_chunk
+    # Cut inside the private element (beyond the chunk): an error with a code, never a header.
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[: HEADER_CHUNK + 1024])
+    with pytest.raises(MediqaError):
+        scan_header(cut)
+
+
+def test_series_cache_gives_the_headers_of_a_scan_without_it(write_ct_series, tmp_path: Path) -> None:
+    """Files of one series share the validated series part (``meta_cache``); every header must
+    equal the one scanned alone, per-file fields included, and a truncated file in a cached
+    series is still caught (its length is checked per file)."""
+    def vary(i: int, ds) -> None:
+        ds.Exposure = 100 + i            # meta is shared per series: the first file's value
+        if i == 3:
+            ds.Rows = 64                 # a different image size: a different key
+            ds.PixelData = ds.PixelData[: 64 * 128 * 2]
+
+    paths = write_ct_series(tmp_path / "s", [float(z) for z in range(6)], extra=vary)
+    cache: dict = {}
+    cached = [scan_header(p, meta_cache=cache) for p in paths]
+    alone = [scan_header(p) for p in paths]
+    assert len(cache) == 2
+    for c, a in zip(cached, alone):
+        assert _header_fields(c)[:-1] == _header_fields(a)[:-1]     # all but meta
+    assert [h.rows for h in cached] == [128, 128, 128, 64, 128, 128]
+    assert [h.position[2] for h in cached] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [h.instance for h in cached] == [1, 2, 3, 4, 5, 6]
+    assert len({h.sop_uid for h in cached}) == 6
+    truncated = tmp_path / "s" / "slice_005.dcm"
+    truncated.write_bytes(truncated.read_bytes()[:20000])    # pixel data alone need 32 KiB
+    with pytest.raises(Truncated):
+        scan_header(truncated, meta_cache=cache)
+    with pytest.raises(Truncated):
+        scan_header(truncated)

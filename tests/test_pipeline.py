@@ -427,20 +427,24 @@ def test_scanner_process_streams_refs_then_ends(tmp_path: Path) -> None:
 
 
 def test_grey_inputs_cross_the_pipe_as_one_channel() -> None:
-    """Readers send a grey study's repeated channels once; the main process gets the same array."""
+    """Readers compute and send a grey study's input channel once; the main process gets the
+    array ``preprocess_slice`` gives; RGB, and per-channel mean/std, keep three channels."""
     import pickle
 
-    from engines.pipeline import _compact_grey, _expand_grey
-    from engines.preprocess import PreprocessConfig, preprocess_slice
+    from engines.preprocess import PreprocessConfig, grey_channels, preprocess_slice
 
     cfg = PreprocessConfig(image_size=32)
     rng = np.random.default_rng(0)
-    grey = np.stack([preprocess_slice(rng.normal(size=(40, 40)), "mr", None, cfg) for _ in range(3)])
-    small = _compact_grey(grey)
-    assert small.shape == (3, 1, 32, 32)
+    raw = [rng.normal(size=(40, 40)) for _ in range(3)]
+    grey = np.stack([preprocess_slice(r, "mr", None, cfg) for r in raw])
+    small = np.stack([preprocess_slice(r, "mr", None, cfg, compact_grey=True) for r in raw])
+    assert grey.shape == (3, 3, 32, 32) and small.shape == (3, 1, 32, 32)
     assert len(pickle.dumps(small)) < len(pickle.dumps(grey)) / 2.5
-    back = _expand_grey(small)
+    back = grey_channels(small)
     assert back.shape == grey.shape and np.array_equal(back, grey)
-    assert np.array_equal(np.stack([back[0], back[2]]), grey[[0, 2]])
-    rgb = np.stack([preprocess_slice(rng.uniform(size=(40, 40, 3)), "fundus", None, cfg)])
-    assert _compact_grey(rgb) is rgb and _expand_grey(rgb) is rgb
+    rgb = np.stack([preprocess_slice(rng.uniform(size=(40, 40, 3)), "fundus", None, cfg, compact_grey=True)])
+    assert rgb.shape == (1, 3, 32, 32) and grey_channels(rgb) is rgb
+    per_channel = PreprocessConfig(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    three = preprocess_slice(raw[0], "mr", None, per_channel, compact_grey=True)
+    assert three.shape == (3, 32, 32) and not np.array_equal(three[0], three[1])
+    np.testing.assert_array_equal(three, preprocess_slice(raw[0], "mr", None, per_channel))

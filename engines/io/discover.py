@@ -211,7 +211,7 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
     seen_series: dict[str, set[int]] = {}
     refs: list[StudyRef] = []
     headers: list[DicomHeader] = []
-    meta_cache: dict[tuple, dict[str, Any]] = {}
+    meta_cache: dict[tuple, Any] = {}
     folder: Path | None = None
 
     def flush() -> list[StudyRef]:
@@ -251,7 +251,7 @@ def discover_studies(root: Path | str, *, max_depth: int = 32, include: Sequence
 
 
 def _scan_file(root: Path, path: Path, limits: ReadLimits, on_skip: SkipCallback | None,
-               headers: list[DicomHeader], meta_cache: dict[tuple, dict[str, Any]],
+               headers: list[DicomHeader], meta_cache: dict[tuple, Any],
                header_cache: Any | None = None) -> StudyRef | None:
     """One file of the walk: a finished ``StudyRef`` (image, NIfTI, error), or None when the file
     was skipped or its DICOM header was appended to ``headers`` for series grouping."""
