@@ -156,10 +156,8 @@ class _Stop:
         self.hit = False
 
     def __call__(self, tag: Any, vr: Any, length: int) -> bool:
-        if int(tag) > 0x0028FFFF:
-            self.hit = True
-            return True
-        return False
+        self.hit = _past_image_module(tag, vr, length)
+        return self.hit
 
 
 def _parse_partial_in_memory(chunk: bytes, size: int, force: bool) -> Any | None:
@@ -375,13 +373,14 @@ def _raw_value(ds: Any, tag: int) -> Any:
 def _series_key(ds: Any) -> tuple | None:
     """Cache key of a single-frame image (None: no file meta / SeriesInstanceUID — not cached)."""
     file_meta = getattr(ds, "file_meta", None)
-    if file_meta is None or file_meta.get_item(0x00020010) is None:
+    ts = _raw_value(file_meta, 0x00020010) if file_meta is not None else None
+    if ts is None:
         return None
     values = tuple(_raw_value(ds, tag) for tag in _SERIES_KEY_TAGS)
     uid = values[0]
     if not (uid.strip(b"\x00 ") if isinstance(uid, bytes) else str(uid or "").strip()):
         return None   # no SeriesInstanceUID: one study per file, nothing shared
-    return (_raw_value(file_meta, 0x00020010), _raw_value(file_meta, 0x00020002), *values)
+    return (ts, _raw_value(file_meta, 0x00020002), *values)
 
 
 def _series_part(path: Path, ds: Any, limits: ReadLimits) -> _SeriesPart:
