@@ -533,24 +533,19 @@ class _RefSource:
 
 
 def _warm_imports() -> None:
-    """Import what every study needs before the first one arrives: a fresh reader spends ~1 s
-    importing pydicom, Pillow and scikit-image's Otsu threshold, and it would otherwise do so
-    on the first study, while the engine waits (the header scanner is busy with the first
-    series meanwhile). NIfTI support (nibabel) stays lazy: many archives have none."""
+    """Import what nearly every study needs before the first one arrives: a fresh reader spends
+    ~0.4 core-s importing pydicom and Pillow, and it would otherwise do so on the first study,
+    while the engine waits (the header scanner is busy with the first series meanwhile).
+    Imported when first used instead: nibabel (NIfTI) and scikit-image's Otsu threshold (only
+    non-CT volumes need it; importing it, with SciPy's ndimage, costs each reader another ~0.4
+    core-s, taken from the engine on a busy machine, for CT-only or 2D-only archives for nothing)."""
     import importlib
 
-    for name in ("pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin",
-                 "skimage.filters"):
+    for name in ("pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a missing optional module is imported (and reported) when used
             logger.debug("warm import of %s failed", name, exc_info=True)
-    try:
-        from skimage.filters import threshold_otsu  # lazy module: the attribute loads it
-
-        threshold_otsu(np.arange(4.0))
-    except Exception:  # noqa: BLE001
-        logger.debug("warm import of threshold_otsu failed", exc_info=True)
 
 
 def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,

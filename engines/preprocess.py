@@ -80,19 +80,80 @@ def apply_window(img: np.ndarray, width: float, centre: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+# Exact percentiles by selection: below this many values np.percentile's own partition is as
+# fast; above it a strided sample bounds the few values each percentile needs.
+_SELECT_MIN = 4096
+_SAMPLE = 2048
+
+
+def _order_stats(flat: np.ndarray, ranks: tuple[int, int], bound: float, low: bool) -> tuple[float, float] | None:
+    """The values at ascending sorted positions ``ranks`` of ``flat`` (no NaN), exactly, computed
+    from the elements on the far side of ``bound`` (``<= bound`` when ``low``, else ``>= bound``)
+    only; None when fewer elements than needed lie there (the caller then sorts everything)."""
+    n = flat.size
+    need = ranks[1] + 1 if low else n - ranks[0]
+    if int(np.count_nonzero(flat <= bound if low else flat >= bound)) < need:
+        return None
+    # The elements strictly beyond ``bound`` are a contiguous block of the sorted array: its
+    # start (low side) or its end (high side); every other needed position holds ``bound``.
+    beyond = flat[flat < bound] if low else flat[flat > bound]
+    offset = 0 if low else n - beyond.size
+    inside = sorted({r - offset for r in ranks if 0 <= r - offset < beyond.size})
+    if inside:
+        beyond.partition(inside)
+    a, b = (float(beyond[r - offset]) if 0 <= r - offset < beyond.size else float(bound) for r in ranks)
+    return a, b
+
+
+def exact_percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(values, qs)`` (its default "linear" method, the same float64 results) for
+    NaN-free data, in a fraction of the time on full-resolution images: each percentile needs two
+    order statistics, which are selected among the few values beyond a bound read off a strided
+    sample (checked by counting, so the result is exact whatever the sample) instead of
+    partitioning every pixel. ``tests/test_preprocess.py`` compares it with ``np.percentile``."""
+    flat = np.ravel(values)
+    n = flat.size
+    if n < _SELECT_MIN or flat.dtype not in (np.float32, np.float64):
+        return [float(v) for v in np.percentile(flat, qs)]
+    sample = np.sort(flat[:: max(1, n // _SAMPLE)])
+    m = sample.size
+    out: list[float] = []
+    for q in np.asarray(qs, dtype=np.float64) / 100.0:
+        virtual = (n - 1) * q
+        prev = int(np.floor(virtual))
+        ranks = (prev, min(prev + 1, n - 1))
+        low = q <= 0.5
+        # A bound about twice as far out as the rank's share of the sample: beyond it lie a few
+        # more values than the rank needs, and few enough to select among cheaply.
+        share = (ranks[1] + 1) / n if low else (n - ranks[0]) / n
+        j = min(m - 1, int(np.ceil(share * m * 2)) + 8)
+        stats = _order_stats(flat, ranks, float(sample[j] if low else sample[m - 1 - j]), low)
+        if stats is None:
+            return [float(v) for v in np.percentile(flat, qs)]
+        a, b = stats
+        gamma = virtual - prev
+        diff = float(np.float32(b) - np.float32(a)) if flat.dtype == np.float32 else b - a
+        # numpy's _lerp: from the nearer end, the difference taken in the input's dtype.
+        out.append(b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return out
+
+
 def robust_minmax(img: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     """Scale to [0, 1] between the given percentiles; a constant image maps to zeros."""
     x = img.astype(np.float32, copy=False)
-    finite = x[np.isfinite(x)]
+    finite_mask = np.isfinite(x)
+    all_finite = bool(finite_mask.all())
+    finite = x if all_finite else x[finite_mask]
     if finite.size == 0:
         return np.zeros_like(x, dtype=np.float32)
-    lo, hi = np.percentile(finite, percentiles)
+    lo, hi = exact_percentiles(finite, percentiles)
     if not hi > lo:
         lo, hi = float(finite.min()), float(finite.max())
     if not hi > lo:
         return np.zeros_like(x, dtype=np.float32)
-    out = (np.nan_to_num(x, nan=lo) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    out = np.subtract(x if all_finite else np.nan_to_num(x, nan=lo), np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def to_unit_range(img: np.ndarray, modality: str | None, ptype: str | None,

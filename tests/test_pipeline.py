@@ -370,6 +370,25 @@ def test_reader_priority_is_lowered_in_a_child_process() -> None:
     assert out[4] == "True" or not sys.platform.startswith("linux")
 
 
+def test_reader_warm_imports_leave_otsu_until_a_volume_needs_it() -> None:
+    """A fresh reader imports pydicom and Pillow before its first study, but not scikit-image
+    (with SciPy's ndimage ~0.4 core-s per reader, needed only by non-CT volumes); the Otsu
+    rule of an MR volume still works in that process, importing it when first used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from engines.pipeline import _warm_imports; _warm_imports(); "
+            "print('pydicom' in sys.modules, 'PIL.PngImagePlugin' in sys.modules, 'skimage' in sys.modules); "
+            "from engines.slices import select_salient_slices; from engines.io.volume import Volume, VolumeSource; "
+            "a = np.zeros((12, 32, 32), np.float32); a[3:9, 8:24, 8:24] = 100.0; "
+            "sel = select_salient_slices(VolumeSource(Volume(array=a, spacing=(1.0, 1.0, 1.0))), 3, modality='MR'); "
+            "print(sorted(sel.indices), 'skimage' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out[:3] == ["True", "True", "False"]
+    assert all(3 <= int(i.strip("[],")) <= 8 for i in out[3:6]) and out[6] == "True"
+
+
 def test_scanner_process_reports_a_vanished_root_as_an_error(tmp_path: Path) -> None:
     """The header scanner runs in its own process; a failure there reaches the consumer as a
     MediqaError (not a hang, not a silent end of the run)."""
