@@ -260,3 +260,77 @@ def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: 
     recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0),
                       dict(corpus, seed=1), [inp])                 # another corpus
     assert len(calls) == 5
+
+
+def test_recipe_stage_key_ignores_options_at_their_default(tmp_path: Path) -> None:
+    """A stage finished before an option existed (its stored key lacks it) is reused while the
+    option keeps its default, and trained again once the option is set."""
+    import json
+
+    from training import recipe
+    from training.tasks import TrainOutcome
+
+    calls: list[TrainConfig] = []
+
+    def fake_stage(manifest: Path, cfg: TrainConfig) -> TrainOutcome:
+        calls.append(cfg)
+        art = Path(cfg.out) / "model.safetensors"
+        art.parent.mkdir(parents=True, exist_ok=True)
+        art.write_bytes(f"weights of run {len(calls)}".encode())
+        return TrainOutcome(artifact=art, metrics={}, data_summary={}, images_per_s=1.0, members=[art])
+
+    cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path / "stage"))
+    corpus = {"size": "tiny", "seed": 0, "sources": "abc"}
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg, corpus, [])
+    done = tmp_path / "stage" / recipe.STAGE_DONE
+    rec = json.loads(done.read_text())
+    del rec["key"]["config"]["gamma_augment"]          # as written before the option existed
+    done.write_text(json.dumps(rec))
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg, corpus, [])
+    assert len(calls) == 1
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(gamma_augment=0.3), corpus, [])
+    assert len(calls) == 2
+    recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(gamma_augment=0.0), corpus, [])
+    assert len(calls) == 3                              # back to the default: that is another run again
+
+
+def test_gamma_augment_is_one_monotone_curve_per_study() -> None:
+    import torch
+
+    from engines.preprocess import PreprocessConfig
+    from training.data.torchdata import Item, StudyDataset
+
+    class Cache:
+        cfg = PreprocessConfig()
+
+        def __init__(self, images: np.ndarray) -> None:
+            self.images = images
+
+        def get(self, key: str) -> "Cache":
+            return self
+
+    rng = np.random.default_rng(0)
+    unit = rng.random((7, 1, 16, 16)).astype(np.float32)
+    unit[3] = unit[0]                                   # two slices with the same pixels
+    images = (np.repeat(unit, 3, axis=1) - 0.5) / 0.5   # the cache's normalisation
+    item = Item(key="k", kind="3d", prompt=np.zeros(4, np.float32), target=0.5, sample=None)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    plain = StudyDataset([item], Cache(images))[0]["x"].numpy()
+    assert np.array_equal(plain, images)                # off by default (evaluation)
+    ds = StudyDataset([item], Cache(images), gamma=0.5)
+    exps = []
+    for _ in range(6):
+        out = ds[0]["x"].numpy()
+        u = out * 0.5 + 0.5
+        assert out.shape == images.shape and u.min() >= 0.0 and u.max() <= 1.0 + 1e-6
+        assert np.array_equal(out[3], out[0])          # one curve for every slice of the study
+        assert np.allclose(out[:, 0], out[:, 2])        # and for every channel
+        flat_in, flat_out = unit.ravel(), u[:, 0].ravel()
+        order = np.argsort(flat_in, kind="stable")
+        assert np.all(np.diff(flat_out[order]) >= -1e-6)   # monotone: the anatomy's order is kept
+        mask = (flat_in > 0.05) & (flat_in < 0.95)
+        e = np.log(flat_out[mask]) / np.log(flat_in[mask])
+        assert np.allclose(e, e[0], atol=1e-3)          # a power curve u ** exp(t) ...
+        exps.append(float(e[0]))
+    assert all(np.exp(-0.5) - 1e-3 <= g <= np.exp(0.5) + 1e-3 for g in exps)
+    assert max(exps) - min(exps) > 0.05                 # ... drawn anew per sample

@@ -55,6 +55,7 @@ class TrainConfig:
     loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC)
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
+    gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
     max_items: int | None = None            # cap on training studies (quick runs); None = all
     workers: int = 0                        # processes for decoding/preprocessing; 0 = in-process
     cache_dir: str | None = None            # None: <out>/cache
@@ -81,6 +82,8 @@ class TrainConfig:
         r = self.split_ratios
         if len(r) != 3 or any(x < 0 for x in r) or not sum(r) > 0:
             raise ConfigError(f"split_ratios must be three non-negative numbers, got {r!r}")
+        if not 0.0 <= float(self.gamma_augment) <= 2.0:
+            raise ConfigError(f"gamma_augment must be in [0, 2] (max |log gamma|), got {self.gamma_augment!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -108,6 +108,20 @@ def stage_key(cfg: TrainConfig, corpus_id: dict[str, Any], inputs: list[Path]) -
     return json.loads(json.dumps(jsonable(key)))
 
 
+def _comparable(key: Any) -> Any:
+    """A stage key without the configuration entries that hold ``TrainConfig``'s default: an
+    option added to ``TrainConfig`` later, at a default that keeps the old behaviour, then
+    leaves the stages finished before it reusable (their stored keys lack it)."""
+    from training.config import TrainConfig  # noqa: PLC0415
+    from training.tasks import jsonable  # noqa: PLC0415
+
+    if not isinstance(key, dict) or not isinstance(key.get("config"), dict):
+        return key
+    defaults = json.loads(json.dumps(jsonable(TrainConfig(task=key["config"].get("task", "finetune")).to_dict())))
+    config = {k: v for k, v in key["config"].items() if k == "task" or not (k in defaults and defaults[k] == v)}
+    return dict(key, config=config)
+
+
 def _run_stage(fn: Any, manifest: Path, cfg: TrainConfig, corpus_id: dict[str, Any],
                inputs: list[Path]) -> Any:
     """Run one stage, or reuse its finished output: a stage folder holding ``recipe-stage.json``
@@ -125,7 +139,7 @@ def _run_stage(fn: Any, manifest: Path, cfg: TrainConfig, corpus_id: dict[str, A
         except ValueError:
             rec = {}
         artifact = Path(rec.get("outcome", {}).get("artifact", ""))
-        if rec.get("key") == key and artifact.is_file() and file_sha256(artifact) == rec.get("sha256"):
+        if _comparable(rec.get("key")) == _comparable(key) and artifact.is_file() and file_sha256(artifact) == rec.get("sha256"):
             logger.info("stage %s: reusing %s (same configuration, corpus and inputs)", cfg.task, artifact)
             o = rec["outcome"]
             return TrainOutcome(artifact=artifact, metrics=o["metrics"], data_summary=o["data_summary"],

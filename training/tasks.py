@@ -124,7 +124,8 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
         return None
     gen = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,
-                                   rot90=train and cfg.rot90_augment), batch_size=cfg.batch_size,
+                                   rot90=train and cfg.rot90_augment,
+                                   gamma=cfg.gamma_augment if train else 0.0), batch_size=cfg.batch_size,
                       shuffle=train, generator=gen if train else None, collate_fn=collate_studies,
                       pin_memory=cfg.device.startswith("cuda"))
 

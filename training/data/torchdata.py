@@ -48,13 +48,27 @@ class StudyDataset(Dataset):
     ``flip``: random horizontal flip. ``rot90``: random multiple of 90° in the image plane; with
     ``flip`` that is the full dihedral group — content changes, noise / blur / ringing statistics
     do not, which pushes a small-data model towards degradation rather than anatomy.
+    ``gamma``: a random monotone intensity curve per study, ``u ** exp(t)`` with ``t`` uniform in
+    ``[-gamma, gamma]`` on the [0, 1] image (undoing and redoing the cache's mean / std
+    normalisation; every slice of a volume gets the same curve): how bright a source's anatomy is
+    and how its tissues are spread over the window changes, the degradation does not.
     """
 
-    def __init__(self, items: list[Item], cache: InputCache, *, flip: bool = False, rot90: bool = False) -> None:
+    def __init__(self, items: list[Item], cache: InputCache, *, flip: bool = False, rot90: bool = False,
+                 gamma: float = 0.0) -> None:
         self.items = items
         self.cache = cache
         self.flip = flip
         self.rot90 = rot90
+        self.gamma = float(gamma)
+        cfg = getattr(cache, "cfg", None)
+        self._mean = torch.tensor(getattr(cfg, "mean", (0.5, 0.5, 0.5)), dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(getattr(cfg, "std", (0.5, 0.5, 0.5)), dtype=torch.float32)[:, None, None]
+
+    def _intensity(self, x: torch.Tensor) -> torch.Tensor:
+        t = float(torch.empty(()).uniform_(-self.gamma, self.gamma))
+        unit = (x * self._std + self._mean).clamp_(0.0, 1.0)
+        return (unit.pow_(float(np.exp(t))) - self._mean) / self._std
 
     def __len__(self) -> int:
         return len(self.items)
@@ -68,6 +82,8 @@ class StudyDataset(Dataset):
             k = int(torch.randint(0, 4, ()))
             if k:
                 x = torch.rot90(x, k, dims=(-2, -1))
+        if self.gamma > 0:
+            x = self._intensity(x)
         return {"x": x, "kind": it.kind, "prompt": torch.from_numpy(it.prompt),
                 "target": torch.tensor(it.target, dtype=torch.float32),
                 "labels": torch.tensor(it.labels, dtype=torch.long), "index": i}
