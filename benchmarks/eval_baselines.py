@@ -8,10 +8,14 @@ computed on each slice in [0, 1] intensity units (before resizing), then average
 - sharpness: variance of the Laplacian (``scipy.ndimage.laplace``; sharper → higher quality).
 
 SRCC against the manifest's synthetic score is printed overall, per modality and per
-degradation, next to the model's SRCC (``training.evaluate.evaluate_model``) when ``--model``
-is given. Usage:
+degradation, next to the model's SRCC (``training.evaluate.evaluate_model``) and its 95 %
+bootstrap interval when ``--model`` is given; ``--compare OTHER.safetensors`` adds a second
+model and the paired bootstrap interval of the SRCC difference (model − other) on the same
+studies (``engines.metrics.srcc_ci``): an interval holding 0 means the split cannot tell the
+two apart. Usage:
 
     python benchmarks/eval_baselines.py CORPUS/manifest.csv [--split test] [--model M.safetensors]
+        [--compare OTHER.safetensors] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.restoration import estimate_sigma
 
-from engines.metrics import srcc
+from engines.metrics import srcc, srcc_ci
 from engines.pipeline import prepare_study
 from engines.preprocess import PreprocessConfig, to_unit_range
 from training.data.datasets import read_manifest
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("manifest")
     ap.add_argument("--split", default="test")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--compare", default=None, help="a second model: paired SRCC difference intervals")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -73,11 +78,15 @@ def main() -> None:
         n, sh = classical(src_slices, mod, prep.ptype_used or s.labels.get("type"), cfg)
         rows.append({"path": s.path, "score": s.target, "modality": mod,
                      "degradation": s.extra.get("degradation", ""), "noise": n, "sharpness": sh})
-    pred: dict[str, float] = {}
-    if args.model:
+    def predictions(model: str | None) -> dict[str, float]:
+        if not model:
+            return {}
         from training.evaluate import evaluate_model
-        rep = evaluate_model(args.model, args.manifest, split=args.split, progress=False)
-        pred = {r["path"]: r["prediction"] for r in rep["predictions"]}
+        rep = evaluate_model(model, args.manifest, split=args.split, progress=False)
+        return {r["path"]: r["prediction"] for r in rep["predictions"]}
+
+    pred = predictions(args.model)
+    other = predictions(args.compare) if args.model else {}
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:
         groups["overall"].append(r)
@@ -86,17 +95,35 @@ def main() -> None:
         if "+" in r["degradation"]:
             groups["mixed degradations"].append(r)
     table = {}
-    print(f"{'group':32s} {'n':>4s} {'-sigma':>7s} {'lapvar':>7s} {'model':>7s}")
+    fmt = lambda v: f"{v:7.3f}" if isinstance(v, float) else f"{'-':>7s}"  # noqa: E731
+    print(f"{'group':32s} {'n':>4s} {'-sigma':>7s} {'lapvar':>7s} {'model':>7s} {'95 % CI':>15s}"
+          + (f" {'other':>7s} {'model-other 95 % CI':>20s}" if other else ""))
     for g, rs in sorted(groups.items()):
         t = [r["score"] for r in rs]
         res = {"n": len(rs), "noise_srcc": _srcc([r["noise"] for r in rs], t),
                "sharpness_srcc": _srcc([r["sharpness"] for r in rs], t)}
+        extra = ""
         if pred:
-            have = [r for r in rs if r["path"] in pred]
-            res["model_srcc"] = _srcc([pred[r["path"]] for r in have], [r["score"] for r in have])
+            have = [r for r in rs if r["path"] in pred and (not other or r["path"] in other)]
+            p = [pred[r["path"]] for r in have]
+            tt = [r["score"] for r in have]
+            res["model_srcc"] = _srcc(p, tt)
+            if res["model_srcc"] is not None and len(have) >= 5:
+                res["model_ci"] = [round(v, 3) for v in srcc_ci(p, tt)]
+                extra = f" [{res['model_ci'][0]:6.3f},{res['model_ci'][1]:6.3f}]"
+            else:
+                extra = f" {'-':>15s}"
+            if other:
+                o = [other[r["path"]] for r in have]
+                res["other_srcc"] = _srcc(o, tt)
+                ok = res["model_srcc"] is not None and res["other_srcc"] is not None and len(have) >= 5
+                if ok:
+                    res["diff_ci"] = [round(v, 3) for v in srcc_ci(p, tt, compare=o)]
+                diff = f"[{res['diff_ci'][0]:6.3f},{res['diff_ci'][1]:6.3f}]" if ok else "-"
+                extra += f" {fmt(res['other_srcc'])} {diff:>20s}"
         table[g] = res
-        fmt = lambda v: f"{v:7.3f}" if isinstance(v, float) else f"{'-':>7s}"  # noqa: E731
-        print(f"{g:32s} {res['n']:4d} {fmt(res['noise_srcc'])} {fmt(res['sharpness_srcc'])} {fmt(res.get('model_srcc'))}")
+        print(f"{g:32s} {res['n']:4d} {fmt(res['noise_srcc'])} {fmt(res['sharpness_srcc'])} {fmt(res.get('model_srcc'))}"
+              + extra)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
 

@@ -102,3 +102,42 @@ def test_evaluate_all_keys_and_values(rng):
     out = evaluate_all(p, t, logistic=True)
     assert {"plcc_logistic", "rmse_logistic"} <= set(out)
     assert out["rmse_logistic"] <= out["rmse"] + 1e-9
+
+
+def test_srcc_ci_holds_the_estimate_and_narrows_with_more_studies():
+    from engines.metrics import srcc_ci
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (60, 600):
+        t = rng.random(n)
+        p = t + rng.normal(0, 0.3, n)
+        lo, hi = srcc_ci(p, t)
+        assert lo < srcc(p, t) < hi and -1 <= lo and hi <= 1
+        widths.append(hi - lo)
+        assert srcc_ci(p, t) == (lo, hi)                      # deterministic for a seed
+    assert widths[1] < widths[0] / 2                          # ~1/sqrt(n)
+
+
+def test_paired_srcc_difference_ci_separates_models_only_when_they_differ():
+    from engines.metrics import srcc_ci
+
+    rng = np.random.default_rng(2)
+    n = 400
+    t = rng.random(n)
+    good = t + rng.normal(0, 0.1, n)
+    bad = t + rng.normal(0, 0.6, n)
+    lo, hi = srcc_ci(good, t, compare=bad)
+    assert lo > 0 and lo < srcc(good, t) - srcc(bad, t) < hi
+    assert srcc_ci(good, t, compare=good) == (0.0, 0.0)
+    twin = t + rng.normal(0, 0.1, n)                          # as good, other noise
+    lo, hi = srcc_ci(good, t, compare=twin)
+    assert lo < 0 < hi
+    # paired: a shared error (both models wrong on the same studies) cancels out
+    shared = rng.normal(0, 0.5, n)
+    a, b = t + shared, t + shared + rng.normal(0, 0.05, n)
+    paired = srcc_ci(a, t, compare=b)
+    unpaired_width = (srcc_ci(a, t)[1] - srcc_ci(a, t)[0]) + (srcc_ci(b, t)[1] - srcc_ci(b, t)[0])
+    assert paired[1] - paired[0] < unpaired_width / 4
+    lo, hi = srcc_ci(np.ones(5), np.arange(5.0))
+    assert np.isnan(lo) and np.isnan(hi)
