@@ -807,13 +807,15 @@ def _classifier_prompts_row(out: dict[str, np.ndarray], j: int, vocab: PromptVoc
 def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
                   config: ScoreConfig = ScoreConfig(), *,
                   reuse: Callable[[Any], ScoreRecord | None] | None = None,
-                  log_level: int | None = None) -> Iterator[ScoreRecord]:
+                  log_level: int | None = None, model_hash: str | None = None) -> Iterator[ScoreRecord]:
     """Score every study under ``root``; yields one ``ScoreRecord`` per study in discovery order.
 
     backend_or_model_path: an open ``Backend`` (left open) or a model file (opened with
         ``open_backend(path, backend=config.backend, device=config.device)`` and closed at the end).
     reuse: called in discovery order with each ``StudyRef``; returns a previous record to emit
         unchanged (``record.reused`` set) or None to score the study (``--resume``).
+    model_hash: the model file's sha256 when the caller has it already (the records' ``model``
+        column is ``preset@hash[:12]``); None: computed here.
     Per-study problems become error records; only setup problems (no model, unreadable root)
     raise.
     """
@@ -849,7 +851,8 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
         def get_backend() -> Any:
             return backend_or_model_path
     try:
-        model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
+        if model_hash is None:   # the CLI passes the hash it computed for --resume (one read of the model)
+            model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
         model_label = f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()

@@ -313,6 +313,18 @@ def test_reuse_callback_skips_scoring(artifact: Path, small_corpus: Path) -> Non
     assert all(not r.reused and r.n_slices for r in recs if r.path in ("ct_a", "mr_b"))
 
 
+def test_model_column_names_the_model_file_hash(artifact: Path, small_corpus: Path) -> None:
+    """Scoring by model path labels records ``preset@sha256[:12]`` of the file; a caller that has
+    hashed the file already (the CLI, for --resume) passes the hash and it is used as given."""
+    from engines.pipeline import file_sha256, score_studies
+
+    cfg = _cfg(include=("ct_a/*",))
+    recs = list(score_studies(small_corpus, artifact, cfg))
+    assert recs and {r.model.split("@")[1] for r in recs} == {file_sha256(artifact)[:12]}
+    recs = list(score_studies(small_corpus, artifact, cfg, model_hash="f" * 64))
+    assert recs and {r.model.split("@")[1] for r in recs} == {"f" * 12}
+
+
 def test_record_row_has_design_columns_and_escapes() -> None:
     from engines.pipeline import COLUMNS, ScoreRecord
 

@@ -292,7 +292,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         prog = _Progress(root, quiet, log_every)
         logger.info("scoring %s with %s (%s, %d workers, batch %d)", "<root>" if hide_paths else root,
                     model_path.name, backend, n_workers, batch_size)
-        for i, rec in enumerate(score_studies(root, model_path, cfg, reuse=reuse)):
+        for i, rec in enumerate(score_studies(root, model_path, cfg, reuse=reuse, model_hash=model_hash)):
             if min_score is not None and rec.score is not None and rec.score < min_score \
                     and "low_score" not in rec.flags:
                 rec.flags.append("low_score")
