@@ -226,11 +226,9 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     assert json.loads(stamp.read_text())["sources"] == sources_fingerprint()
 
 
-def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: Path) -> None:
-    from training import recipe
+def _fake_stage(calls: list[TrainConfig]):
+    """A recipe stage that records its configuration and writes a distinct artifact per run."""
     from training.tasks import TrainOutcome
-
-    calls: list[TrainConfig] = []
 
     def fake_stage(manifest: Path, cfg: TrainConfig) -> TrainOutcome:
         calls.append(cfg)
@@ -239,6 +237,14 @@ def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: 
         art.write_bytes(f"weights of run {len(calls)}".encode())
         return TrainOutcome(artifact=art, metrics={"val": {"srcc": 0.5}}, data_summary={"n": 3},
                             images_per_s=2.0, members=[art])
+
+    return fake_stage
+
+
+def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: Path) -> None:
+    from training import recipe
+    calls: list[TrainConfig] = []
+    fake_stage = _fake_stage(calls)
 
     inp = tmp_path / "pre.safetensors"
     inp.write_bytes(b"pretrained")
@@ -268,16 +274,8 @@ def test_recipe_stage_key_ignores_options_at_their_default(tmp_path: Path) -> No
     import json
 
     from training import recipe
-    from training.tasks import TrainOutcome
-
     calls: list[TrainConfig] = []
-
-    def fake_stage(manifest: Path, cfg: TrainConfig) -> TrainOutcome:
-        calls.append(cfg)
-        art = Path(cfg.out) / "model.safetensors"
-        art.parent.mkdir(parents=True, exist_ok=True)
-        art.write_bytes(f"weights of run {len(calls)}".encode())
-        return TrainOutcome(artifact=art, metrics={}, data_summary={}, images_per_s=1.0, members=[art])
+    fake_stage = _fake_stage(calls)
 
     cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path / "stage"))
     corpus = {"size": "tiny", "seed": 0, "sources": "abc"}
