@@ -21,7 +21,7 @@ from training.synth import degrade
 from training.synth.corpus import (
     MANIFEST_COLUMNS, SEVERITY, generate_corpus, plan_corpus, quality_score, severities_of,
 )
-from training.synth.sources import SOURCES, all_units, load_unit, source_by_name
+from training.synth.sources import SOURCES, all_units, load_unit, source_by_name, split_region
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -184,6 +184,75 @@ def test_every_source_loads() -> None:
         assert arr.ndim in (3, 4) and np.isfinite(arr).all() and float(arr.std()) > 0, spec.name
         if spec.modality == "ct":
             assert arr.min() >= -1024 and arr.max() > 200  # HU with bone
+
+
+def test_split_region_covers_the_splits_tiles_only() -> None:
+    for spec in SOURCES:
+        for unit in spec.units():
+            tile = load_unit(unit).array
+            region = split_region(unit)
+            if unit.tile is None or unit.split != "train":
+                assert region.shape == tile.shape and np.array_equal(region, tile), unit.unit_id
+                continue
+            # train tiles: the rectangle of the source's train tiles (top row / top two rows)
+            same = [u.tile for u in spec.units() if u.split == "train"]
+            rows = len({t[0] for t in same})
+            cols = len({t[1] for t in same})
+            assert abs(region.shape[1] - rows * tile.shape[1]) <= rows, unit.unit_id
+            assert abs(region.shape[2] - cols * tile.shape[2]) <= cols, unit.unit_id
+            # it holds the tile at its place, and no pixel of the held-out tiles
+            r0 = min(t[0] for t in same)
+            c0 = min(t[1] for t in same)
+            th, tw = tile.shape[1:3]
+            y, x = (unit.tile[0] - r0) * th, (unit.tile[1] - c0) * tw
+            # (tile borders are at i * size // n, so the offset is exact to ±1 pixel)
+            assert any(np.array_equal(region[:, y + dy:y + dy + th, x + dx:x + dx + tw], tile)
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1) if y + dy >= 0 and x + dx >= 0), unit.unit_id
+            assert rows * cols == len(same)   # the rectangle holds train tiles only
+
+
+def test_random_window_keeps_aspect_and_fits() -> None:
+    from training.synth.corpus import WINDOW_SCALE, random_window
+
+    region = np.arange(300 * 600, dtype=np.float32).reshape(300, 600)
+    sizes = set()
+    for seed in range(40):
+        w = random_window(region, (200, 100), np.random.default_rng(seed))
+        h_, w_ = w.shape
+        assert 200 * WINDOW_SCALE[0] - 1 <= h_ <= 200 * WINDOW_SCALE[1] + 1
+        assert abs(h_ / w_ - 2.0) < 0.05                      # the tile's aspect
+        y0, x0 = divmod(int(w[0, 0]), 600)
+        assert np.array_equal(w, region[y0:y0 + h_, x0:x0 + w_])  # a real window of the region
+        sizes.add((h_, y0, x0))
+    assert len(sizes) > 30                                     # position and size vary
+    # capped by the region: a tile as large as the region gives the region's size or less
+    w = random_window(region[:200, :100], (200, 100), np.random.default_rng(0))
+    assert w.shape[0] <= 200 and w.shape[1] <= 100
+    a = random_window(region, (200, 100), np.random.default_rng(5))
+    assert np.array_equal(a, random_window(region, (200, 100), np.random.default_rng(5)))
+
+
+def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    generate_corpus(out, seed=7, size="tiny", workers=1, train_windows=True)
+    old, new = _tree_digest(tiny_corpus), _tree_digest(out)
+    assert set(old) == set(new)
+    rows = {r["path"]: r for r in _rows(out)}
+    windowed = [p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("xr", "fundus")]
+    assert windowed
+    for f in old:
+        if f == "manifest.csv":
+            continue
+        study = next((p for p in rows if f == p or f.startswith(p + "/")), None)
+        assert study is not None, f
+        if study in windowed:
+            assert old[f] != new[f], f                 # another content: a random window
+        else:
+            assert old[f] == new[f], f                 # val / test / CT / MR: byte-identical
+    # the manifest's labels and parameters do not depend on the window
+    assert _rows(out) == _rows(tiny_corpus)
+    plan = plan_corpus(7, "tiny", train_windows=True)
+    assert {s.relpath for s in plan if s.window} == set(windowed)
 
 
 # --- generated corpus --------------------------------------------------------------------------

@@ -224,6 +224,15 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)
     assert len(calls) == 1 and "--force" in calls[0]
     assert json.loads(stamp.read_text())["sources"] == sources_fingerprint()
+    assert "--train-windows" not in calls[0] and "train_windows" not in json.loads(stamp.read_text())
+    # the generator option is part of the identity: on → regenerate with it, then reuse
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False, train_windows=True)
+    assert len(calls) == 2 and "--train-windows" in calls[1]
+    assert json.loads(stamp.read_text())["train_windows"] is True
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False, train_windows=True)
+    assert len(calls) == 2
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)           # off again: regenerate
+    assert len(calls) == 3 and "--train-windows" not in calls[2]
 
 
 def _fake_stage(calls: list[TrainConfig]):
@@ -266,6 +275,25 @@ def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: 
     recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg.replace(time_budget_s=9.0),
                       dict(corpus, seed=1), [inp])                 # another corpus
     assert len(calls) == 5
+
+
+def test_train_windows_leave_the_pretrain_stage_reusable(tmp_path: Path) -> None:
+    """train_windows changes only X-ray / fundus training studies (no physical target): a finished
+    pretrain stage is reused, a fine-tune stage is trained again."""
+    from training import recipe
+    calls: list[TrainConfig] = []
+    fake_stage = _fake_stage(calls)
+
+    plain = {"size": "tiny", "seed": 0, "sources": "abc"}
+    windowed = dict(plain, train_windows=True)
+    assert recipe.stage_corpus(windowed, "pretrain") == plain
+    assert recipe.stage_corpus(windowed, "finetune") == windowed
+    for stage, expected in (("pretrain", 1), ("finetune", 2)):
+        n0 = len(calls)
+        cfg = TrainConfig(task=stage, epochs=2, out=str(tmp_path / stage))
+        recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg, recipe.stage_corpus(plain, stage), [])
+        recipe._run_stage(fake_stage, tmp_path / "m.csv", cfg, recipe.stage_corpus(windowed, stage), [])
+        assert len(calls) - n0 == expected, stage
 
 
 def test_recipe_stage_key_ignores_options_at_their_default(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
-SYNTH_KEYS = ("size", "seed", "workers")
+SYNTH_KEYS = ("size", "seed", "workers", "train_windows")
 
 
 def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -70,13 +70,33 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
     return merge_config(cfg, over)
 
 
-def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None) -> Path:
-    """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this size and seed made
-    from the current table of base images (``sources_fingerprint``)."""
+def corpus_identity(size: str, seed: int, train_windows: bool = False) -> dict[str, Any]:
+    """What identifies a recipe's corpus: size, seed, the table of base images and the generator
+    options (``train_windows`` only when on, so corpora made before the option keep theirs)."""
     from training.synth.sources import sources_fingerprint
 
+    want: dict[str, Any] = {"size": size, "seed": seed, "sources": sources_fingerprint()}
+    if train_windows:
+        want["train_windows"] = True
+    return want
+
+
+def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of the corpus identity a stage's output depends on. ``train_windows`` changes only
+    X-ray / fundus training studies, which have no physical target: the pretrain stage trains on
+    the same (byte-identical CT / MR) studies either way, so its key leaves the option out and a
+    finished pretrain stage is reused when only that option changes."""
+    if stage == "pretrain":
+        return {k: v for k, v in corpus_id.items() if k != "train_windows"}
+    return corpus_id
+
+
+def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None,
+                  train_windows: bool = False) -> Path:
+    """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this identity
+    (``corpus_identity``: size, seed, table of base images, generator options)."""
     stamp = corpus / CORPUS_STAMP
-    want = {"size": size, "seed": seed, "sources": sources_fingerprint()}
+    want = corpus_identity(size, seed, train_windows)
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
@@ -84,6 +104,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
            "--progress" if progress else "--no-progress"]
     if workers:
         cmd += ["--workers", str(workers)]
+    if train_windows:
+        cmd.append("--train-windows")
     if (corpus / "manifest.csv").is_file():   # another size / seed / source table: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
@@ -165,12 +187,13 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     out_path = Path(output or recipe.get("output") or work / "default.safetensors")
     synth = recipe.get("synth") or {}
     size, seed = str(synth.get("size", "small")), int(synth.get("seed", 0))
-    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"))
+    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"),
+                             bool(synth.get("train_windows", False)))
     cache = work / "cache"
 
     corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
-    pre = _run_stage(run_pretrain, manifest, pre_cfg, corpus_id, [])
+    pre = _run_stage(run_pretrain, manifest, pre_cfg, stage_corpus(corpus_id, "pretrain"), [])
     ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)
     ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(pre.artifact))
     ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [pre.artifact])
@@ -191,6 +214,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.preset,
         ensemble_size=ft_card.ensemble_size,
         data_summary={"corpus": {"generator": "mediqa synth", "size": size, "seed": seed,
+                                 "train_windows": bool(synth.get("train_windows", False)),
                                  "note": "synthetic degradations of real anatomy; scores are derived from "
                                          "the simulated physics, not from readers"},
                       "pretrain": pre.data_summary, "finetune": ft.data_summary, "classifier": cl.data_summary},

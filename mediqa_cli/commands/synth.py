@@ -51,9 +51,12 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
               help="Worker processes (default: min(4, CPU count)). Output does not depend on it.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
+@click.option("--train-windows/--no-train-windows", default=False, show_default=True,
+              help="Training studies of X-ray / fundus show a random window of the training "
+                   "region (position and scale) instead of a fixed tile; val/test are unchanged.")
 @click.option("--force", is_flag=True, help="Replace a previous synthetic corpus in OUT_DIR.")
 def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bool,
-          force: bool) -> None:
+          train_windows: bool, force: bool) -> None:
     """Generate a synthetic corpus with known, physics-based degradations under OUT_DIR.
 
     Real anatomy shipped in PyPI packages (pydicom, pydicom-data, nibabel, scikit-image) is
@@ -79,7 +82,8 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
                       TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("synth", total=total)
             manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                       on_progress=lambda done, _t: bar.update(task, completed=done))
+                                       train_windows=train_windows, on_progress=lambda done, _t: bar.update(task, completed=done))
     else:
-        manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers)
+        manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
+                                   train_windows=train_windows)
     click.echo(f"{total} studies in {time.perf_counter() - t0:.1f} s; manifest: {manifest}")

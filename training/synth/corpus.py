@@ -61,7 +61,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from training.synth import degrade
-from training.synth.sources import BaseImage, Unit, all_units, load_unit
+from training.synth.sources import BaseImage, Unit, all_units, load_unit, split_region
 from training.synth.writers import (
     hu_to_stored, to_uint16, write_dicom_image, write_dicom_series, write_jpeg, write_nifti,
     write_png,
@@ -131,6 +131,9 @@ KINDS: dict[str, dict[str, tuple[str, ...]]] = {
                "illumination": ("illumination",)},
 }
 MIXED_FRACTION = 0.25
+# ``train_windows``: a training study of a tiled (X-ray / fundus) source shows a random window of
+# its split's region, of this size relative to one tile (aspect kept; capped by the region).
+WINDOW_SCALE = (0.6, 1.25)
 
 
 def quality_score(severities: dict[str, float]) -> float:
@@ -186,6 +189,7 @@ class StudySpec:
     n_anat: int = 0
     n_air: tuple[int, int] = (0, 0)
     seed: int = 0                        # the corpus seed (UIDs and the study's generator)
+    window: bool = False                 # show a random window of the split's region (train_windows)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -232,8 +236,14 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
     return pool[int(rng.integers(len(pool)))]
 
 
-def plan_corpus(seed: int, size: str | SizeConfig = "small") -> list[StudySpec]:
-    """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config)."""
+def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False) -> list[StudySpec]:
+    """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
+
+    ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
+    (position, and size ``WINDOW_SCALE`` × a tile) of the region their split's tiles cover,
+    instead of one fixed tile: many distinct contents from the few radiographs and photographs
+    that ship in packages. Val and test studies, and the plan itself, are the same either way.
+    """
     cfg = SIZES[size] if isinstance(size, str) else size
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     buckets: list[tuple[str, str, str, int]] = []  # modality, dimension, format hint, count
@@ -283,7 +293,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small") -> list[StudySpec]:
                                    unit=unit, region=src.region, type=ptype, degradation=degr,
                                    primary=primary, params=params, fmt=fmt, relpath=rel,
                                    image_size=cfg.image_size, n_anat=n_anat, n_air=n_air,
-                                   seed=int(seed)))
+                                   seed=int(seed), window=bool(train_windows and unit.split == "train"
+                                                               and unit.tile is not None)))
     return specs
 
 
@@ -345,6 +356,18 @@ def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
         return np.stack([_affine(img[..., c], angle, shift, scale, fill, flip)
                          for c in range(img.shape[-1])], axis=-1)
     return _affine(img, angle, shift, scale, fill, flip)
+
+
+def random_window(region: np.ndarray, tile: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A window of ``region`` (H, W[, 3]) with the tile's aspect, ``WINDOW_SCALE`` × the tile's
+    size (capped so it fits), at a uniformly random position."""
+    big_h, big_w = region.shape[:2]
+    th, tw = tile
+    s = min(float(rng.uniform(*WINDOW_SCALE)), big_h / th, big_w / tw)
+    h, w = max(1, min(big_h, int(round(s * th)))), max(1, min(big_w, int(round(s * tw))))
+    y0 = int(rng.integers(0, big_h - h + 1))
+    x0 = int(rng.integers(0, big_w - w + 1))
+    return region[y0:y0 + h, x0:x0 + w]
 
 
 def _slice_of(base: BaseImage, rng: np.random.Generator) -> np.ndarray:
@@ -463,7 +486,10 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
 
 def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
     size = spec.image_size
-    img, zoom = _resize_long_side(base.array[0], size)
+    src = base.array[0]
+    if spec.window:
+        src = random_window(split_region(spec.unit)[0], src.shape[:2], rng)
+    img, zoom = _resize_long_side(src, size)
     img = _augment_2d(img, rng, 0.0, allow_flip=False)
     img = np.clip(img, 0.0, 1.0)
     p = spec.params
@@ -527,16 +553,18 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
-                    workers: int = 1,
+                    workers: int = 1, train_windows: bool = False,
                     on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Plan and render the corpus into ``out_dir``; returns the manifest path.
+
+    ``train_windows``: see ``plan_corpus``.
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_corpus(seed, size)
+    specs = plan_corpus(seed, size, train_windows=train_windows)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
     total = len(specs)

@@ -295,6 +295,31 @@ def load_unit(unit: Unit) -> BaseImage:
                      slice_mm=thick)
 
 
+def split_region(unit: Unit) -> np.ndarray:
+    """The part of the unit's source covered by every tile of the unit's split, as one array.
+
+    For a tiled source whose tiles of this split form a rectangle (the training tiles of each
+    X-ray and fundus source: the top row / the top two rows), that rectangle; otherwise (an
+    untiled source, or same-split tiles that are not a rectangle) the unit's own tile. A window
+    taken anywhere inside it never shows pixels of another split's tile.
+    """
+    spec = source_by_name(unit.source)
+    if unit.tile is None:
+        return load_unit(unit).array
+    rows, cols = spec.grid
+    mine = [(u.tile[0], u.tile[1]) for u in spec.units() if u.split == unit.split and u.tile is not None]
+    r0, r1 = min(r for r, _ in mine), max(r for r, _ in mine) + 1
+    c0, c1 = min(c for _, c in mine), max(c for _, c in mine) + 1
+    if len(mine) != (r1 - r0) * (c1 - c0):
+        return load_unit(unit).array
+    arr, _, _ = _load_source(unit.source)
+    if spec.crop_x != (0.0, 1.0):
+        w = arr.shape[2]
+        arr = arr[:, :, int(spec.crop_x[0] * w): int(spec.crop_x[1] * w)]
+    h, w = arr.shape[1:3]
+    return np.array(arr[:, r0 * h // rows: r1 * h // rows, c0 * w // cols: c1 * w // cols], copy=True)
+
+
 def check_sources() -> dict[str, str]:
     """Which sources can be loaded here: name → "ok" or the error message."""
     out: dict[str, str] = {}
