@@ -16,7 +16,9 @@ assigned to a split:
 * X-ray and fundus: only two real photographs / radiographs of each kind ship in packages, so
   those images are cut into non-overlapping tiles and the tiles are the units; the val and test
   tiles are image regions never seen in training. This is weaker than a held-out patient and is
-  said so in the README. (skimage's ``microaneurysms.png`` is not used: a 102² grey crop, it looks
+  said so in the README. With ``train_windows`` (``training.synth.corpus.plan_corpus``) a
+  training study shows a random window of the rectangle of its source's training tiles
+  (``split_region``) rather than one tile. (skimage's ``microaneurysms.png`` is not used: a 102² grey crop, it looks
   blurred even when pristine.)
 
 The table ``SOURCES`` is the single place that fixes labels (prompt vocabulary of
