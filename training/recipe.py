@@ -187,8 +187,8 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     out_path = Path(output or recipe.get("output") or work / "default.safetensors")
     synth = recipe.get("synth") or {}
     size, seed = str(synth.get("size", "small")), int(synth.get("seed", 0))
-    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"),
-                             bool(synth.get("train_windows", False)))
+    windows = bool(synth.get("train_windows", False))
+    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"), windows)
     cache = work / "cache"
 
     corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
@@ -214,7 +214,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.preset,
         ensemble_size=ft_card.ensemble_size,
         data_summary={"corpus": {"generator": "mediqa synth", "size": size, "seed": seed,
-                                 "train_windows": bool(synth.get("train_windows", False)),
+                                 "train_windows": windows,
                                  "note": "synthetic degradations of real anatomy; scores are derived from "
                                          "the simulated physics, not from readers"},
                       "pretrain": pre.data_summary, "finetune": ft.data_summary, "classifier": cl.data_summary},

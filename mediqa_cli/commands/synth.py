@@ -82,7 +82,8 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
                       TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("synth", total=total)
             manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                       train_windows=train_windows, on_progress=lambda done, _t: bar.update(task, completed=done))
+                                       train_windows=train_windows,
+                                       on_progress=lambda done, _t: bar.update(task, completed=done))
     else:
         manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
                                    train_windows=train_windows)

@@ -281,19 +281,24 @@ def _load_source(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     return arr.astype(np.float32), pixel, thick
 
 
+def _tiles(spec: SourceSpec, arr: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """The tiles ``rows[0] <= r < rows[1]``, ``cols[0] <= c < cols[1]`` of the source's grid as
+    one copied array (``crop_x`` applied first)."""
+    if spec.crop_x != (0.0, 1.0):
+        w = arr.shape[2]
+        arr = arr[:, :, int(spec.crop_x[0] * w): int(spec.crop_x[1] * w)]
+    n_rows, n_cols = spec.grid
+    h, w = arr.shape[1:3]
+    return np.array(arr[:, rows[0] * h // n_rows: rows[1] * h // n_rows,
+                        cols[0] * w // n_cols: cols[1] * w // n_cols], copy=True)
+
+
 def load_unit(unit: Unit) -> BaseImage:
     """Decode the unit's source (cached per process) and cut its tile. Arrays as in the module doc."""
     spec = source_by_name(unit.source)
     arr, pixel, thick = _load_source(unit.source)
-    if spec.crop_x != (0.0, 1.0):
-        w = arr.shape[2]
-        arr = arr[:, :, int(spec.crop_x[0] * w): int(spec.crop_x[1] * w)]
-    if unit.tile is not None:
-        rows, cols = spec.grid
-        r, c = unit.tile
-        h, w = arr.shape[1:3]
-        arr = arr[:, r * h // rows: (r + 1) * h // rows, c * w // cols: (c + 1) * w // cols]
-    return BaseImage(unit=unit, spec=spec, array=np.array(arr, copy=True), pixel_mm=pixel,
+    r, c = unit.tile if unit.tile is not None else (0, 0)
+    return BaseImage(unit=unit, spec=spec, array=_tiles(spec, arr, (r, r + 1), (c, c + 1)), pixel_mm=pixel,
                      slice_mm=thick)
 
 
@@ -308,18 +313,13 @@ def split_region(unit: Unit) -> np.ndarray:
     spec = source_by_name(unit.source)
     if unit.tile is None:
         return load_unit(unit).array
-    rows, cols = spec.grid
     mine = [(u.tile[0], u.tile[1]) for u in spec.units() if u.split == unit.split and u.tile is not None]
     r0, r1 = min(r for r, _ in mine), max(r for r, _ in mine) + 1
     c0, c1 = min(c for _, c in mine), max(c for _, c in mine) + 1
     if len(mine) != (r1 - r0) * (c1 - c0):
-        return load_unit(unit).array
-    arr, _, _ = _load_source(unit.source)
-    if spec.crop_x != (0.0, 1.0):
-        w = arr.shape[2]
-        arr = arr[:, :, int(spec.crop_x[0] * w): int(spec.crop_x[1] * w)]
-    h, w = arr.shape[1:3]
-    return np.array(arr[:, r0 * h // rows: r1 * h // rows, c0 * w // cols: c1 * w // cols], copy=True)
+        r0, c0 = unit.tile
+        r1, c1 = r0 + 1, c0 + 1
+    return _tiles(spec, _load_source(unit.source)[0], (r0, r1), (c0, c1))
 
 
 def check_sources() -> dict[str, str]:
