@@ -4,7 +4,7 @@
 #      pylibjpeg*, PyWavelets for Python 3.12, trimmed to the files mediqa synth reads; built by
 #      scripts/device_site.sh) or, without it, install the wheels in .whl/
 #   2. train the bundled default model: mediqa train recipe $RECIPE --device cuda
-#      (RECIPE defaults to training/recipes/default-gpu.yaml; RECIPE_TIMEOUT caps it, default 600 s)
+#      (RECIPE defaults to training/recipes/default-gpu.yaml; RECIPE_TIMEOUT caps it, default 560 s)
 #   3. scripts/gpu_check.sh (CUDA parity + throughput; TensorRT if importable), unless SKIP_CHECK=1
 # Everything that must come back is written to $OUT (at most 8 files of <= 16 MiB: artifacts are
 # split in 15 MiB parts; join with `cat default.part* > default.safetensors`).
@@ -37,7 +37,7 @@ echo "== recipe $RECIPE -> $WORK (t=$(( $(date +%s) - T0 )) s)"
 ( while sleep 10; do f=$WORK/runs/finetune/best.safetensors
     [ -f "$f" ] && split -b 15M -d "$f" "$OUT/finetune.part"; done ) &
 WATCH=$!
-timeout "${RECIPE_TIMEOUT:-600}" python3 -m mediqa_cli --log-level info train recipe "$RECIPE" \
+timeout "${RECIPE_TIMEOUT:-560}" python3 -m mediqa_cli --log-level info train recipe "$RECIPE" \
     --device "${DEVICE:-cuda}" --output "$OUT/default.safetensors" --no-progress > "$OUT/recipe.log" 2>&1
 echo "recipe exit $?  (t=$(( $(date +%s) - T0 )) s)"
 kill $WATCH 2>/dev/null
