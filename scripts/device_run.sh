@@ -43,7 +43,7 @@ echo "recipe exit $?  (t=$(( $(date +%s) - T0 )) s)"
 kill $WATCH 2>/dev/null
 grep -E "epoch [0-9]+:|time budget|evaluated|recipe done|Error|error|Traceback" "$OUT/recipe.log" | tail -70
 # training histories, stage records and the corpus manifest (small) in one file
-tar -czf "$OUT/meta.tgz" "$WORK/recipe_summary.json" "$WORK"/corpus/*.csv "$WORK"/corpus/*.json \
+tar -czf "$OUT/meta.tgz" "$WORK/recipe_summary.json" "$WORK"/corpus/*.csv "$WORK"/corpus/.recipe-synth.json \
     "$WORK"/runs/*/*.json "$WORK"/runs/*/*.jsonl 2>/dev/null
 if [ -f "$OUT/default.safetensors" ]; then
   rm -f "$OUT"/finetune.part*

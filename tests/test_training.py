@@ -360,3 +360,60 @@ def test_gamma_augment_is_one_monotone_curve_per_study() -> None:
         exps.append(float(e[0]))
     assert all(np.exp(-0.5) - 1e-3 <= g <= np.exp(0.5) + 1e-3 for g in exps)
     assert max(exps) - min(exps) > 0.05                 # ... drawn anew per sample
+
+
+# ------------------------------------------------------------------------------ recipe end to end
+
+RECIPE = """\
+preset: mediqa-test
+device: cpu
+output: {out}
+work_dir: {work}
+synth: {{size: tiny, seed: 24}}   # 4 train (2 CT / MR), 2 val, 3 test studies
+common: {{batch_size: 4, seed: 0, amp: false, workers: 0, patience: 0, warmup_epochs: 0.5}}
+pretrain: {{epochs: 1, lr: 2.0e-3}}
+finetune: {{epochs: {ft_epochs}, lr: 2.0e-3, loss: mse+plcc}}
+classifier: {{epochs: 1, lr: 2.0e-3}}
+"""
+
+
+def test_recipe_end_to_end_then_finish_records_the_same_metrics(tmp_path: Path) -> None:
+    """The whole recipe on a tiny corpus; then its last step alone (``--finish``) on the packed
+    artifact with the metrics stripped, as when a lent GPU is given back during the test evaluation."""
+    import dataclasses
+
+    from engines.artifact import save_artifact
+    from training import recipe
+
+    work, out = tmp_path / "work", tmp_path / "model.safetensors"
+    y = tmp_path / "recipe.yaml"
+    y.write_text(RECIPE.format(out=out, work=work, ft_epochs=2))
+    res = recipe.run_recipe(y, progress=False)
+    groups, card = load_tensors(out)
+    assert set(groups) == {"iqa", "classifier"} and card.training["recipe_sha256"] == recipe.load_recipe(y)[1]
+    assert card.metrics["test"]["overall"]["n"] >= 2 and card.metrics["val"]["n"] >= 2
+    assert set(card.metrics["images_per_s"]) == {"pretrain", "finetune", "classifier"}
+    assert json.loads((work / "recipe_summary.json").read_text())["metrics"]["test"] == card.metrics["test"]
+    assert res["metrics"]["test"]["overall"]["srcc"] == card.metrics["test"]["overall"]["srcc"]
+
+    cut = tmp_path / "cut.safetensors"
+    save_artifact(cut, groups, dataclasses.replace(card, metrics={}), dtype="fp16")
+    recipe.finish_recipe(y, cut, progress=False)
+    groups2, card2 = load_tensors(cut)
+    assert card2.metrics == card.metrics and card2.training == card.training
+    assert all(torch.equal(groups2[m][k], groups[m][k]) for m in groups for k in groups[m])
+
+    other = tmp_path / "other.yaml"      # another recipe did not pack it
+    other.write_text(RECIPE.format(out=out, work=work, ft_epochs=3))
+    with pytest.raises(ConfigError, match="not packed by other.yaml"):
+        recipe.finish_recipe(other, cut, progress=False)
+    rec = work / "runs" / "classifier" / recipe.STAGE_DONE   # stage records of another run
+    saved = rec.read_text()
+    r = json.loads(saved)
+    r["outcome"]["data_summary"]["used"] = -1
+    rec.write_text(json.dumps(r))
+    with pytest.raises(ConfigError, match="other training data"):
+        recipe.finish_recipe(y, cut, progress=False)
+    rec.unlink()
+    with pytest.raises(ConfigError, match="no record of the classifier stage"):
+        recipe.finish_recipe(y, cut, progress=False)

@@ -179,19 +179,11 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
                output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the recipe at ``path``; returns {"artifact", "metrics", "stages"}."""
     from engines.artifact import ModelCard, load_tensors, save_artifact  # noqa: PLC0415
-    from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import run_classifier, run_finetune, run_pretrain  # noqa: PLC0415
 
     recipe, sha = load_recipe(path)
-    work = Path(work_dir or recipe.get("work_dir") or "runs/default")
-    out_path = Path(output or recipe.get("output") or work / "default.safetensors")
-    synth = recipe.get("synth") or {}
-    size, seed = str(synth.get("size", "small")), int(synth.get("seed", 0))
-    windows = bool(synth.get("train_windows", False))
-    manifest = ensure_corpus(work / "corpus", size, seed, progress, synth.get("workers"), windows)
+    work, out_path, manifest, corpus_id = _prepare(path, recipe, work_dir, output, progress)
     cache = work / "cache"
-
-    corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
     pre = _run_stage(run_pretrain, manifest, pre_cfg, stage_corpus(corpus_id, "pretrain"), [])
     ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)
@@ -204,33 +196,104 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     cl_groups, cl_card = load_tensors(cl.artifact)
     modules = {k: v for k, v in ft_groups.items()}
     modules["classifier"] = cl_groups["classifier"]
-    stages = {
-        "pretrain": {"metrics": pre.metrics, "data": pre.data_summary, "images_per_s": pre.images_per_s},
-        "finetune": {"metrics": ft.metrics, "data": ft.data_summary, "images_per_s": ft.images_per_s},
-        "classifier": {"metrics": cl.metrics, "data": cl.data_summary, "images_per_s": cl.images_per_s},
-    }
+    outcomes = {"pretrain": pre, "finetune": ft, "classifier": cl}
     card = ModelCard(
         task="iqa", preset=ft_card.preset, prompt_vocab=ft_card.prompt_vocab, preprocess=ft_card.preprocess,
         label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.preset,
         ensemble_size=ft_card.ensemble_size,
-        data_summary={"corpus": {"generator": "mediqa synth", "size": size, "seed": seed,
-                                 "train_windows": windows,
-                                 "note": "synthetic degradations of real anatomy; scores are derived from "
-                                         "the simulated physics, not from readers"},
-                      "pretrain": pre.data_summary, "finetune": ft.data_summary, "classifier": cl.data_summary},
+        data_summary={"corpus": _corpus_summary(recipe),
+                      **{name: o.data_summary for name, o in outcomes.items()}},
         metrics={}, training={"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
                               "finetune": ft_card.training, "classifier": cl_card.training})
     save_artifact(out_path, modules, card, dtype="fp16")
-    rep = evaluate_model(out_path, manifest, split="test", device=pre_cfg.device, batch_size=ft_cfg.batch_size,
-                         workers=ft_cfg.workers, progress=progress)
-    metrics = {"val": ft.metrics.get("val"), "test": {k: rep[k] for k in ("overall", "groups")},
-               "test_classifier": rep.get("classifier"), "pretrain_test": pre.metrics.get("test"),
-               "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
+    return _test_and_record(out_path, modules, card, manifest, work, outcomes, pre_cfg.device,
+                            ft_cfg.batch_size, ft_cfg.workers, progress)
+
+
+def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
+             progress: bool) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """Work dir, output path, the corpus' manifest (generated unless already there) and its identity."""
+    work = Path(work_dir or recipe.get("work_dir") or "runs/default")
+    out_path = Path(output or recipe.get("output") or work / "default.safetensors")
+    synth = recipe.get("synth") or {}
+    manifest = ensure_corpus(work / "corpus", str(synth.get("size", "small")), int(synth.get("seed", 0)),
+                             progress, synth.get("workers"), bool(synth.get("train_windows", False)))
+    corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
+    return work, out_path, manifest, corpus_id
+
+
+def _corpus_summary(recipe: dict[str, Any]) -> dict[str, Any]:
+    synth = recipe.get("synth") or {}
+    return {"generator": "mediqa synth", "size": str(synth.get("size", "small")), "seed": int(synth.get("seed", 0)),
+            "train_windows": bool(synth.get("train_windows", False)),
+            "note": "synthetic degradations of real anatomy; scores are derived from "
+                    "the simulated physics, not from readers"}
+
+
+def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
+                     outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
+                     progress: bool) -> dict[str, Any]:
+    """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
+    write the metrics into its card and ``<work>/recipe_summary.json``."""
+    from engines.artifact import save_artifact  # noqa: PLC0415
+    from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
 
+    rep = evaluate_model(out_path, manifest, split="test", device=device, batch_size=batch_size,
+                         workers=workers, progress=progress)
+    stages = {name: {"metrics": o.metrics, "data": o.data_summary, "images_per_s": o.images_per_s}
+              for name, o in outcomes.items()}
+    metrics = {"val": outcomes["finetune"].metrics.get("val"),
+               "test": {k: rep[k] for k in ("overall", "groups")},
+               "test_classifier": rep.get("classifier"), "pretrain_test": outcomes["pretrain"].metrics.get("test"),
+               "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
     card = dataclasses.replace(card, metrics=jsonable(metrics))
     save_artifact(out_path, modules, card, dtype="fp16")
     (work / "recipe_summary.json").write_text(json.dumps(jsonable({"artifact": str(out_path), "metrics": metrics,
                                                                     "stages": stages}), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
     return {"artifact": out_path, "metrics": metrics, "stages": stages}
+
+
+def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None = None,
+                  work_dir: str | Path | None = None, output: str | Path | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Step 5's second half alone, for an artifact this recipe packed whose test evaluation was cut
+    short (a lent GPU given back, a killed job): evaluate it on the test split of the recipe's corpus
+    (regenerated when absent: ``mediqa synth`` is deterministic) and record the metrics in its card,
+    with the validation metrics and speeds of the stage records in ``<work_dir>/runs/*``.
+
+    Refuses an artifact packed by another recipe (``recipe_sha256``) or stage records that did not
+    produce it (the stage cards' training settings must be the artifact's). Writes ``output``
+    (default: the artifact itself; the weights are copied unchanged, fp16 stays fp16)."""
+    from engines.artifact import load_tensors  # noqa: PLC0415
+    from training.tasks import TrainOutcome  # noqa: PLC0415
+
+    recipe, sha = load_recipe(path)
+    artifact = Path(artifact)
+    modules, card = load_tensors(artifact)
+    tr = card.training or {}
+    if tr.get("recipe_sha256") != sha:
+        raise ConfigError(f"{artifact.name} was not packed by {Path(path).name} (recipe sha256 "
+                          f"{str(tr.get('recipe_sha256'))[:12]}, this recipe {sha[:12]})")
+    if "classifier" not in modules:
+        raise ConfigError(f"{artifact.name} holds no prompt classifier: not a recipe's packed artifact")
+    work, _, manifest, _ = _prepare(path, recipe, work_dir, None, progress)
+    outcomes = {}
+    for stage in ("pretrain", "finetune", "classifier"):
+        rec_path = work / "runs" / stage / STAGE_DONE
+        if not rec_path.is_file():
+            raise ConfigError(f"no record of the {stage} stage at {rec_path}: run the recipe, or copy the "
+                              "stage records of the run that packed the artifact there")
+        o = json.loads(rec_path.read_text())["outcome"]
+        outcomes[stage] = TrainOutcome(artifact=Path(o["artifact"]), metrics=o["metrics"],
+                                       data_summary=o["data_summary"], images_per_s=o["images_per_s"],
+                                       members=[Path(m) for m in o["members"]])
+    if card.data_summary.get("finetune") != outcomes["finetune"].data_summary or \
+            card.data_summary.get("classifier") != outcomes["classifier"].data_summary:
+        raise ConfigError(f"the stage records in {work / 'runs'} describe other training data than "
+                          f"{artifact.name}'s card: not the run that packed it")
+    out_path = Path(output) if output else artifact
+    cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", work / "cache", device, progress)
+    return _test_and_record(out_path, modules, card, manifest, work, outcomes, cfg.device,
+                            cfg.batch_size, cfg.workers, progress)

@@ -133,14 +133,23 @@ def classifier(data: str, **kw: Any) -> None:
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Where corpus, runs and caches go.")
 @click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
               help="Where the packed artifact goes (default: the recipe's output).")
+@click.option("--finish", "finish", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Only the last step for ARTIFACT, packed by this recipe but cut short before its "
+                   "test evaluation: evaluate it on the corpus' test split and record the metrics in "
+                   "its card (the stage records in the work dir give the validation metrics).")
 @click.option("--progress/--no-progress", default=True)
-def recipe(config: str, device: str | None, work_dir: str | None, output: str | None, progress: bool) -> None:
+def recipe(config: str, device: str | None, work_dir: str | None, output: str | None, finish: str | None,
+           progress: bool) -> None:
     """Run a whole recipe: synth corpus → pretrain → finetune → classifier → test → packed artifact."""
     from engines.errors import ConfigError, MediqaError  # noqa: PLC0415
-    from training.recipe import run_recipe  # noqa: PLC0415
+    from training.recipe import finish_recipe, run_recipe  # noqa: PLC0415
 
     try:
-        result = run_recipe(config, device=device, work_dir=work_dir, output=output, progress=progress)
+        if finish:
+            result = finish_recipe(config, finish, device=device, work_dir=work_dir, output=output,
+                                   progress=progress)
+        else:
+            result = run_recipe(config, device=device, work_dir=work_dir, output=output, progress=progress)
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None
     except MediqaError as exc:
