@@ -417,3 +417,49 @@ def test_recipe_end_to_end_then_finish_records_the_same_metrics(tmp_path: Path) 
     rec.unlink()
     with pytest.raises(ConfigError, match="no record of the classifier stage"):
         recipe.finish_recipe(y, cut, progress=False)
+
+
+# ------------------------------------------------------------------------------ loader workers
+
+def test_loader_workers_default_per_device_and_reproducible_epochs(corpus: Path, tmp_path: Path) -> None:
+    """The training DataLoader runs in worker processes on CUDA (else the GPU waits on one process
+    reading and augmenting inputs) and in-process on CPU; with workers every study still comes once
+    per epoch, augmented, and a run is reproducible for its seed."""
+    import os
+
+    from engines.prompts import DEFAULT_VOCAB
+    from training.data.datasets import read_manifest
+    from training.tasks import _cache, _loader, build_items
+
+    assert TrainConfig(device="cpu").resolved_loader_workers() == 0
+    assert TrainConfig(device="cuda").resolved_loader_workers() == max(1, min(8, (os.cpu_count() or 2) - 1))
+    assert TrainConfig(device="cuda", loader_workers=0).resolved_loader_workers() == 0
+    with pytest.raises(ConfigError, match="loader_workers"):
+        TrainConfig(loader_workers=-1)
+
+    samples, report = read_manifest(corpus)
+    base = TrainConfig(task="finetune", out=str(tmp_path), rot90_augment=True, **FAST)
+    from engines.models.presets import get_preset
+    cache = _cache(base, get_preset("mediqa-test").preprocess_config())
+    items = build_items([s for s in samples if s.split == "train"], base, cache, DEFAULT_VOCAB, report,
+                        lambda s: s.target)
+
+    def epoch(nw: int) -> list[tuple[int, torch.Tensor]]:
+        out = []
+        for b in _loader(items, cache, base.replace(loader_workers=nw), train=True):
+            for kind, name in (("2d", "images"), ("3d", "volumes")):
+                if b[kind] is not None:
+                    out += list(zip(b[kind]["index"].tolist(), b[kind][name]))
+        return out
+
+    e0, e2, again = epoch(0), epoch(2), epoch(2)
+    assert sorted(i for i, _ in e2) == sorted(i for i, _ in e0) == list(range(len(items)))
+    assert [i for i, _ in e2] == [i for i, _ in again] and all(torch.equal(a, b) for (_, a), (_, b) in zip(e2, again))
+    # each input is one of the 8 flips / rotations of its cached image, and not all are the identity
+    changed = 0
+    for i, x in e2:
+        ref = torch.from_numpy(cache.get(items[i].key).images)
+        views = [torch.rot90(r, k, dims=(-2, -1)) for r in (ref, ref.flip(-1)) for k in range(4)]
+        assert any(torch.equal(x, v) for v in views)
+        changed += not torch.equal(x, ref)
+    assert changed > 0

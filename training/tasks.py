@@ -123,11 +123,15 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     if not items:
         return None
     gen = torch.Generator().manual_seed(cfg.seed)
+    nw = cfg.resolved_loader_workers()
+    # Workers draw their augmentations from seeds the loader's generator hands out, so a run stays
+    # reproducible for a given loader_workers (but not across different values).
     return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,
                                    rot90=train and cfg.rot90_augment,
                                    gamma=cfg.gamma_augment if train else 0.0), batch_size=cfg.batch_size,
                       shuffle=train, generator=gen if train else None, collate_fn=collate_studies,
-                      pin_memory=cfg.device.startswith("cuda"))
+                      pin_memory=cfg.device.startswith("cuda"), num_workers=nw,
+                      persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
 
 
 def _split_summary(report: DatasetReport, items: dict[str, list[Any]]) -> dict[str, Any]:

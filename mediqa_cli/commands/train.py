@@ -33,6 +33,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--init-weights", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Local timm ViT weights for the encoder (nothing is downloaded)."),
         click.option("--workers", type=int, default=None, help="Processes decoding / preprocessing studies (0 = in-process)."),
+        click.option("--loader-workers", type=int, default=None,
+                     help="DataLoader processes feeding the training steps (default: 0 on CPU, min(8, cores - 1) on CUDA)."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CPU, mixed precision on CUDA."),
         click.option("--max-items", type=int, default=None, help="Use at most N training studies (quick runs)."),
         click.option("--progress/--no-progress", default=None, help="Show the progress bar."),
