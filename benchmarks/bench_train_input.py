@@ -1,12 +1,11 @@
 """Training input pipeline: images/s the DataLoader delivers, in-process vs worker processes.
 
-On a lent H200 the bundled model's fine-tune ran at ≈ 210 images/s with the GPU mostly idle:
-the loader read, converted (float16 → float32), flipped / rotated and collated every study in
-the training process. ``loader_workers`` (default min(8, cores − 1) on CUDA, 0 on CPU) moves that
-into worker processes. This benchmark measures the pipeline alone (no model), in one run, on a
-disk ``InputCache`` of the training shapes (95 % 2D studies (3, 224, 224), 5 % 3D studies
-(7, 3, 224, 224), float16, as the recipe caches them), so the ratio tells how much a GPU run can
-gain where the loader is the limit. The loader is the recipe's (``training.tasks._loader``).
+On a lent H200 the bundled model's fine-tune ran at ≈ 210 images/s with the GPU mostly idle. Is
+the loader (read float16 from the disk cache, convert to float32, flip / rotate, collate) the
+limit? This benchmark measures the pipeline alone (no model), in one run, for several
+``loader_workers`` values, on a disk ``InputCache`` of the training shapes (95 % 2D studies
+(3, 224, 224), 5 % 3D studies (7, 3, 224, 224), float16, as the recipe caches them), with the
+recipe's own loader (``training.tasks._loader``). Ratios are against the first value given.
 
 Usage: ``python benchmarks/bench_train_input.py [--studies 800] [--workers 0 1 2] [--json out.json]``
 """

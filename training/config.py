@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -59,9 +58,8 @@ class TrainConfig:
     gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
     max_items: int | None = None            # cap on training studies (quick runs); None = all
     workers: int = 0                        # processes for decoding/preprocessing; 0 = in-process
-    loader_workers: int | None = None       # DataLoader processes feeding prepared inputs to the
-                                            # steps; None = 0 on CPU (the steps need the cores),
-                                            # min(8, cores - 1) on CUDA (else the GPU waits on them)
+    loader_workers: int = 0                 # DataLoader processes feeding prepared inputs to the
+                                            # steps; 0 = in-process (benchmarks/bench_train_input.py)
     cache_dir: str | None = None            # None: <out>/cache
     out: str = "runs/train"
     resume: bool = False
@@ -88,20 +86,12 @@ class TrainConfig:
             raise ConfigError(f"split_ratios must be three non-negative numbers, got {r!r}")
         if not 0.0 <= float(self.gamma_augment) <= 2.0:
             raise ConfigError(f"gamma_augment must be in [0, 2] (max |log gamma|), got {self.gamma_augment!r}")
-        if self.loader_workers is not None and int(self.loader_workers) < 0:
-            raise ConfigError(f"loader_workers must be >= 0 (or unset), got {self.loader_workers!r}")
+        if int(self.loader_workers) < 0:
+            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-    def resolved_loader_workers(self) -> int:
-        """``loader_workers``, or its default for the device when unset."""
-        if self.loader_workers is not None:
-            return int(self.loader_workers)
-        if self.device.startswith("cuda"):
-            return max(1, min(8, (os.cpu_count() or 2) - 1))
-        return 0
 
     @property
     def out_path(self) -> Path:

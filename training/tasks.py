@@ -123,7 +123,7 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     if not items:
         return None
     gen = torch.Generator().manual_seed(cfg.seed)
-    nw = cfg.resolved_loader_workers()
+    nw = int(cfg.loader_workers)
     # Workers draw their augmentations from seeds the loader's generator hands out, so a run stays
     # reproducible for a given loader_workers (but not across different values).
     return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,

@@ -34,7 +34,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Local timm ViT weights for the encoder (nothing is downloaded)."),
         click.option("--workers", type=int, default=None, help="Processes decoding / preprocessing studies (0 = in-process)."),
         click.option("--loader-workers", type=int, default=None,
-                     help="DataLoader processes feeding the training steps (default: 0 on CPU, min(8, cores - 1) on CUDA)."),
+                     help="DataLoader processes feeding the training steps (0 = in-process, the default)."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CPU, mixed precision on CUDA."),
         click.option("--max-items", type=int, default=None, help="Use at most N training studies (quick runs)."),
         click.option("--progress/--no-progress", default=None, help="Show the progress bar."),
