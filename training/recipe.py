@@ -264,7 +264,7 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
     with the validation metrics and speeds of the stage records in ``<work_dir>/runs/*``.
 
     Refuses an artifact packed by another recipe (``recipe_sha256``) or stage records that did not
-    produce it (the stage cards' training settings must be the artifact's). Writes ``output``
+    produce it (their fine-tune and classifier data summaries must be the ones in its card). Writes ``output``
     (default: the artifact itself; the weights are copied unchanged, fp16 stays fp16)."""
     from engines.artifact import load_tensors  # noqa: PLC0415
     from training.tasks import TrainOutcome  # noqa: PLC0415
