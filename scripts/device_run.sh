@@ -8,6 +8,11 @@
 #   3. scripts/gpu_check.sh (CUDA parity + throughput; TensorRT if importable), unless SKIP_CHECK=1
 # Everything that must come back is written to $OUT (at most 8 files of <= 16 MiB: artifacts are
 # split in 15 MiB parts; join with `cat default.part* > default.safetensors`).
+# As run for the bundled model (2026-11-28): device tool `run`, carry [".whl/site312.tar.xz"],
+# command `SKIP_CHECK=1 bash scripts/device_run.sh`, timeout_s 600. A recipe cut before its
+# test evaluation still leaves the packed artifact; record its metrics here afterwards with the
+# stage records from meta.tgz in the work dir:
+#   mediqa train recipe training/recipes/default-gpu.yaml --finish default.safetensors --device cpu
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}; mkdir -p "$OUT"
