@@ -243,6 +243,33 @@ def test_info_reports_versions_and_decoders(runner):
     assert table.exit_code == 0 and "RLE Lossless" in table.stdout
 
 
+def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
+    """``info --model default`` shows the bundled model's card as recorded by its recipe;
+    ``--model PATH`` any artifact's; a file without a card is a clear error."""
+    import hashlib
+
+    from engines.artifact import load_card
+    from mediqa_cli.commands.evaluate import bundled_model
+
+    result = runner.invoke(cli, ["info", "--json", "--model", "default"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["model"]
+    path = bundled_model()
+    card = load_card(path)
+    assert m["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and m["size_bytes"] == path.stat().st_size
+    assert m["recipe_sha256"] == card.training["recipe_sha256"] and m["recipe"].endswith(".yaml")
+    assert m["test"]["srcc"] == card.metrics["test"]["overall"]["srcc"] and m["test"]["n"] > 0
+    assert m["val"]["srcc"] == card.metrics["val"]["srcc"]
+    assert set(m["test_srcc_by_prompt_modality"]) <= {"ct", "mr", "xr", "fundus", "us", "other"}
+    assert m["card"] == json.loads(json.dumps(card.to_dict()))
+    table = runner.invoke(cli, ["info", "--model", str(path)])
+    assert table.exit_code == 0 and "model card" in table.stdout and "recipe_sha256" in table.stdout
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    result = runner.invoke(cli, ["info", "--model", str(bad)])
+    assert result.exit_code != 0 and "cannot read the model card" in result.output
+
+
 def test_tables_csv_escaping_and_atomic_write(tmp_path):
     rows = [{"a": "=1+2", "b": -1024, "c": ["x", "y"], "d": float("nan")},
             {"a": "+C", "b": "-5", "c": None, "d": 0.123456789}]

@@ -9,6 +9,9 @@ knows, ``pydicom.pixels.get_decoder(uid)`` gives the decoder and its ``available
 file's transfer syntax shows "no" here.
 Runtimes: onnxruntime's execution providers (onnxruntime is imported; it does not pull in
 torch) and whether the ``tensorrt`` package can be found (not imported).
+``--model PATH`` (``--model default``: the bundled model) adds the model card of a
+``.safetensors`` / ``.onnx`` / ``.engine`` artifact: what it is, the recipe that made it (name and
+sha256), the corpus, and the validation / test metrics the training recorded (no torch import).
 """
 
 from __future__ import annotations
@@ -94,17 +97,62 @@ def runtimes(check_torch: bool = False) -> dict[str, Any]:
     return out
 
 
+def model_summary(path: str) -> dict[str, Any]:
+    """File facts and the model card of ``path`` ("default": the bundled model), as a dict."""
+    from pathlib import Path
+
+    from engines.artifact import load_card
+    from engines.pipeline import file_sha256
+
+    from mediqa_cli.commands.evaluate import bundled_model
+
+    p = bundled_model() if path == "default" else Path(path)
+    card = load_card(p)
+    m, tr = card.metrics or {}, card.training or {}
+    test = (m.get("test") or {})
+    overall = test.get("overall", test if "srcc" in test else {})
+    return {
+        "path": str(p), "size_bytes": p.stat().st_size, "sha256": file_sha256(p), "task": card.task,
+        "preset": card.preset, "classifier_preset": card.classifier_preset, "ensemble_size": card.ensemble_size,
+        "recipe": tr.get("recipe"), "recipe_sha256": tr.get("recipe_sha256"),
+        "corpus": (card.data_summary or {}).get("corpus"),
+        "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
+        "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
+        "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in
+                             ((test.get("groups") or {}).get("modality") or {}).items()},
+        "test_classifier": m.get("test_classifier"),
+        "card": card.to_dict(),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items() if x is not None)
+    return "-" if v is None else str(v)
+
+
 @click.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--torch", "check_torch", is_flag=True,
               help="Also import torch to report CUDA devices (slow; skipped by default).")
 @click.option("--all-syntaxes", is_flag=True,
               help="List transfer syntaxes pydicom has no decoder for (video, JPIP, …) too.")
-def info(as_json: bool, check_torch: bool, all_syntaxes: bool) -> None:
-    """Versions, available DICOM decoders and runtimes."""
+@click.option("--model", "model", default=None, metavar="PATH|default",
+              help="Also show this model's card (default: the bundled model).")
+def info(as_json: bool, check_torch: bool, all_syntaxes: bool, model: str | None) -> None:
+    """Versions, available DICOM decoders and runtimes (and a model's card with --model)."""
+    from engines.errors import MediqaError
+
     data = {"versions": versions(), "platform": platform.platform(),
             "executable": sys.executable, "dicom_decoders": dicom_decoders(),
             "runtimes": runtimes(check_torch)}
+    if model is not None:
+        try:
+            data["model"] = model_summary(model)
+        except (MediqaError, OSError) as exc:
+            raise click.ClickException(f"cannot read the model card of {model}: {exc}") from None
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -134,3 +182,11 @@ def info(as_json: bool, check_torch: bool, all_syntaxes: bool) -> None:
     for k, v in data["runtimes"].items():
         rt.add_row(k, Text(", ".join(v) if isinstance(v, list) else str(v)))
     console.print(rt)
+    if "model" in data:
+        mt = Table(title="model card", header_style="bold")
+        mt.add_column("field")
+        mt.add_column("value", overflow="fold")
+        for k, v in data["model"].items():
+            if k != "card":
+                mt.add_row(k, Text(_fmt(v)))
+        console.print(mt)
