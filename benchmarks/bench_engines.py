@@ -92,9 +92,9 @@ def build_model(preset: str, model_path: str | None):
     from engines.models.presets import get_preset
     from engines.models.registry import create_model
     from engines.prompts import DEFAULT_VOCAB
-    from export.pipeline import default_model_path
+    from engines.artifact import bundled_model_path
 
-    path = Path(model_path) if model_path else default_model_path()
+    path = Path(model_path) if model_path else bundled_model_path()
     if path.is_file() and (model_path or load_card(path).preset == preset):
         from engines.models.loading import load_artifact
 

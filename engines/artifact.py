@@ -46,6 +46,12 @@ DTYPE_KEY = "mediqa_dtype"
 TASKS = ("iqa", "pretrain", "classifier")
 
 
+def bundled_model_path() -> Path:
+    """The bundled default model, ``engines/weights/default.safetensors`` (may be absent in a source
+    checkout without weights); what score, evaluate, export and info use when no model is given."""
+    return Path(engines.__file__).resolve().parent / "weights" / "default.safetensors"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 

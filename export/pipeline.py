@@ -54,11 +54,6 @@ class ExportReport:
         return not self.refused
 
 
-def default_model_path() -> Path:
-    """The bundled default checkpoint (may not exist in a source checkout without weights)."""
-    import engines
-
-    return Path(engines.__file__).parent / "weights" / "default.safetensors"
 
 
 def export_model(model_path: str | Path, out_dir: str | Path, *, onnx: bool = True, trt: bool = False,

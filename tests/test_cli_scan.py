@@ -248,13 +248,12 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
     ``--model PATH`` any artifact's; a file without a card is a clear error."""
     import hashlib
 
-    from engines.artifact import load_card
-    from mediqa_cli.commands.evaluate import bundled_model
+    from engines.artifact import bundled_model_path, load_card
 
     result = runner.invoke(cli, ["info", "--json", "--model", "default"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)["model"]
-    path = bundled_model()
+    path = bundled_model_path()
     card = load_card(path)
     assert m["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and m["size_bytes"] == path.stat().st_size
     assert m["recipe_sha256"] == card.training["recipe_sha256"] and m["recipe"].endswith(".yaml")

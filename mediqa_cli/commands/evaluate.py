@@ -15,12 +15,6 @@ from typing import Any
 import click
 
 
-def bundled_model() -> Path:
-    import engines  # noqa: PLC0415
-
-    return Path(engines.__file__).resolve().parent / "weights" / "default.safetensors"
-
-
 def _f(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -47,7 +41,9 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
     from engines.errors import MediqaError  # noqa: PLC0415
 
     if len(args) == 1:
-        model, data = bundled_model(), Path(args[0])
+        from engines.artifact import bundled_model_path  # noqa: PLC0415
+
+        model, data = bundled_model_path(), Path(args[0])
         if not model.is_file():
             raise click.UsageError("no MODEL given and no bundled model at engines/weights/default.safetensors; "
                                    "pass a model file first: mediqa evaluate MODEL DATA")

@@ -47,10 +47,11 @@ def export(model: Path | None, out_dir: Path | None, onnx: bool, trt: bool, int8
     """Export MODEL (.safetensors; default: the bundled model) and verify every artifact."""
     from engines.backends.engine_header import parse_batch_profile
     from engines.errors import MediqaError
-    from export.pipeline import default_model_path, export_model
+    from engines.artifact import bundled_model_path
+    from export.pipeline import export_model
 
     if model is None:
-        model = default_model_path()
+        model = bundled_model_path()
         if not model.is_file():
             raise click.UsageError(f"no MODEL given and the bundled model {model} is not installed")
     if not model.is_file():

@@ -101,12 +101,10 @@ def model_summary(path: str) -> dict[str, Any]:
     """File facts and the model card of ``path`` ("default": the bundled model), as a dict."""
     from pathlib import Path
 
-    from engines.artifact import load_card
+    from engines.artifact import bundled_model_path, load_card
     from engines.pipeline import file_sha256
 
-    from mediqa_cli.commands.evaluate import bundled_model
-
-    p = bundled_model() if path == "default" else Path(path)
+    p = bundled_model_path() if path == "default" else Path(path)
     card = load_card(p)
     m, tr = card.metrics or {}, card.training or {}
     test = (m.get("test") or {})

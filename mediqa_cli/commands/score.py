@@ -35,13 +35,6 @@ class FatalError(click.ClickException):
     exit_code = EXIT_FATAL
 
 
-def default_model_path() -> Path:
-    """The bundled model: ``engines/weights/default.safetensors``."""
-    import engines
-
-    return Path(engines.__file__).resolve().parent / "weights" / "default.safetensors"
-
-
 def _count_files(root: Path, out: dict[str, int], stop: threading.Event) -> None:
     """Background count of the files under root (for the ETA only; no header is read)."""
     n = 0
@@ -244,12 +237,13 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
               log_every: float = 30.0, quiet: bool = False, verbose: int = 0,
               reader_nice: int = 10, header_cache: str = "off") -> int:
     """The body of ``mediqa score``; returns the exit code."""
+    from engines.artifact import bundled_model_path
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
     from engines.privacy import study_key
     from mediqa_cli.reports.writer import ReportLock, ReportLocked, ReportWriter
 
-    model_path = model or default_model_path()
+    model_path = model or bundled_model_path()
     if not model_path.is_file():
         if model is None:
             raise FatalError(
