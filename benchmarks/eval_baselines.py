@@ -12,10 +12,11 @@ degradation, next to the model's SRCC (``training.evaluate.evaluate_model``) and
 bootstrap interval when ``--model`` is given; ``--compare OTHER.safetensors`` adds a second
 model and the paired bootstrap interval of the SRCC difference (model − other) on the same
 studies (``engines.metrics.srcc_ci``): an interval holding 0 means the split cannot tell the
-two apart. Usage:
+two apart. ``--tta`` / ``--compare-tta`` set each model's test-time augmentation (``engines.tta``);
+the same model twice with two modes gives the paired effect of TTA. Usage:
 
     python benchmarks/eval_baselines.py CORPUS/manifest.csv [--split test] [--model M.safetensors]
-        [--compare OTHER.safetensors] [--json out.json]
+        [--tta none|flip|d4] [--compare OTHER.safetensors] [--compare-tta MODE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--model", default=None)
     ap.add_argument("--compare", default=None, help="a second model: paired SRCC difference intervals")
+    ap.add_argument("--tta", default="none", help="--model's test-time augmentation: none | flip | d4")
+    ap.add_argument("--compare-tta", default="none", help="--compare's test-time augmentation (the same "
+                    "model with two TTA modes gives the paired effect of TTA)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -78,15 +82,15 @@ def main() -> None:
         n, sh = classical(src_slices, mod, prep.ptype_used or s.labels.get("type"), cfg)
         rows.append({"path": s.path, "score": s.target, "modality": mod,
                      "degradation": s.extra.get("degradation", ""), "noise": n, "sharpness": sh})
-    def predictions(model: str | None) -> dict[str, float]:
+    def predictions(model: str | None, tta: str) -> dict[str, float]:
         if not model:
             return {}
         from training.evaluate import evaluate_model
-        rep = evaluate_model(model, args.manifest, split=args.split, progress=False)
+        rep = evaluate_model(model, args.manifest, split=args.split, progress=False, tta=tta)
         return {r["path"]: r["prediction"] for r in rep["predictions"]}
 
-    pred = predictions(args.model)
-    other = predictions(args.compare) if args.model else {}
+    pred = predictions(args.model, args.tta)
+    other = predictions(args.compare, args.compare_tta) if args.model else {}
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rows:
         groups["overall"].append(r)

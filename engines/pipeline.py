@@ -57,6 +57,7 @@ import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
+from engines.tta import tta_transforms, with_tta
 from engines.preprocess import PreprocessConfig, grey_channels, preprocess_slice, resize_unit, to_unit_range
 from engines.prompts import GROUPS, PromptVocab
 
@@ -89,6 +90,8 @@ class ScoreConfig:
     plugins:    ``"module:function"`` hooks called in every worker and in the main process.
     header_cache: SQLite file of cached DICOM header scans (``engines.io.header_cache``), or
                 None to parse every header.
+    tta:        test-time augmentation of the score (``engines.tta``): "none", "flip" (2 passes)
+                or "d4" (8 passes); recorded in the records' ``model`` column.
     reader_nice: CPU priority of the header scanner and the reader processes: 1..19 is added to
                 their niceness (default 10), ≥ 20 asks for Linux's SCHED_IDLE class, 0 leaves
                 them alone. On a CPU-only machine the engine's threads then pre-empt reading
@@ -109,6 +112,7 @@ class ScoreConfig:
     plugins: tuple[str, ...] = ()
     device: str = "cpu"
     backend: str = "auto"
+    tta: str = "none"
     reader_nice: int = 10
     header_cache: str | None = None
 
@@ -825,6 +829,10 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     root = Path(root).resolve()
     if not root.is_dir():
         raise MediqaError(f"scan root is not a directory: {root}", code="config")
+    try:
+        tta_transforms(config.tta)
+    except ValueError as exc:
+        raise MediqaError(str(exc), code="config") from None
     run_plugins(config.plugins)
     if config.privacy_key is None:
         config = config.replace(privacy_key=study_key())
@@ -841,19 +849,22 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
 
         def get_backend() -> Any:
             # spin=False: onnxruntime's idle threads would spin on the cores the readers need.
-            opened.append(open_backend(model_path, backend=config.backend, device=config.device,
-                                       spin=False))
+            opened.append(with_tta(open_backend(model_path, backend=config.backend, device=config.device,
+                                                spin=False), config.tta))
             return opened[0]
     else:
         card = backend_or_model_path.card
         model_path = getattr(backend_or_model_path, "path", None)
 
         def get_backend() -> Any:
-            return backend_or_model_path
+            # A TTABackend around a caller's backend is not closed (closing it would close theirs).
+            return with_tta(backend_or_model_path, config.tta)
     try:
         if model_hash is None:   # the CLI passes the hash it computed for --resume (one read of the model)
             model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
         model_label = f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)
+        if config.tta != "none":
+            model_label += f"+tta-{config.tta}"
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()
         k = int(getattr(card, "n_slices", 7) or 7)

@@ -5,7 +5,7 @@
 #   1. pytest -m "gpu or trt" tests/test_gpu.py  (torch CUDA vs CPU parity; TensorRT if importable)
 #   2. torch CUDA throughput: fp32 / bf16 / fp16 at batch 1 / 8 / 32, mediqa-vitt16 and mediqa-vitb8,
 #      on real preprocessed images, with the score deviation of each precision from CUDA fp32
-#   3. TensorRT fp16 engine build + parity + throughput for mediqa-vitt16, if tensorrt imports
+#   3. TensorRT fp16 engine build + parity + throughput for mediqa-vitt16 (+ --tta d4 on it), if tensorrt imports
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -111,6 +111,12 @@ with TorchBackend.from_modules(m, card) as ref, TensorRTBackend(b.path) as eng:
         for _ in range(3): eng.score(x, pr)
         t = time.perf_counter(); [eng.score(x, pr) for _ in range(10)]
         print(f"tensorrt fp16 batch {bs}: {10 * bs / (time.perf_counter() - t):.1f} img/s (incl. host copies)")
+    # --tta d4 on TensorRT: 8 images x 8 copies = 64 > the profile's max 32, so the wrapper's
+    # copies are split into engine-sized chunks; compared with the same TTA on torch fp32.
+    from engines.tta import with_tta
+    a = with_tta(ref, "d4").score(s.images[:8], s.prompts[:8])["score"]
+    e = with_tta(eng, "d4").score(s.images[:8], s.prompts[:8])["score"]
+    print(f"tensorrt fp16 TTA d4 (64 copies): max|dscore| vs torch fp32 TTA {np.abs(a - e).max():.2e}")
 PY
 else
   say "== TensorRT: not importable here (pip install 'mediqa[trt]'); trt tests skipped"

@@ -73,13 +73,14 @@ def _classifier_fill(classifier: Any, images: np.ndarray, vocab: Any, device: An
 
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "all", device: str = "cpu",
                    batch_size: int = 8, workers: int = 0, amp: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, tta: str = "none") -> dict[str, Any]:
     """Metrics of the artifact at ``model_path`` on ``data`` (manifest CSV / folder / LDCTIQA).
 
     ``split``: "all", or "train" / "val" / "test" (the manifest's split column, else the
     grouped hash split with the ratios recorded in the card). Returns a JSON-able report with
     ``overall``, ``groups``, ``classifier`` (accuracy per group, when present), ``dataset`` and
-    ``predictions`` (path, target, prediction per study).
+    ``predictions`` (path, target, prediction per study). ``tta``: test-time augmentation of the
+    score (``engines.tta``: none / flip / d4), as ``mediqa score --tta``.
     """
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
@@ -98,6 +99,11 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     card = loaded.card
     if loaded.iqa is None:
         raise UnsupportedArtifact(f"{Path(model_path).name} holds only a prompt classifier; evaluate needs an IQA model")
+    iqa = loaded.iqa
+    if tta != "none":
+        from engines.models.maniqa import TTANet  # noqa: PLC0415
+
+        iqa = TTANet(iqa, tta).eval()
     samples, report = load_scored(data)
     if split != "all":
         tr = card.training or {}
@@ -139,7 +145,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
         raise DatasetError(f"no study of {data} could be prepared: {report.summary()}")
     loader = DataLoader(StudyDataset(items, cache), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_studies)
-    q, target, index = predict_all(loaded.iqa, IQATask(), loader, dev, amp)
+    q, target, index = predict_all(iqa, IQATask(), loader, dev, amp)
     lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
     pred = lo + q.astype(np.float64) * (hi - lo)
     ordered = [items[i] for i in index]
@@ -147,7 +153,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     if any("degradation" in it.sample.extra for it in ordered):
         labels["degradation"] = [it.sample.extra.get("degradation") for it in ordered]
     out: dict[str, Any] = {
-        "model": str(model_path), "data": str(data), "split": split,
+        "model": str(model_path), "data": str(data), "split": split, "tta": tta,
         "label_scale": card.label_scale, "dataset": report.to_dict(),
         "overall": metric_table(pred, target),
         "groups": grouped_metrics(pred, target, labels),

@@ -232,6 +232,29 @@ class EnsembleNet(_VolumeMixin, nn.Module):
         return score, logit
 
 
+class TTANet(_VolumeMixin, nn.Module):
+    """A model averaged over test-time copies of its input (``engines.tta``): per image, the mean
+    score and mean slice logit over the mode's (quarter turns, mirror) transforms, so that
+    ``forward_volume`` fuses them exactly as ``engines.tta.TTABackend`` does."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        from engines.tta import tta_transforms  # noqa: PLC0415
+
+        super().__init__()
+        self.model = model
+        self.mode = mode
+        self.transforms = tta_transforms(mode)
+
+    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        scores, logits = [], []
+        for k, mirror in self.transforms:
+            x = torch.rot90(images, k, dims=(-2, -1)) if k % 4 else images
+            s, z = self.model(x.flip(-1) if mirror else x, prompt)
+            scores.append(s)
+            logits.append(z)
+        return torch.stack(scores).mean(dim=0), torch.stack(logits).mean(dim=0)
+
+
 def _tab(blocks: nn.Sequential, x: Tensor) -> Tensor:
     """Apply TABs to (N, C, G, G) by viewing it as (N, C, G²)."""
     n, c, h, w = x.shape

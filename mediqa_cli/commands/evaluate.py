@@ -30,9 +30,12 @@ def _f(v: Any) -> str:
 @click.option("--workers", type=int, default=0, show_default=True, help="Processes decoding studies.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report here.")
 @click.option("--worst", type=int, default=10, show_default=True, help="List the N studies with the lowest predicted quality.")
+@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True,
+              help="Test-time augmentation of the score, as in `mediqa score --tta`: flip = mean with "
+                   "the mirror image (2x inference), d4 = mean over the 8 flips / quarter turns (8x).")
 @click.option("--progress/--no-progress", default=True)
 def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, workers: int,
-             json_out: str | None, worst: int, progress: bool) -> None:
+             json_out: str | None, worst: int, tta: str, progress: bool) -> None:
     """Evaluate MODEL (default: the bundled model) on DATA: a manifest CSV, a folder holding
     manifest.csv, or an LDCTIQA2023 folder (images + JSON of scores)."""
     from rich.console import Console  # noqa: PLC0415
@@ -59,12 +62,12 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
         from training.tasks import jsonable  # noqa: PLC0415
 
         rep = evaluate_model(model, data, split=split, device=device, batch_size=batch_size,
-                             workers=workers, progress=progress)
+                             workers=workers, progress=progress, tta=tta)
     except MediqaError as exc:
         raise click.ClickException(f"[{exc.code}] {exc.message}") from None
 
     console = Console()
-    table = Table(title=f"{model.name} on {data} ({split})")
+    table = Table(title=f"{model.name} on {data} ({split}{'' if tta == 'none' else ', TTA ' + tta})")
     for col in ("group", "value", "n", "SRCC", "PLCC", "KROCC", "RMSE"):
         table.add_column(col, justify="left" if col in ("group", "value") else "right")
 

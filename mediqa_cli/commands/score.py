@@ -170,6 +170,9 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Runtime; auto picks it from the model file's suffix.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
+@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True,
+              help="Test-time augmentation: average each image's score with its mirror image (flip, 2x "
+                   "inference) or over its 8 flips / quarter turns (d4, 8x). Recorded in the model column.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Images per inference call (2D images and 3D slices mixed).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
@@ -198,7 +201,7 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
                    "Linux SCHED_IDLE, 0 = unchanged. Keeps the engine's cores for inference.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no summary.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-def score(root: Path, output: Path, model: Path | None, backend: str, device: str, batch_size: int,
+def score(root: Path, output: Path, model: Path | None, backend: str, device: str, tta: str, batch_size: int,
           workers: int | None, fmt: str, resume: bool, include: tuple[str, ...], exclude: tuple[str, ...],
           min_score: float | None, report: Path | None, hide_paths: bool, timeout_s: float,
           log_every: float, header_cache: str, reader_nice: int, quiet: bool, verbose: int) -> None:
@@ -210,7 +213,7 @@ def score(root: Path, output: Path, model: Path | None, backend: str, device: st
 
     install_log_scrubber()
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    rc = run_score(root=root, output=output, model=model, backend=backend, device=device,
+    rc = run_score(root=root, output=output, model=model, backend=backend, device=device, tta=tta,
                    batch_size=batch_size, workers=workers, fmt=fmt, resume=resume, include=include,
                    exclude=exclude, min_score=min_score, report=report, hide_paths=hide_paths,
                    timeout_s=timeout_s, log_every=log_every, quiet=quiet, verbose=verbose,
@@ -230,7 +233,7 @@ def _header_cache_path(value: str | None) -> str | None:
 
 
 def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "auto",
-              device: str = "cpu", batch_size: int = 16, workers: int | None = None,
+              device: str = "cpu", tta: str = "none", batch_size: int = 16, workers: int | None = None,
               fmt: str = "csv", resume: bool = False, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), min_score: float | None = None,
               report: Path | None = None, hide_paths: bool = False, timeout_s: float = 120.0,
@@ -263,8 +266,9 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
     try:
         key = study_key()
         model_hash = file_sha256(model_path)
+        # --resume keeps a row only when the model and the TTA mode are those it was scored with.
         writer = ReportWriter(output, fmt=fmt, hide_paths=hide_paths, resume=resume,
-                              model_hash=model_hash, key=key)
+                              model_hash=model_hash if tta == "none" else f"{model_hash}+tta-{tta}", key=key)
         # The report files themselves are never studies.
         own = []
         try:
@@ -275,7 +279,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         cfg = ScoreConfig(batch_size=batch_size, workers=n_workers, timeout_s=timeout_s,
                           include=tuple(include), exclude=tuple(exclude) + tuple(own),
                           thumbnails=report is not None, hide_paths=hide_paths, privacy_key=key,
-                          device=device, backend=backend, reader_nice=reader_nice,
+                          device=device, backend=backend, tta=tta, reader_nice=reader_nice,
                           header_cache=_header_cache_path(header_cache))
         reuse = (lambda ref: writer.previous(ref.rel_path, _fingerprint(ref, key))) if resume else None
         stats: dict[str, Any] = {"status": Counter(), "codes": Counter(), "by_mod": defaultdict(list),
@@ -284,8 +288,8 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         thumbs: dict[str, Any] = {}
         thumb_heap: list[tuple[float, int, str]] = []
         prog = _Progress(root, quiet, log_every)
-        logger.info("scoring %s with %s (%s, %d workers, batch %d)", "<root>" if hide_paths else root,
-                    model_path.name, backend, n_workers, batch_size)
+        logger.info("scoring %s with %s (%s, TTA %s, %d workers, batch %d)", "<root>" if hide_paths else root,
+                    model_path.name, backend, tta, n_workers, batch_size)
         for i, rec in enumerate(score_studies(root, model_path, cfg, reuse=reuse, model_hash=model_hash)):
             if min_score is not None and rec.score is not None and rec.score < min_score \
                     and "low_score" not in rec.flags:
