@@ -205,3 +205,20 @@ def test_classifier_only_artifact_is_refused_by_the_torch_backend(tmp_path) -> N
     save_artifact(path, {"classifier": create_classifier(preset.name, DEFAULT_VOCAB)}, card)
     with pytest.raises(UnsupportedArtifact, match="only a prompt classifier"):
         TorchBackend(path)
+
+
+def test_tta_wraps_onnxruntime_like_torch(art):
+    """``--tta d4`` around onnxruntime gives torch's TTA outputs; the wrapper offers fused volumes
+    even though this ONNX artifact has no 3D graph."""
+    from engines.tta import with_tta
+
+    d, st, _, s = art
+    with with_tta(open_backend(st), "d4") as a, with_tta(open_backend(d / "model.onnx", threads=1), "d4") as b:
+        ra, rb = a.score(s.images[:6], s.prompts[:6]), b.score(s.images[:6], s.prompts[:6])
+        for k in (names.SCORE, names.SLICE_LOGIT):
+            np.testing.assert_allclose(ra[k], rb[k], rtol=1e-4, atol=1e-7)
+        assert b.has_volume_graph and b.has_classifier
+        vol = np.ascontiguousarray(np.resize(s.images[:7], (1, 7, 3, SIZE, SIZE)))
+        va, vb = a.score_volume(vol, s.prompts[:1]), b.score_volume(vol, s.prompts[:1])
+        np.testing.assert_allclose(va[names.SLICE_WEIGHTS], vb[names.SLICE_WEIGHTS], rtol=1e-4)
+        assert "TTA d4 (8 copies)" in b.describe()
