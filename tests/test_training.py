@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -417,6 +418,82 @@ def test_recipe_end_to_end_then_finish_records_the_same_metrics(tmp_path: Path) 
     rec.unlink()
     with pytest.raises(ConfigError, match="no record of the classifier stage"):
         recipe.finish_recipe(y, cut, progress=False)
+
+
+CONTINUE = """\
+preset: mediqa-test
+device: cpu
+output: {out}
+work_dir: {work}
+base: {{artifact: {base}, sha256: {sha}}}
+synth: {{size: tiny, seed: 24}}
+common: {{batch_size: 4, seed: 1, amp: false, workers: 0, patience: 0, warmup_epochs: 0.5}}
+finetune: {{epochs: 1, lr: 1.0e-3, loss: mse+plcc, reinit: []}}
+"""
+
+
+def test_continuation_recipe_fine_tunes_the_base_and_keeps_its_classifier(tmp_path: Path) -> None:
+    """A recipe with ``base``: sha256 checked, no pretrain / classifier stage, the base's score head
+    and classifier carried over (classifier unchanged), provenance in the card, ``--finish`` works;
+    the base can come out of git."""
+    import dataclasses
+    import subprocess
+
+    from engines.artifact import save_artifact
+    from engines.pipeline import file_sha256
+    from training import recipe
+
+    base = tmp_path / "base.safetensors"
+    y0 = tmp_path / "recipe.yaml"
+    y0.write_text(RECIPE.format(out=base, work=tmp_path / "work0", ft_epochs=1))
+    recipe.run_recipe(y0, progress=False)
+    sha = file_sha256(base)
+    b_groups, b_card = load_tensors(base)
+
+    y = tmp_path / "continue.yaml"
+    out, work = tmp_path / "cont.safetensors", tmp_path / "work"
+    y.write_text(CONTINUE.format(out=out, work=work, base=base, sha="0" * 64))
+    with pytest.raises(ConfigError, match="sha256"):
+        recipe.run_recipe(y, progress=False)
+    assert not work.exists()                                # refused before any work
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONTINUE.format(out=out, work=work, base=base, sha=sha) + "pretrain: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match="remove \\['pretrain'\\]"):
+        recipe.load_recipe(bad)
+
+    y.write_text(CONTINUE.format(out=out, work=work, base=base, sha=sha))
+    recipe.run_recipe(y, progress=False)
+    groups, card = load_tensors(out)
+    assert all(torch.equal(groups["classifier"][k], b_groups["classifier"][k]) for k in b_groups["classifier"])
+    assert any(not torch.equal(groups["iqa"][k], b_groups["iqa"][k]) for k in b_groups["iqa"])
+    assert card.training["base"]["sha256"] == sha
+    assert card.training["base"]["recipe_sha256"] == b_card.training["recipe_sha256"]
+    assert card.training["finetune"]["from_checkpoint"] == str(base)
+    assert card.data_summary["base"] == b_card.data_summary and card.classifier_preset == b_card.classifier_preset
+    assert set(card.metrics["images_per_s"]) == {"finetune"} and card.metrics["test"]["overall"]["n"] >= 2
+    assert not (work / "runs" / "pretrain").exists() and not (work / "runs" / "classifier").exists()
+    handover = card.data_summary["finetune"]["handover"]
+    assert handover["reinitialised"] == 0 and handover["loaded"] > 0   # the score head came along
+
+    cut = tmp_path / "cut.safetensors"
+    save_artifact(cut, groups, dataclasses.replace(card, metrics={}), dtype="fp16")
+    recipe.finish_recipe(y, cut, progress=False)
+    assert load_tensors(cut)[1].metrics == card.metrics
+
+    repo = tmp_path / "repo"                                  # base.git: extracted with git show
+    repo.mkdir()
+    (repo / "m.safetensors").write_bytes(base.read_bytes())
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ.get("PATH", "")}
+    for cmd in (["init", "-q"], ["add", "m.safetensors"], ["commit", "-q", "-m", "base"]):
+        subprocess.run(["git", "-C", str(repo), *cmd], check=True, env=env)
+    (repo / "m.safetensors").unlink()
+    got = recipe.ensure_base(repo / "r.yaml", {"artifact": str(tmp_path / "x" / "got.safetensors"),
+                                               "sha256": sha, "git": "HEAD:m.safetensors"})
+    assert file_sha256(got) == sha
+    with pytest.raises(ConfigError, match="git show"):
+        recipe.ensure_base(repo / "r.yaml", {"artifact": str(tmp_path / "none.safetensors"), "sha256": sha,
+                                             "git": "HEAD:missing.safetensors"})
 
 
 # ------------------------------------------------------------------------------ loader workers

@@ -17,6 +17,14 @@ The YAML has top-level keys ``preset``, ``device``, ``output``, ``work_dir``, ``
 (``size``, ``seed``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
 ``finetune`` / ``classifier`` (TrainConfig keys for that stage). Unknown keys fail with a
 suggestion. Relative paths are relative to the current directory.
+
+A *continuation* recipe has a ``base`` section instead of ``pretrain`` / ``classifier``:
+``artifact`` (path of a packed artifact), ``sha256`` (its hash, checked before anything runs) and
+optionally ``git`` (``REV:PATH`` in the repository holding the recipe, e.g. the commit that
+bundled the base model: the file is extracted with ``git show`` when ``artifact`` is absent).
+Steps 2 and 4 are then skipped: step 3 fine-tunes from the base (``finetune.reinit: []`` keeps
+its score head) and step 5 packs the result with the base's classifier unchanged. The card
+records the base's sha256, recipe and data summary.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier")
+TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier",
+            "base")
+BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
 SYNTH_KEYS = ("size", "seed", "workers", "train_windows")
 
@@ -55,7 +65,37 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     _check_keys(d.get("synth") or {}, SYNTH_KEYS, "synth")
     for stage in ("common", "pretrain", "finetune", "classifier"):
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
+    if "base" in d:
+        base = d["base"] or {}
+        _check_keys(base, BASE_KEYS, "base")
+        if not base.get("artifact") or not base.get("sha256"):
+            raise ConfigError("a recipe's base needs 'artifact' (path) and 'sha256'")
+        extra = [k for k in ("pretrain", "classifier") if k in d]
+        if extra:
+            raise ConfigError(f"a recipe with a base fine-tunes it and keeps its classifier; remove {extra}")
     return d, hashlib.sha256(raw).hexdigest()
+
+
+def ensure_base(recipe_path: str | Path, base: dict[str, Any]) -> Path:
+    """The base artifact of a continuation recipe, extracted from git (``base.git``) when absent;
+    ConfigError unless its sha256 is ``base.sha256``."""
+    from engines.pipeline import file_sha256  # noqa: PLC0415
+
+    path = Path(base["artifact"])
+    if not path.is_file() and base.get("git"):
+        repo = Path(recipe_path).resolve().parent
+        res = subprocess.run(["git", "-C", str(repo), "show", str(base["git"])], capture_output=True, check=False)
+        if res.returncode != 0:
+            raise ConfigError(f"git show {base['git']} failed: {res.stderr.decode(errors='replace').strip()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(res.stdout)
+        logger.info("extracted the base artifact %s from git (%s)", path, base["git"])
+    if not path.is_file():
+        raise ConfigError(f"the recipe's base artifact {path} does not exist")
+    sha = file_sha256(path)
+    if sha != str(base["sha256"]).lower():
+        raise ConfigError(f"the base artifact {path} has sha256 {sha[:12]}…, the recipe names {str(base['sha256'])[:12]}…")
+    return path
 
 
 def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cache: Path,
@@ -182,31 +222,49 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     from training.tasks import run_classifier, run_finetune, run_pretrain  # noqa: PLC0415
 
     recipe, sha = load_recipe(path)
+    base_path = ensure_base(path, recipe["base"]) if "base" in recipe else None
     work, out_path, manifest, corpus_id = _prepare(path, recipe, work_dir, output, progress)
     cache = work / "cache"
-    pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
-    pre = _run_stage(run_pretrain, manifest, pre_cfg, stage_corpus(corpus_id, "pretrain"), [])
     ft_cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", cache, device, progress)
-    ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(pre.artifact))
-    ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [pre.artifact])
-    cl_cfg = _stage_config(recipe, "classifier", "classifier", work / "runs" / "classifier", cache, device, progress)
-    cl = _run_stage(run_classifier, manifest, cl_cfg, corpus_id, [])
+    if base_path is not None:
+        ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(base_path))
+        ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [base_path])
+        cl_groups, cl_card = load_tensors(base_path)
+        outcomes = {"finetune": ft}
+    else:
+        pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
+        pre = _run_stage(run_pretrain, manifest, pre_cfg, stage_corpus(corpus_id, "pretrain"), [])
+        ft_cfg = dataclasses.replace(ft_cfg, from_checkpoint=str(pre.artifact))
+        ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [pre.artifact])
+        cl_cfg = _stage_config(recipe, "classifier", "classifier", work / "runs" / "classifier", cache, device,
+                               progress)
+        cl = _run_stage(run_classifier, manifest, cl_cfg, corpus_id, [])
+        cl_groups, cl_card = load_tensors(cl.artifact)
+        outcomes = {"pretrain": pre, "finetune": ft, "classifier": cl}
 
     ft_groups, ft_card = load_tensors(ft.artifact)
-    cl_groups, cl_card = load_tensors(cl.artifact)
     modules = {k: v for k, v in ft_groups.items()}
     modules["classifier"] = cl_groups["classifier"]
-    outcomes = {"pretrain": pre, "finetune": ft, "classifier": cl}
+    training: dict[str, Any] = {"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
+                                "finetune": ft_card.training}
+    data_summary: dict[str, Any] = {"corpus": _corpus_summary(recipe),
+                                    **{name: o.data_summary for name, o in outcomes.items()}}
+    if base_path is not None:
+        btr = cl_card.training or {}
+        training["base"] = {"sha256": str(recipe["base"]["sha256"]).lower(), "git": recipe["base"].get("git"),
+                            "recipe": btr.get("recipe"), "recipe_sha256": btr.get("recipe_sha256"),
+                            "finetune": btr.get("finetune"), "classifier": btr.get("classifier")}
+        training["classifier"] = btr.get("classifier")
+        data_summary["base"] = cl_card.data_summary
+    else:
+        training["classifier"] = cl_card.training
     card = ModelCard(
         task="iqa", preset=ft_card.preset, prompt_vocab=ft_card.prompt_vocab, preprocess=ft_card.preprocess,
-        label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.preset,
-        ensemble_size=ft_card.ensemble_size,
-        data_summary={"corpus": _corpus_summary(recipe),
-                      **{name: o.data_summary for name, o in outcomes.items()}},
-        metrics={}, training={"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
-                              "finetune": ft_card.training, "classifier": cl_card.training})
+        label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.classifier_preset
+        if base_path is not None else cl_card.preset, ensemble_size=ft_card.ensemble_size,
+        data_summary=data_summary, metrics={}, training=training)
     save_artifact(out_path, modules, card, dtype="fp16")
-    return _test_and_record(out_path, modules, card, manifest, work, outcomes, pre_cfg.device,
+    return _test_and_record(out_path, modules, card, manifest, work, outcomes, ft_cfg.device,
                             ft_cfg.batch_size, ft_cfg.workers, progress)
 
 
@@ -245,7 +303,8 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
               for name, o in outcomes.items()}
     metrics = {"val": outcomes["finetune"].metrics.get("val"),
                "test": {k: rep[k] for k in ("overall", "groups")},
-               "test_classifier": rep.get("classifier"), "pretrain_test": outcomes["pretrain"].metrics.get("test"),
+               "test_classifier": rep.get("classifier"),
+               "pretrain_test": outcomes["pretrain"].metrics.get("test") if "pretrain" in outcomes else None,
                "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
     card = dataclasses.replace(card, metrics=jsonable(metrics))
     save_artifact(out_path, modules, card, dtype="fp16")
@@ -280,7 +339,7 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
         raise ConfigError(f"{artifact.name} holds no prompt classifier: not a recipe's packed artifact")
     work, _, manifest, _ = _prepare(path, recipe, work_dir, None, progress)
     outcomes = {}
-    for stage in ("pretrain", "finetune", "classifier"):
+    for stage in (("finetune",) if "base" in recipe else ("pretrain", "finetune", "classifier")):
         rec_path = work / "runs" / stage / STAGE_DONE
         if not rec_path.is_file():
             raise ConfigError(f"no record of the {stage} stage at {rec_path}: run the recipe, or copy the "
@@ -290,7 +349,7 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
                                        data_summary=o["data_summary"], images_per_s=o["images_per_s"],
                                        members=[Path(m) for m in o["members"]])
     if card.data_summary.get("finetune") != outcomes["finetune"].data_summary or \
-            card.data_summary.get("classifier") != outcomes["classifier"].data_summary:
+            ("classifier" in outcomes and card.data_summary.get("classifier") != outcomes["classifier"].data_summary):
         raise ConfigError(f"the stage records in {work / 'runs'} describe other training data than "
                           f"{artifact.name}'s card: not the run that packed it")
     out_path = Path(output) if output else artifact

@@ -142,7 +142,10 @@ def classifier(data: str, **kw: Any) -> None:
 @click.option("--progress/--no-progress", default=True)
 def recipe(config: str, device: str | None, work_dir: str | None, output: str | None, finish: str | None,
            progress: bool) -> None:
-    """Run a whole recipe: synth corpus → pretrain → finetune → classifier → test → packed artifact."""
+    """Run a whole recipe: synth corpus → pretrain → finetune → classifier → test → packed artifact.
+
+    A recipe with a ``base`` section continues a packed artifact instead: synth corpus → finetune
+    from the base → test → packed with the base's classifier."""
     from engines.errors import ConfigError, MediqaError  # noqa: PLC0415
     from training.recipe import finish_recipe, run_recipe  # noqa: PLC0415
 
