@@ -259,6 +259,8 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
     assert m["recipe_sha256"] == card.training["recipe_sha256"] and m["recipe"].endswith(".yaml")
     assert m["test"]["srcc"] == card.metrics["test"]["overall"]["srcc"] and m["test"]["n"] > 0
     assert m["val"]["srcc"] == card.metrics["val"]["srcc"]
+    if "base" in card.training:   # a continuation recipe's output names its base
+        assert m["base"]["sha256"] == card.training["base"]["sha256"] and len(m["base"]["sha256"]) == 64
     assert set(m["test_srcc_by_prompt_modality"]) <= {"ct", "mr", "xr", "fundus", "us", "other"}
     assert m["card"] == json.loads(json.dumps(card.to_dict()))
     table = runner.invoke(cli, ["info", "--model", str(path)])

@@ -113,6 +113,8 @@ def model_summary(path: str) -> dict[str, Any]:
         "path": str(p), "size_bytes": p.stat().st_size, "sha256": file_sha256(p), "task": card.task,
         "preset": card.preset, "classifier_preset": card.classifier_preset, "ensemble_size": card.ensemble_size,
         "recipe": tr.get("recipe"), "recipe_sha256": tr.get("recipe_sha256"),
+        # a continuation recipe's base artifact (sha256, git reference, the recipe that made it)
+        "base": {k: (tr.get("base") or {}).get(k) for k in ("sha256", "git", "recipe")} if tr.get("base") else None,
         "corpus": (card.data_summary or {}).get("corpus"),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
