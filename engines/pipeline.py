@@ -57,7 +57,7 @@ import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
-from engines.tta import tta_transforms, with_tta
+from engines.tta import tta_suffix, with_tta
 from engines.preprocess import PreprocessConfig, grey_channels, preprocess_slice, resize_unit, to_unit_range
 from engines.prompts import GROUPS, PromptVocab
 
@@ -830,7 +830,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     if not root.is_dir():
         raise MediqaError(f"scan root is not a directory: {root}", code="config")
     try:
-        tta_transforms(config.tta)
+        label_suffix = tta_suffix(config.tta)
     except ValueError as exc:
         raise MediqaError(str(exc), code="config") from None
     run_plugins(config.plugins)
@@ -862,9 +862,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     try:
         if model_hash is None:   # the CLI passes the hash it computed for --resume (one read of the model)
             model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
-        model_label = f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)
-        if config.tta != "none":
-            model_label += f"+tta-{config.tta}"
+        model_label = (f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)) + label_suffix
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()
         k = int(getattr(card, "n_slices", 7) or 7)

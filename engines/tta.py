@@ -64,6 +64,13 @@ def average_copies(values: np.ndarray, n: int) -> np.ndarray:
     return v.reshape(v.shape[0] // n, n, *v.shape[1:]).mean(axis=0).astype(np.float32)
 
 
+def tta_suffix(mode: str) -> str:
+    """``""`` for ``none``, else ``"+tta-<mode>"``: appended to model labels, resume keys and backend
+    names so that scores made with TTA are never mistaken for plain ones."""
+    tta_transforms(mode)
+    return "" if mode == "none" else f"+tta-{mode}"
+
+
 def with_tta(backend: Backend, mode: str) -> Backend:
     """``backend`` itself for ``none``, else a ``TTABackend`` around it."""
     tta_transforms(mode)
@@ -85,7 +92,7 @@ class TTABackend(Backend):
         self.inner = inner
         super().__init__(inner.card, image_size=inner.image_size, prompt_dim=inner.prompt_dim,
                          n_slices=inner.n_slices)
-        self.name = f"{inner.name}+tta-{mode}"
+        self.name = inner.name + tta_suffix(mode)
         self.path = getattr(inner, "path", None)
 
     @property

@@ -231,6 +231,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         ft = _run_stage(run_finetune, manifest, ft_cfg, corpus_id, [base_path])
         cl_groups, cl_card = load_tensors(base_path)
         outcomes = {"finetune": ft}
+        classifier_preset, classifier_training = cl_card.classifier_preset, (cl_card.training or {}).get("classifier")
     else:
         pre_cfg = _stage_config(recipe, "pretrain", "pretrain", work / "runs" / "pretrain", cache, device, progress)
         pre = _run_stage(run_pretrain, manifest, pre_cfg, stage_corpus(corpus_id, "pretrain"), [])
@@ -241,12 +242,13 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         cl = _run_stage(run_classifier, manifest, cl_cfg, corpus_id, [])
         cl_groups, cl_card = load_tensors(cl.artifact)
         outcomes = {"pretrain": pre, "finetune": ft, "classifier": cl}
+        classifier_preset, classifier_training = cl_card.preset, cl_card.training
 
     ft_groups, ft_card = load_tensors(ft.artifact)
     modules = {k: v for k, v in ft_groups.items()}
     modules["classifier"] = cl_groups["classifier"]
     training: dict[str, Any] = {"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
-                                "finetune": ft_card.training}
+                                "finetune": ft_card.training, "classifier": classifier_training}
     data_summary: dict[str, Any] = {"corpus": _corpus_summary(recipe),
                                     **{name: o.data_summary for name, o in outcomes.items()}}
     if base_path is not None:
@@ -254,14 +256,11 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         training["base"] = {"sha256": str(recipe["base"]["sha256"]).lower(), "git": recipe["base"].get("git"),
                             "recipe": btr.get("recipe"), "recipe_sha256": btr.get("recipe_sha256"),
                             "finetune": btr.get("finetune"), "classifier": btr.get("classifier")}
-        training["classifier"] = btr.get("classifier")
         data_summary["base"] = cl_card.data_summary
-    else:
-        training["classifier"] = cl_card.training
     card = ModelCard(
         task="iqa", preset=ft_card.preset, prompt_vocab=ft_card.prompt_vocab, preprocess=ft_card.preprocess,
-        label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=cl_card.classifier_preset
-        if base_path is not None else cl_card.preset, ensemble_size=ft_card.ensemble_size,
+        label_scale=ft_card.label_scale, n_slices=ft_card.n_slices, classifier_preset=classifier_preset,
+        ensemble_size=ft_card.ensemble_size,
         data_summary=data_summary, metrics={}, training=training)
     save_artifact(out_path, modules, card, dtype="fp16")
     return _test_and_record(out_path, modules, card, manifest, work, outcomes, ft_cfg.device,

@@ -244,6 +244,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
     from engines.privacy import study_key
+    from engines.tta import tta_suffix
     from mediqa_cli.reports.writer import ReportLock, ReportLocked, ReportWriter
 
     model_path = model or bundled_model_path()
@@ -268,7 +269,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         model_hash = file_sha256(model_path)
         # --resume keeps a row only when the model and the TTA mode are those it was scored with.
         writer = ReportWriter(output, fmt=fmt, hide_paths=hide_paths, resume=resume,
-                              model_hash=model_hash if tta == "none" else f"{model_hash}+tta-{tta}", key=key)
+                              model_hash=model_hash + tta_suffix(tta), key=key)
         # The report files themselves are never studies.
         own = []
         try:
