@@ -47,7 +47,13 @@ def test_pretrain_finetune_from_evaluate(corpus: Path, tmp_path: Path) -> None:
     test_only = runner.invoke(cli, ["evaluate", str(model), str(corpus), "--split", "test", "--no-progress",
                                     "--json", str(tmp_path / "t.json")])
     assert test_only.exit_code == 0, test_only.output
-    assert json.loads((tmp_path / "t.json").read_text())["overall"]["n"] == 2
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["overall"]["n"] == 2
+    # the count line speaks of the split, not of the whole manifest
+    assert (t["dataset"]["in_split"], t["dataset"]["evaluated"], t["dataset"]["found"]) == (2, 2, 10)
+    assert "2 of 2 studies of the test split (10 in" in " ".join(test_only.output.split())
+    assert rep["dataset"]["in_split"] == rep["dataset"]["evaluated"] == 10
+    assert "10 of 10 studies evaluated" in " ".join(ev.output.split())
 
 
 def test_cli_errors(corpus: Path, tmp_path: Path) -> None:

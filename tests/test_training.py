@@ -536,3 +536,31 @@ def test_loader_workers_every_study_once_augmented_and_reproducible(corpus: Path
         assert any(torch.equal(x, v) for v in views)
         changed += not torch.equal(x, ref)
     assert changed > 0
+
+
+def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte() -> None:
+    """Every recipe in training/recipes parses (keys, values, base section), and the bundled
+    model's card names a recipe there whose bytes still hash to the card's sha256 (and so does its
+    base's recipe): editing a shipped recipe breaks `mediqa train recipe --finish` and the model's
+    provenance, and this test says so."""
+    import hashlib
+
+    from engines.artifact import bundled_model_path
+    from training.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "training" / "recipes"
+    paths = sorted(recipes.glob("*.yaml"))
+    assert len(paths) >= 3
+    for p in paths:
+        d, sha = load_recipe(p)
+        assert sha == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert d.get("preset")
+    training = load_card(bundled_model_path()).training
+    chain = [training] + ([training["base"]] if isinstance(training.get("base"), dict) else [])
+    for link in chain:
+        p = recipes / link["recipe"]
+        assert p.is_file(), f"the bundled card names {link['recipe']}, not in training/recipes"
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == link["recipe_sha256"], f"{p.name} was edited"
+    if len(chain) > 1:   # a continuation: its recipe's base is the base the card records
+        d, _ = load_recipe(recipes / training["recipe"])
+        assert d["base"]["sha256"] == training["base"]["sha256"]

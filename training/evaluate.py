@@ -143,6 +143,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
                           target=float(s.target), sample=s, prompt_values=values, prompt_sources=sources))
     if not items:
         raise DatasetError(f"no study of {data} could be prepared: {report.summary()}")
+    n_split = len(samples)
     loader = DataLoader(StudyDataset(items, cache), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_studies)
     q, target, index = predict_all(iqa, IQATask(), loader, dev, amp)
@@ -154,7 +155,10 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
         labels["degradation"] = [it.sample.extra.get("degradation") for it in ordered]
     out: dict[str, Any] = {
         "model": str(model_path), "data": str(data), "split": split, "tta": tta,
-        "label_scale": card.label_scale, "dataset": report.to_dict(),
+        "label_scale": card.label_scale,
+        # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
+        # ``split`` and those of them that could be prepared (the metrics' n)
+        "dataset": {**report.to_dict(), "in_split": n_split, "evaluated": len(items)},
         "overall": metric_table(pred, target),
         "groups": grouped_metrics(pred, target, labels),
         "predictions": [{"path": it.sample.path, "target": float(t), "prediction": float(p),

@@ -84,7 +84,8 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
         console.print("prompt classifier accuracy (vs manifest labels): " + ", ".join(
             f"{g} {_f(c.get('acc_' + g))}" for g in ("modality", "region", "type")))
     ds = rep["dataset"]
-    console.print(f"{ds['used']} of {ds['found']} studies evaluated; {ds['skipped']} skipped "
+    where = "" if split == "all" else f" of the {split} split ({ds['found']} in {data})"
+    console.print(f"{ds['evaluated']} of {ds['in_split']} studies{where} evaluated; {ds['skipped']} skipped "
                   f"{ds['skipped_by_reason'] or ''}; scores in {rep['label_scale'].get('name', '')} units")
     if worst > 0:
         t2 = Table(title=f"lowest predicted quality (worst {worst})")
