@@ -141,6 +141,23 @@ def test_ct_blur_and_dose_on_real_slice(ct_slice: tuple[np.ndarray, float]) -> N
     assert noise[0] > noise[1] > noise[2], noise
 
 
+def test_ct_noise_sigma_depends_on_anatomy_not_only_on_mas(ct_slice: tuple[np.ndarray, float]) -> None:
+    """The measured noise behind ``dose_label="noise"``: ∝ mAs^-½ on one anatomy, and at the same
+    mAs larger on a bigger, more attenuating body (a water disc of twice the diameter)."""
+    img, pixel = ct_slice
+    s = [degrade.ct_noise_sigma(img, m, pixel, np.random.default_rng(1)) for m in (25.0, 100.0, 400.0)]
+    assert s[0] > s[1] > s[2]
+    assert s[0] / s[2] == pytest.approx(4.0, rel=0.2)          # √(400 / 25)
+    yy, xx = np.mgrid[:128, :128]
+    r = np.hypot(yy - 63.5, xx - 63.5)
+    small = np.where(r < 20, 0.0, -1000.0).astype(np.float32)  # water disc in air, HU
+    large = np.where(r < 40, 0.0, -1000.0).astype(np.float32)
+    a, b = (degrade.ct_noise_sigma(x, 100.0, 1.0, np.random.default_rng(2)) for x in (small, large))
+    assert b > 1.3 * a, (a, b)
+    with pytest.raises(ValueError, match="body"):
+        degrade.ct_noise_sigma(np.full((32, 32), -1000.0, np.float32), 100.0, 1.0, np.random.default_rng(0))
+
+
 # --- score and plan ----------------------------------------------------------------------------
 
 def test_quality_score_monotone_in_each_severity() -> None:
@@ -253,6 +270,39 @@ def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: P
     assert _rows(out) == _rows(tiny_corpus)
     plan = plan_corpus(7, "tiny", train_windows=True)
     assert {s.relpath for s in plan if s.window} == set(windowed)
+
+
+def test_dose_label_noise_changes_only_the_ct_scores(tiny_corpus: Path, tmp_path: Path) -> None:
+    from training.synth.corpus import DOSE_NOISE_HU, dose_severity_from_noise
+
+    out = tmp_path / "n"
+    generate_corpus(out, seed=7, size="tiny", workers=1, dose_label="noise")
+    old, new = _tree_digest(tiny_corpus), _tree_digest(out)
+    assert {f: h for f, h in old.items() if f != "manifest.csv"} == \
+        {f: h for f, h in new.items() if f != "manifest.csv"}          # same images and tags
+    before = {r["path"]: r for r in _rows(tiny_corpus)}
+    ct = 0
+    for r in _rows(out):
+        b = before[r["path"]]
+        p = json.loads(r["params"])
+        if r["modality"] != "ct":
+            assert r == b
+            continue
+        ct += 1
+        assert p["dose_label"] == "noise" and p["noise_hu"] > 0
+        s = p["severities"]["dose"]
+        assert s == dose_severity_from_noise(p["noise_hu"])
+        assert s == pytest.approx(np.clip((p["noise_hu"] - DOSE_NOISE_HU[0]) / (DOSE_NOISE_HU[1] - DOSE_NOISE_HU[0]),
+                                          0, 1), abs=1e-6)
+        assert float(r["score"]) == pytest.approx(quality_score(p["severities"]), abs=1e-6)
+        assert p["mas"] == json.loads(b["params"])["mas"] and r["physical"] == b["physical"]
+        assert json.loads(b["params"])["severities"]["dose"] != s      # the mAs-based one differs
+    assert ct >= 2
+    again = tmp_path / "n2"
+    generate_corpus(again, seed=7, size="tiny", workers=2, dose_label="noise")
+    assert _tree_digest(again) == new                                   # deterministic
+    with pytest.raises(ValueError, match="dose_label"):
+        plan_corpus(7, "tiny", dose_label="hu")
 
 
 # --- generated corpus --------------------------------------------------------------------------

@@ -234,6 +234,19 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     assert len(calls) == 2
     recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False)           # off again: regenerate
     assert len(calls) == 3 and "--train-windows" not in calls[2]
+    # dose_label likewise: part of the identity when not "mas", passed to synth, left out of the
+    # pretrain stage's key (it changes scores only, never the images or their tags)
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False, dose_label="noise")
+    assert len(calls) == 4 and calls[3][-3:] == ["--dose-label", "noise", "--force"]
+    ident = json.loads(stamp.read_text())
+    assert ident["dose_label"] == "noise"
+    assert "dose_label" not in recipe.stage_corpus(ident, "pretrain")
+    assert recipe.stage_corpus(ident, "finetune") == ident
+    assert "dose_label" not in recipe.corpus_identity("tiny", 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: mediqa-test\nsynth:\n  dose_label: hu\n")
+    with pytest.raises(ConfigError, match="dose_label"):
+        recipe.load_recipe(bad)
 
 
 def _fake_stage(calls: list[TrainConfig]):

@@ -47,7 +47,7 @@ TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretra
             "base")
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
-SYNTH_KEYS = ("size", "seed", "workers", "train_windows")
+SYNTH_KEYS = ("size", "seed", "workers", "train_windows", "dose_label")
 
 
 def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -63,6 +63,8 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     d = read_yaml(p)
     _check_keys(d, TOP_KEYS, "recipe")
     _check_keys(d.get("synth") or {}, SYNTH_KEYS, "synth")
+    if (d.get("synth") or {}).get("dose_label", "mas") not in ("mas", "noise"):
+        raise ConfigError(f"synth.dose_label must be 'mas' or 'noise', got {d['synth']['dose_label']!r}")
     for stage in ("common", "pretrain", "finetune", "classifier"):
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
     if "base" in d:
@@ -110,14 +112,17 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
     return merge_config(cfg, over)
 
 
-def corpus_identity(size: str, seed: int, train_windows: bool = False) -> dict[str, Any]:
+def corpus_identity(size: str, seed: int, train_windows: bool = False, dose_label: str = "mas") -> dict[str, Any]:
     """What identifies a recipe's corpus: size, seed, the table of base images and the generator
-    options (``train_windows`` only when on, so corpora made before the option keep theirs)."""
+    options (``train_windows`` only when on, ``dose_label`` only when not "mas", so corpora made
+    before the options keep their identity)."""
     from training.synth.sources import sources_fingerprint
 
     want: dict[str, Any] = {"size": size, "seed": seed, "sources": sources_fingerprint()}
     if train_windows:
         want["train_windows"] = True
+    if dose_label != "mas":
+        want["dose_label"] = dose_label
     return want
 
 
@@ -125,18 +130,19 @@ def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:
     """The part of the corpus identity a stage's output depends on. ``train_windows`` changes only
     X-ray / fundus training studies, which have no physical target: the pretrain stage trains on
     the same (byte-identical CT / MR) studies either way, so its key leaves the option out and a
-    finished pretrain stage is reused when only that option changes."""
+    finished pretrain stage is reused when only that option changes. ``dose_label`` changes only
+    the synthetic scores, never the images or the tags the pretrain targets come from."""
     if stage == "pretrain":
-        return {k: v for k, v in corpus_id.items() if k != "train_windows"}
+        return {k: v for k, v in corpus_id.items() if k not in ("train_windows", "dose_label")}
     return corpus_id
 
 
 def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None,
-                  train_windows: bool = False) -> Path:
+                  train_windows: bool = False, dose_label: str = "mas") -> Path:
     """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this identity
     (``corpus_identity``: size, seed, table of base images, generator options)."""
     stamp = corpus / CORPUS_STAMP
-    want = corpus_identity(size, seed, train_windows)
+    want = corpus_identity(size, seed, train_windows, dose_label)
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
@@ -146,6 +152,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
         cmd += ["--workers", str(workers)]
     if train_windows:
         cmd.append("--train-windows")
+    if dose_label != "mas":
+        cmd += ["--dose-label", dose_label]
     if (corpus / "manifest.csv").is_file():   # another size / seed / source table: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
@@ -274,7 +282,8 @@ def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | No
     out_path = Path(output or recipe.get("output") or work / "default.safetensors")
     synth = recipe.get("synth") or {}
     manifest = ensure_corpus(work / "corpus", str(synth.get("size", "small")), int(synth.get("seed", 0)),
-                             progress, synth.get("workers"), bool(synth.get("train_windows", False)))
+                             progress, synth.get("workers"), bool(synth.get("train_windows", False)),
+                             str(synth.get("dose_label", "mas")))
     corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     return work, out_path, manifest, corpus_id
 
@@ -283,6 +292,7 @@ def _corpus_summary(recipe: dict[str, Any]) -> dict[str, Any]:
     synth = recipe.get("synth") or {}
     return {"generator": "mediqa synth", "size": str(synth.get("size", "small")), "seed": int(synth.get("seed", 0)),
             "train_windows": bool(synth.get("train_windows", False)),
+            **({"dose_label": str(synth["dose_label"])} if synth.get("dose_label", "mas") != "mas" else {}),
             "note": "synthetic degradations of real anatomy; scores are derived from "
                     "the simulated physics, not from readers"}
 

@@ -54,9 +54,12 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
 @click.option("--train-windows/--no-train-windows", default=False, show_default=True,
               help="Training studies of X-ray / fundus show a random window of the training "
                    "region (position and scale) instead of a fixed tile; val/test are unchanged.")
+@click.option("--dose-label", type=click.Choice(["mas", "noise"]), default="mas", show_default=True,
+              help="CT dose severity in the score: from the mAs, or from the quantum noise (HU) the "
+                   "simulation put into the study's own anatomy. Images and tags are the same.")
 @click.option("--force", is_flag=True, help="Replace a previous synthetic corpus in OUT_DIR.")
 def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bool,
-          train_windows: bool, force: bool) -> None:
+          train_windows: bool, dose_label: str, force: bool) -> None:
     """Generate a synthetic corpus with known, physics-based degradations under OUT_DIR.
 
     Real anatomy shipped in PyPI packages (pydicom, pydicom-data, nibabel, scikit-image) is
@@ -82,9 +85,9 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
                       TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("synth", total=total)
             manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                       train_windows=train_windows,
+                                       train_windows=train_windows, dose_label=dose_label,
                                        on_progress=lambda done, _t: bar.update(task, completed=done))
     else:
         manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                   train_windows=train_windows)
+                                   train_windows=train_windows, dose_label=dose_label)
     click.echo(f"{total} studies in {time.perf_counter() - t0:.1f} s; manifest: {manifest}")

@@ -134,6 +134,20 @@ MIXED_FRACTION = 0.25
 # ``train_windows``: a training study of a tiled (X-ray / fundus) source shows a random window of
 # its split's region, of this size relative to one tile (aspect kept; capped by the region).
 WINDOW_SCALE = (0.6, 1.25)
+# ``dose_label="noise"``: the CT dose severity is read off the quantum noise the simulation puts
+# into the study's own anatomy (σ in HU over the body of its central slice, a full-view
+# acquisition at the study's mAs, ``degrade.ct_noise_sigma``) instead of off the mAs:
+# s = (σ − lo) / (hi − lo), clipped. The same mAs is noisier on a larger or more finely sampled
+# body (σ at 100 mAs: 13.7 HU on the 693 head, 22.0 on the abdomen, 256-px slices), and the
+# noise is what a reader sees. lo / hi: the least noisy training source at 400 mAs and the
+# noisiest at 10 mAs (6.9 and 69.0 HU, measured 2026-12-04 on the 256-px slices).
+DOSE_LABELS = ("mas", "noise")
+DOSE_NOISE_HU = (7.0, 69.0)
+
+
+def dose_severity_from_noise(sigma_hu: float) -> float:
+    lo, hi = DOSE_NOISE_HU
+    return round(float(np.clip((sigma_hu - lo) / (hi - lo), 0.0, 1.0)), 6)
 
 
 def quality_score(severities: dict[str, float]) -> float:
@@ -190,6 +204,7 @@ class StudySpec:
     n_air: tuple[int, int] = (0, 0)
     seed: int = 0                        # the corpus seed (UIDs and the study's generator)
     window: bool = False                 # show a random window of the split's region (train_windows)
+    dose_label: str = "mas"              # CT dose severity from mAs, or from the measured noise
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -236,14 +251,20 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
     return pool[int(rng.integers(len(pool)))]
 
 
-def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False) -> list[StudySpec]:
+def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
+                dose_label: str = "mas") -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
     (position, and size ``WINDOW_SCALE`` × a tile) of the region their split's tiles cover,
     instead of one fixed tile: many distinct contents from the few radiographs and photographs
     that ship in packages. Val and test studies, and the plan itself, are the same either way.
+
+    ``dose_label``: ``"mas"`` (default) or ``"noise"`` — see ``DOSE_NOISE_HU``. Only the CT
+    studies' scores change; the plan, the images and the tags are the same either way.
     """
+    if dose_label not in DOSE_LABELS:
+        raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
     cfg = SIZES[size] if isinstance(size, str) else size
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     buckets: list[tuple[str, str, str, int]] = []  # modality, dimension, format hint, count
@@ -294,7 +315,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    primary=primary, params=params, fmt=fmt, relpath=rel,
                                    image_size=cfg.image_size, n_anat=n_anat, n_air=n_air,
                                    seed=int(seed), window=bool(train_windows and unit.split == "train"
-                                                               and unit.tile is not None)))
+                                                               and unit.tile is not None),
+                                   dose_label=dose_label))
     return specs
 
 
@@ -380,7 +402,8 @@ def _slice_of(base: BaseImage, rng: np.random.Generator) -> np.ndarray:
 
 # --- renderers ---------------------------------------------------------------------------------
 
-def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path,
+               measured: dict[str, float] | None = None) -> int:
     size = spec.image_size
     img = _slice_of(base, rng)
     img = resize(img, (size, size), order=1, anti_aliasing=img.shape[0] > size,
@@ -401,6 +424,12 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     for k in range(clean.shape[0]):
         hu[k] = degrade.ct_acquire(degrade.gaussian_blur(clean[k], blur_px), mas, pixel, rng,
                                    n_views=views)
+    if spec.dose_label == "noise" and measured is not None:
+        # on its own generator: the study's images are the same with either dose label
+        mid = spec.n_air[0] + spec.n_anat // 2 if spec.dimension == "3d" else 0
+        mrng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0xD05E]))
+        measured["noise_hu"] = degrade.ct_noise_sigma(degrade.gaussian_blur(clean[mid], blur_px), mas,
+                                                      pixel, mrng)
     time_ms = int(p["exposure_time_ms"])
     current = int(round(mas * 1000.0 / time_ms))
     centre, width = CT_WINDOWS.get(spec.type, CT_WINDOWS["soft"])
@@ -426,7 +455,8 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     return int(hu.shape[0])
 
 
-def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path,
+               measured: dict[str, float] | None = None) -> int:
     size = spec.image_size
     arr = base.array
     zoom = size / max(arr.shape[1:3])
@@ -484,7 +514,8 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     return int(stored.shape[0])
 
 
-def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path) -> int:
+def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path,
+               measured: dict[str, float] | None = None) -> int:
     size = spec.image_size
     src = base.array[0]
     if spec.window:
@@ -519,12 +550,17 @@ def render_study(spec: StudySpec, out_dir: Path) -> dict[str, str]:
     """Render one study under ``out_dir`` and return its manifest row (strings)."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index]))
     base = load_unit(spec.unit)
-    n_slices = _RENDERERS[spec.modality](spec, base, rng, Path(out_dir))
+    measured: dict[str, float] = {}
+    n_slices = _RENDERERS[spec.modality](spec, base, rng, Path(out_dir), measured)
     sev = severities_of(spec.modality, spec.params)
+    extra: dict[str, float | str] = {}
+    if "noise_hu" in measured:   # dose_label="noise": the dose severity from the measured noise
+        sev["dose"] = dose_severity_from_noise(measured["noise_hu"])
+        extra = {"noise_hu": round(measured["noise_hu"], 4), "dose_label": "noise"}
     score = quality_score(sev)
     named = [sev[k] for k in spec.primary if k in sev]
     physical = {"ct": spec.params.get("mas"), "mr": spec.params.get("tesla")}.get(spec.modality)
-    params = {**spec.params, "severities": sev}
+    params = {**spec.params, **extra, "severities": sev}
     return {
         "path": spec.relpath, "score": f"{score:.6f}", "modality": spec.modality,
         "region": spec.region, "type": spec.type, "dimension": spec.dimension,
@@ -553,18 +589,18 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
-                    workers: int = 1, train_windows: bool = False,
+                    workers: int = 1, train_windows: bool = False, dose_label: str = "mas",
                     on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Plan and render the corpus into ``out_dir``; returns the manifest path.
 
-    ``train_windows``: see ``plan_corpus``.
+    ``train_windows``, ``dose_label``: see ``plan_corpus``.
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_corpus(seed, size, train_windows=train_windows)
+    specs = plan_corpus(seed, size, train_windows=train_windows, dose_label=dose_label)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
     total = len(specs)

@@ -138,6 +138,20 @@ def ct_acquire(hu: np.ndarray, mas: float, pixel_mm: float, rng: np.random.Gener
     return out.astype(np.float32)
 
 
+def ct_noise_sigma(hu: np.ndarray, mas: float, pixel_mm: float, rng: np.random.Generator,
+                   body_hu: float = -500.0) -> float:
+    """Standard deviation (HU) of the quantum noise a full-view acquisition of the (H, W) HU slice
+    ``hu`` at ``mas`` puts into the body (pixels above ``body_hu``): the noise image of
+    ``ct_acquire`` itself, so it depends on the anatomy's attenuation and the pixel size, not on
+    mAs alone."""
+    clean = np.asarray(hu, dtype=np.float32)
+    body = clean > body_hu
+    if not body.any():
+        raise ValueError("the slice has no pixel above the body threshold")
+    noise = ct_acquire(clean, mas, pixel_mm, rng) - clean
+    return float(noise[body].std())
+
+
 def gaussian_blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian point-spread function of standard deviation ``sigma_px`` pixels, in plane only.
 
