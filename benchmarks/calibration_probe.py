@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import glob
 import json
 import logging
-import os
 import warnings
 
 import numpy as np
@@ -60,36 +58,34 @@ def type_offsets(preds: list[tuple[str, float, float]]) -> dict[str, object]:
     return {"n": len(preds), "srcc": srcc(q, t), "srcc_type_offsets_removed": srcc(adj, t), "types": per}
 
 
-def _read_ct_hu(path: str) -> tuple[np.ndarray, float]:
-    import pydicom
-
-    f = path if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))[
-        len(glob.glob(os.path.join(path, "*"))) // 2]
-    ds = pydicom.dcmread(f)
-    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return hu, float(ds.PixelSpacing[0])
-
-
 def ct_noise_per_source(manifest: str) -> dict[str, dict[str, float]]:
+    """Studies are read through the scoring path's reader (``engines.io``: series order, rescale
+    to HU); the central slice of each dose-only CT study is measured."""
     from skimage.restoration import estimate_sigma
 
-    root = os.path.dirname(os.path.abspath(manifest))
-    by: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
+    from engines.io.discover import open_study
+    from training.data.datasets import read_manifest
+
     with open(manifest, newline="") as fh:
-        for r in csv.DictReader(fh):
-            if r["modality"] != "ct" or r["degradation"] != "dose":
-                continue
-            hu, px = _read_ct_hu(os.path.join(root, r["path"]))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sigma = float(estimate_sigma(np.clip((hu + 160.0) / 400.0, 0.0, 1.0))) * 400.0
-            by[r["source_id"]].append((float(json.loads(r["params"])["mas"]), sigma, px))
+        mas = {r["path"]: float(json.loads(r["params"])["mas"]) for r in csv.DictReader(fh)
+               if r["modality"] == "ct" and r["degradation"] == "dose"}
+    samples, _ = read_manifest(manifest)
+    by: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
+    for s in samples:
+        if s.path not in mas:
+            continue
+        src = open_study(s.ref)
+        hu = np.asarray(src.get_slice(len(src) // 2), dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sigma = float(estimate_sigma(np.clip((hu + 160.0) / 400.0, 0.0, 1.0))) * 400.0
+        by[s.extra["source_id"]].append((mas[s.path], sigma, float(src.spacing[1])))
     out = {}
-    for src, v in sorted(by.items()):
+    for src_id, v in sorted(by.items()):
         a = np.array(v)
         b, c = np.polyfit(a[:, 0] ** -0.5, a[:, 1], 1)
-        out[src] = {"n": len(a), "pixel_mm": float(a[0, 2]), "hu_per_inv_sqrt_mas": float(b),
-                    "offset_hu": float(c), "sigma_at_100_mas": float(b / 10.0 + c)}
+        out[src_id] = {"n": len(a), "pixel_mm": float(a[0, 2]), "hu_per_inv_sqrt_mas": float(b),
+                       "offset_hu": float(c), "sigma_at_100_mas": float(b / 10.0 + c)}
     return out
 
 

@@ -63,8 +63,10 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     d = read_yaml(p)
     _check_keys(d, TOP_KEYS, "recipe")
     _check_keys(d.get("synth") or {}, SYNTH_KEYS, "synth")
-    if (d.get("synth") or {}).get("dose_label", "mas") not in ("mas", "noise"):
-        raise ConfigError(f"synth.dose_label must be 'mas' or 'noise', got {d['synth']['dose_label']!r}")
+    from training.synth.corpus import DOSE_LABELS  # noqa: PLC0415
+
+    if (d.get("synth") or {}).get("dose_label", "mas") not in DOSE_LABELS:
+        raise ConfigError(f"synth.dose_label must be one of {DOSE_LABELS}, got {d['synth']['dose_label']!r}")
     for stage in ("common", "pretrain", "finetune", "classifier"):
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
     if "base" in d:
