@@ -58,7 +58,8 @@ import numpy as np
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
 from engines.tta import tta_suffix, with_tta
-from engines.preprocess import PreprocessConfig, grey_channels, preprocess_slice, resize_unit, to_unit_range
+from engines.preprocess import (PreprocessConfig, grey_channels, preprocess_slice, to_network_size, to_unit_range,
+                                usable_pixel_mm)
 from engines.prompts import GROUPS, PromptVocab
 
 logger = logging.getLogger(__name__)
@@ -279,16 +280,32 @@ def window_tags(meta: dict[str, Any]) -> tuple[float, float] | None:
     return (wf, cf) if np.isfinite(wf) and np.isfinite(cf) and wf > 1 else None
 
 
+def in_plane_spacing(src: Any, meta: dict[str, Any], flags: list[str]) -> tuple[float, float] | None:
+    """(row, col) pixel spacing in mm of an opened study, or None when unknown: DICOM
+    PixelSpacing / ImagerPixelSpacing from the header, else the reader's in-plane spacing (NIfTI
+    zooms, enhanced-DICOM functional groups) unless it flagged the spacing unknown; plain images
+    have none."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        pix = usable_pixel_mm(meta.get(tag)) if meta.get(tag) is not None else None
+        if pix is not None:
+            return pix
+    spacing = getattr(src, "spacing", None)
+    if spacing is None or "spacing_unknown" in flags or len(spacing) < 3:
+        return None
+    return usable_pixel_mm(spacing[1:3])
+
+
 def thumbnail_png(img: np.ndarray, modality: str | None, ptype: str | None,
                   cfg: PreprocessConfig, wtags: tuple[float, float] | None = None,
-                  size: int = THUMB_SIZE) -> bytes:
-    """A small 8-bit PNG of one slice as the model sees it (same window / min-max)."""
+                  size: int = THUMB_SIZE, pixel_mm: tuple[float, float] | None = None) -> bytes:
+    """A small 8-bit PNG of one slice as the model sees it (same window / min-max, and the same
+    physical resampling of CT when the card sets ``ct_pixel_mm``)."""
     from PIL import Image
 
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     unit = to_unit_range(img, modality, ptype, cfg, wtags)
-    small = resize_unit(unit, size, "bilinear")
+    small = to_network_size(unit, modality, cfg, pixel_mm, size)
     arr = (np.clip(small, 0, 1) * 255 + 0.5).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", optimize=True)
@@ -362,6 +379,7 @@ class _Prepared:
     raw: list[np.ndarray] | None    # the decoded slices, kept only when the CT window is undecided
     thumbs: list[bytes] | None
     elapsed_s: float = 0.0          # time the worker spent on this study
+    pixel_mm: tuple[float, float] | None = None   # in-plane spacing (``in_plane_spacing``)
 
 
 def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: float = 0.05,
@@ -389,18 +407,21 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
         flags += [f for f in getattr(sel, "flags", []) if f not in flags]
     ptype = tags.get("type")
     wt = window_tags(meta)
-    per_slice = [preprocess_slice(np.asarray(s), modality, ptype, cfg, wt, compact_grey=compact_grey)
+    pix = in_plane_spacing(src, meta, flags)
+    per_slice = [preprocess_slice(np.asarray(s), modality, ptype, cfg, wt, compact_grey=compact_grey,
+                                  pixel_mm=pix)
                  for s in slices]
     if len({a.shape[0] for a in per_slice}) > 1:   # grey and RGB slices in one study
         per_slice = [grey_channels(a[None])[0] for a in per_slice]
     images = np.stack(per_slice)
     undecided_ct = (modality == "ct" and not ptype)
-    thumbs = [thumbnail_png(np.asarray(s), modality, ptype, cfg, wt) for s in slices] if thumbnails else None
+    thumbs = ([thumbnail_png(np.asarray(s), modality, ptype, cfg, wt, pixel_mm=pix) for s in slices]
+              if thumbnails else None)
     return _Prepared(images=images.astype(np.float32, copy=False), indices=indices,
                      n_total=n_total, n_decoded=n_decoded, tag_prompts=tags, meta=meta,
                      flags=flags, ptype_used=ptype,
                      raw=[np.asarray(s, dtype=np.float32) for s in slices] if undecided_ct else None,
-                     thumbs=thumbs, elapsed_s=time.perf_counter() - t0)
+                     thumbs=thumbs, elapsed_s=time.perf_counter() - t0, pixel_mm=pix)
 
 
 def _lower_priority(nice: int) -> None:
@@ -937,7 +958,8 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
         if (p.raw is not None and values["modality"] == "ct" and values["type"] != p.ptype_used
                 and values["type"] in pcfg.ct_windows):
             # The classifier chose a CT type with its own window: redo the window on the raw slices.
-            images = np.stack([preprocess_slice(r, "ct", values["type"], pcfg, window_tags(p.meta))
+            images = np.stack([preprocess_slice(r, "ct", values["type"], pcfg, window_tags(p.meta),
+                                                pixel_mm=p.pixel_mm)
                                for r in p.raw])
         prompt = encode_prompt(Prompt(**values), vocab)
         st.scores = np.zeros(len(images), np.float64)

@@ -11,7 +11,14 @@ Steps:
    RGB images are scaled per image over all channels (colour balance is quality information).
 2. grey → 3 channels by repetition; RGB stays RGB.
 3. resize to ``image_size`` × ``image_size`` with anti-aliasing (Pillow's area-aware bilinear
-   filter on float32 data, which widens its support when downscaling).
+   filter on float32 data, which widens its support when downscaling). With ``ct_pixel_mm``
+   set, a CT slice whose in-plane spacing is known is instead resampled to that physical pixel
+   size and centred on a fixed canvas of ``image_size`` pixels (``image_size × ct_pixel_mm`` mm
+   across; larger fields of view are cropped to the centre, smaller ones padded with 0, the
+   air of every CT window). One network pixel is then the same millimetres on every scanner,
+   so blur in mm and noise per area mean the same on a 0.3 mm and a 1.7 mm reconstruction.
+   Off (None) by default; a model trained with it records it in its card like every other
+   step, and scoring applies it from there.
 4. normalise: ``(x - mean) / std`` per channel → float32 (3, S, S), roughly in [-1, 1].
 """
 
@@ -38,10 +45,19 @@ class PreprocessConfig:
     use_window_tags: bool = True
     percentiles: tuple[float, float] = (0.5, 99.5)
     resample: str = "bilinear"
+    ct_pixel_mm: float | None = None    # CT: resample to this in-plane pixel size (mm); None = off
+
+    def __post_init__(self) -> None:
+        if self.ct_pixel_mm is not None and not (np.isfinite(self.ct_pixel_mm) and self.ct_pixel_mm > 0):
+            raise ValueError(f"ct_pixel_mm must be a positive number of mm or None, got {self.ct_pixel_mm!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ct_windows"] = {k: list(v) for k, v in self.ct_windows.items()}
+        if d["ct_pixel_mm"] is None:
+            # absent when off: the cards (and input-cache keys) of models trained before the
+            # option existed describe the same preprocessing as before
+            del d["ct_pixel_mm"]
         return d
 
     @classmethod
@@ -56,6 +72,8 @@ class PreprocessConfig:
                 kw[k] = tuple(float(x) for x in kw[k])
         if "ct_windows" in kw:
             kw["ct_windows"] = {k: (float(v[0]), float(v[1])) for k, v in kw["ct_windows"].items()}
+        if kw.get("ct_pixel_mm") is not None:
+            kw["ct_pixel_mm"] = float(kw["ct_pixel_mm"])
         return cls(**kw)
 
 
@@ -175,9 +193,65 @@ def resize_unit(img: np.ndarray, size: int, resample: str = "bilinear") -> np.nd
     return np.stack(chans, axis=-1)
 
 
+def usable_pixel_mm(pixel_mm: Any) -> tuple[float, float] | None:
+    """(row, col) spacing in mm when both are finite and positive, else None."""
+    try:
+        dy, dx = (float(v) for v in pixel_mm)
+    except (TypeError, ValueError):
+        return None
+    return (dy, dx) if np.isfinite(dy) and np.isfinite(dx) and dy > 0 and dx > 0 else None
+
+
+# resample_to_canvas never builds an intermediate image larger than this many canvases per side
+_CANVAS_CAP = 4
+
+
+def resample_to_canvas(unit: np.ndarray, pixel_mm: tuple[float, float], target_mm: float,
+                       size: int, resample: str = "bilinear") -> np.ndarray:
+    """A [0, 1] (H, W) slice with ``pixel_mm`` (row, col) spacing → (size, size) at ``target_mm``
+    per pixel: anti-aliased resize to the physical size, then centre crop / zero pad."""
+    h, w = unit.shape
+    nh = max(1, int(round(h * pixel_mm[0] / target_mm)))
+    nw = max(1, int(round(w * pixel_mm[1] / target_mm)))
+    cap = _CANVAS_CAP * size
+    if nh > cap or nw > cap:
+        # An absurd spacing (a wrong tag: 50 mm pixels) would ask for a huge intermediate image;
+        # only the centre reaches the canvas, so cut the source to the part that maps into the
+        # cap first. Real fields of view (< 4 canvases) never take this path, so they resample
+        # exactly as in training.
+        keep_h = min(h, max(1, int(np.ceil(cap * target_mm / pixel_mm[0]))))
+        keep_w = min(w, max(1, int(np.ceil(cap * target_mm / pixel_mm[1]))))
+        y0, x0 = (h - keep_h) // 2, (w - keep_w) // 2
+        unit = unit[y0:y0 + keep_h, x0:x0 + keep_w]
+        h, w = unit.shape
+        nh = max(1, min(cap, int(round(h * pixel_mm[0] / target_mm))))
+        nw = max(1, min(cap, int(round(w * pixel_mm[1] / target_mm))))
+    img = np.asarray(Image.fromarray(np.ascontiguousarray(unit, dtype=np.float32), mode="F")
+                     .resize((nw, nh), _RESAMPLE[resample]), dtype=np.float32)
+    out = np.zeros((size, size), np.float32)
+    # centre on centre: crop offsets into the image, paste offsets into the canvas
+    cy, cx = max(0, (nh - size) // 2), max(0, (nw - size) // 2)
+    py, px = max(0, (size - nh) // 2), max(0, (size - nw) // 2)
+    ch, cw = min(nh, size), min(nw, size)
+    out[py:py + ch, px:px + cw] = img[cy:cy + ch, cx:cx + cw]
+    return out
+
+
+def to_network_size(unit: np.ndarray, modality: str | None, cfg: PreprocessConfig,
+                    pixel_mm: Any = None, size: int | None = None) -> np.ndarray:
+    """Step 3: a [0, 1] slice → (S, S[, 3]); physical resampling for CT when the config asks for
+    it and the slice's spacing is known, else the plain anti-aliased resize."""
+    size = cfg.image_size if size is None else size
+    pix = usable_pixel_mm(pixel_mm) if pixel_mm is not None else None
+    if cfg.ct_pixel_mm is not None and pix is not None and unit.ndim == 2 and (modality or "").lower() == "ct":
+        target = cfg.ct_pixel_mm * cfg.image_size / size   # same field of view at any output size
+        return resample_to_canvas(unit, pix, target, size, cfg.resample)
+    return resize_unit(unit, size, cfg.resample)
+
+
 def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,
                      cfg: PreprocessConfig, window_tags: tuple[float, float] | None = None,
-                     *, compact_grey: bool = False) -> np.ndarray:
+                     *, compact_grey: bool = False, pixel_mm: Any = None) -> np.ndarray:
     """One slice in physical units → network input float32 (3, S, S), normalised with mean/std.
 
     img: (H, W) grey or (H, W, 3) RGB, any real dtype.
@@ -185,13 +259,15 @@ def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,
     ``cfg.mean`` and ``cfg.std`` are the same for every channel, and the scoring pipeline's
     readers send one (``grey_channels`` restores the three). RGB, or per-channel mean/std,
     always gives (3, S, S).
+    pixel_mm: the slice's (row, col) spacing in mm, or None when unknown; used only by
+    ``cfg.ct_pixel_mm`` (CT).
     """
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
         raise ValueError(f"expected (H, W) or (H, W, 3), got shape {img.shape}")
     unit = to_unit_range(img, modality, ptype, cfg, window_tags)
-    small = resize_unit(unit, cfg.image_size, cfg.resample)
+    small = to_network_size(unit, modality, cfg, pixel_mm)
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
     if small.ndim == 2:

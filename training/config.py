@@ -56,6 +56,7 @@ class TrainConfig:
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
+    ct_pixel_mm: float | None = None        # CT inputs resampled to this pixel size in mm (PreprocessConfig.ct_pixel_mm, recorded in the card); None = plain resize
     max_items: int | None = None            # cap on training studies (quick runs); None = all
     workers: int = 0                        # processes for decoding/preprocessing; 0 = in-process
     loader_workers: int = 0                 # DataLoader processes feeding prepared inputs to the
@@ -86,6 +87,8 @@ class TrainConfig:
             raise ConfigError(f"split_ratios must be three non-negative numbers, got {r!r}")
         if not 0.0 <= float(self.gamma_augment) <= 2.0:
             raise ConfigError(f"gamma_augment must be in [0, 2] (max |log gamma|), got {self.gamma_augment!r}")
+        if self.ct_pixel_mm is not None and not 0.05 <= float(self.ct_pixel_mm) <= 10.0:
+            raise ConfigError(f"ct_pixel_mm must be in [0.05, 10] mm or null, got {self.ct_pixel_mm!r}")
         if int(self.loader_workers) < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         if self.loss not in LOSSES:

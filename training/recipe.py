@@ -261,6 +261,13 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
                                 "finetune": ft_card.training, "classifier": classifier_training}
     data_summary: dict[str, Any] = {"corpus": _corpus_summary(recipe),
                                     **{name: o.data_summary for name, o in outcomes.items()}}
+    if cl_card.preprocess != ft_card.preprocess:
+        # one card, one PreprocessConfig: the classifier then sees inputs prepared other than in
+        # its training (e.g. a kept classifier under a new ``ct_pixel_mm``); recorded, and the
+        # test evaluation below reports its accuracy under the card's preprocessing
+        logger.warning("the classifier was trained with other preprocessing than the IQA model; "
+                       "the artifact uses the IQA model's")
+        training["classifier_preprocess"] = cl_card.preprocess
     if base_path is not None:
         btr = cl_card.training or {}
         training["base"] = {"sha256": str(recipe["base"]["sha256"]).lower(), "git": recipe["base"].get("git"),

@@ -116,6 +116,8 @@ def model_summary(path: str) -> dict[str, Any]:
         # a continuation recipe's base artifact (sha256, git reference, the recipe that made it)
         "base": {k: (tr.get("base") or {}).get(k) for k in ("sha256", "git", "recipe")} if tr.get("base") else None,
         "corpus": (card.data_summary or {}).get("corpus"),
+        # CT inputs resampled to this pixel size (mm) before the network; None: plain resize
+        "ct_pixel_mm": (card.preprocess or {}).get("ct_pixel_mm"),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
         "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in

@@ -21,7 +21,7 @@ logger = logging.getLogger("mediqa.report")
 def thumbnails_from_root(root: Path, rows: list[dict[str, str]], n: int = 12) -> dict[str, list[bytes]]:
     """PNG thumbnails of the salient slices of the ``n`` lowest-scoring rows, read again from ``root``."""
     from engines.io.discover import discover_studies, open_study
-    from engines.pipeline import thumbnail_png, window_tags
+    from engines.pipeline import in_plane_spacing, thumbnail_png, window_tags
     from engines.preprocess import PreprocessConfig
 
     def score(r: dict[str, str]) -> float:
@@ -48,9 +48,12 @@ def thumbnails_from_root(root: Path, rows: list[dict[str, str]], n: int = 12) ->
                     continue
                 src = open_study(ref)
                 mod = (r.get("modality") or "").lower() or None
-                wt = window_tags(getattr(src, "meta", {}) or {})
+                smeta = dict(getattr(src, "meta", {}) or {})
+                wt = window_tags(smeta)
+                pix = in_plane_spacing(src, smeta, list(getattr(src, "flags", []) or []))
                 idx = [int(i) for i in r.get("salient_slices", "").split(";") if i.strip().isdigit()]
-                out[r["study_id"]] = [thumbnail_png(src.get_slice(i), mod, r.get("type") or None, cfg, wt)
+                out[r["study_id"]] = [thumbnail_png(src.get_slice(i), mod, r.get("type") or None, cfg, wt,
+                                                            pixel_mm=pix)
                                       for i in idx]
                 break
         except Exception as exc:  # noqa: BLE001 - a missing thumbnail never fails the report

@@ -66,7 +66,8 @@ def prepare_inputs(ref: Any, cfg: PreprocessConfig, k: int = 7,
     images, used = prep.images, prep.ptype_used
     if (prep.raw is not None and ptype_hint and ptype_hint != used
             and ptype_hint in cfg.ct_windows):
-        images = np.stack([preprocess_slice(r, "ct", ptype_hint, cfg, window_tags(prep.meta))
+        images = np.stack([preprocess_slice(r, "ct", ptype_hint, cfg, window_tags(prep.meta),
+                                            pixel_mm=prep.pixel_mm)
                            for r in prep.raw])
         used = ptype_hint
     images = images.astype(np.float32, copy=False)
