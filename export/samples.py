@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.preprocess import PreprocessConfig, preprocess_slice
+from engines.preprocess import PreprocessConfig, preprocess_slice, usable_pixel_mm
 from engines.prompts import DEFAULT_VOCAB, Prompt, PromptVocab, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class BaseImage:
     modality: str
     region: str
     type: str
+    pixel_mm: tuple[float, float] | None = None   # in-plane spacing (DICOM PixelSpacing), if any
 
 
 @dataclass
@@ -98,7 +99,8 @@ def _dicom_images() -> list[BaseImage]:
             intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
             img = img * np.float32(slope) + np.float32(intercept)
         out.append(BaseImage(f"{fname}" + (f"[{frame}]" if frame is not None else "") + f":{ptype}",
-                             img, mod, region, ptype))
+                             img, mod, region, ptype,
+                             usable_pixel_mm(ds.PixelSpacing) if "PixelSpacing" in ds else None))
     return out
 
 
@@ -155,7 +157,7 @@ def sample_set(n: int | None = None, *, cfg: PreprocessConfig | None = None,
     for i in range(total):
         base, (noise, blur) = plan[i % len(plan)]
         img = _degrade(base.image, noise, blur, rng) if (noise or blur) else base.image
-        imgs.append(preprocess_slice(img, base.modality, base.type, cfg))
+        imgs.append(preprocess_slice(img, base.modality, base.type, cfg, pixel_mm=base.pixel_mm))
         p = Prompt(dimension=dimension, modality=base.modality, region=base.region, type=base.type)
         prompts.append(encode_prompt(p, vocab))
         labels.append(f"{base.name} noise={noise:g} blur={blur:g}")

@@ -135,3 +135,16 @@ def test_an_absurd_spacing_stays_bounded_and_centred() -> None:
     assert out.shape == (64, 64) and out[28:36, 28:36].max() == 1.0 and out.sum() > 0
     tiny = resample_to_canvas(img, (1e-3, 1e-3), 1.0, 64)       # and a microscopic one: one pixel
     assert tiny.shape == (64, 64) and np.isfinite(tiny).all()
+
+
+def test_export_parity_samples_are_prepared_as_scoring_prepares_them() -> None:
+    """``mediqa export`` checks parity on real images preprocessed with the artifact's config:
+    with ``ct_pixel_mm`` the CT samples (CT_small, PixelSpacing 0.66 mm) are resampled, the
+    others are not."""
+    pytest.importorskip("pydicom")
+    from export.samples import sample_set
+
+    on = sample_set(None, cfg=PreprocessConfig(ct_pixel_mm=1.0))
+    off = sample_set(None, cfg=PreprocessConfig())
+    changed = {lab.split(":")[0] for lab, a, b in zip(on.labels, on.images, off.images) if not np.array_equal(a, b)}
+    assert changed == {"CT_small.dcm"}
