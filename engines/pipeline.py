@@ -280,6 +280,25 @@ def window_tags(meta: dict[str, Any]) -> tuple[float, float] | None:
     return (wf, cf) if np.isfinite(wf) and np.isfinite(cf) and wf > 1 else None
 
 
+HU_AIR_BAND = (-1100.0, -900.0)   # air (−1000) and the usual −1024 padding outside the FOV
+HU_AIR_SHARE = 0.10
+
+
+def looks_like_hu(img: np.ndarray) -> bool:
+    """True for a 2D slice in Hounsfield units: at least ``HU_AIR_SHARE`` of its pixels in the
+    air band and nothing above 5000. MR magnitudes (≥ 0), z-scored images (|x| of a few units)
+    and phase maps (spread evenly over ±4096: ~2 % in the band) fail it."""
+    x = np.asarray(img, dtype=np.float32)
+    if x.ndim != 2 or x.size == 0:
+        return False
+    x = x[:: max(1, x.shape[0] // 128), :: max(1, x.shape[1] // 128)]
+    x = x[np.isfinite(x)]
+    if x.size == 0 or float(x.max()) > 5000.0:
+        return False
+    lo, hi = HU_AIR_BAND
+    return float(np.count_nonzero((x >= lo) & (x <= hi))) / x.size >= HU_AIR_SHARE
+
+
 def in_plane_spacing(src: Any, meta: dict[str, Any], flags: list[str]) -> tuple[float, float] | None:
     """(row, col) pixel spacing in mm of an opened study, or None when unknown: DICOM
     PixelSpacing / ImagerPixelSpacing from the header, else the reader's in-plane spacing (NIfTI
@@ -399,6 +418,13 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
     tags = dict(prompts_from_tags(meta, ref.kind))
     modality = tags.get("modality") or str(meta.get("Modality", "")).lower() or None
     n_total = len(src)
+    if modality is None and ref.format == "nifti" and n_total >= 1:
+        # NIfTI has no Modality tag. A volume in Hounsfield units (a large share of air near
+        # −1000) is read as CT — HU salient-slice rule, CT window, ``ct_pixel_mm`` — as a DICOM
+        # CT would be; the modality *prompt* still comes from the classifier. Flagged.
+        if looks_like_hu(np.asarray(src.get_slice(n_total // 2))):
+            modality = "ct"
+            flags.append("hu_intensities")
     if ref.kind == "2d" or n_total == 1:
         slices, indices, n_decoded = [src.get_slice(0)], [0], 1
     else:

@@ -148,3 +148,39 @@ def test_export_parity_samples_are_prepared_as_scoring_prepares_them() -> None:
     off = sample_set(None, cfg=PreprocessConfig())
     changed = {lab.split(":")[0] for lab, a, b in zip(on.labels, on.images, off.images) if not np.array_equal(a, b)}
     assert changed == {"CT_small.dcm"}
+
+
+def _nifti(path: Path, vol_zyx: np.ndarray, zooms_xyz: tuple[float, float, float]) -> None:
+    import nibabel as nib
+
+    data = np.ascontiguousarray(vol_zyx.transpose(2, 1, 0))          # (x, y, z)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([*zooms_xyz, 1.0])), str(path))
+
+
+def test_a_nifti_ct_in_hu_is_prepared_as_ct(tmp_path: Path) -> None:
+    """NIfTI has no Modality tag: a volume in HU is read as CT (HU slice rule, CT window, the
+    1 mm canvas), flagged ``hu_intensities``; an MR magnitude volume and a phase map are not."""
+    from engines.io.discover import discover_studies
+    from engines.pipeline import looks_like_hu, prepare_study
+
+    disc = _disc(100, 0.7, 40.0)
+    ct = np.where(disc > 0, 40.0, -1000.0).astype(np.float32)
+    vol = np.stack([np.full_like(ct, -1000.0)] * 2 + [ct] * 8 + [np.full_like(ct, -1000.0)] * 2)
+    _nifti(tmp_path / "ct.nii.gz", vol, (0.7, 0.7, 2.5))
+    mr = np.stack([disc * 300.0 + 5.0] * 12).astype(np.float32)
+    (tmp_path / "mr").mkdir()
+    _nifti(tmp_path / "mr" / "mr.nii.gz", mr, (0.7, 0.7, 2.5))
+    cfg = PreprocessConfig(image_size=64, ct_pixel_mm=1.0)
+    refs = {r.rel_path: r for r in discover_studies(tmp_path)}
+    ctp = prepare_study(refs["ct.nii.gz"], cfg, 3)
+    assert "hu_intensities" in ctp.flags and ctp.pixel_mm == pytest.approx((0.7, 0.7))
+    assert all(2 <= i <= 9 for i in ctp.indices)                     # the HU rule skips the air slices
+    expected = preprocess_slice(ct, "ct", None, cfg, pixel_mm=(0.7, 0.7))
+    np.testing.assert_allclose(ctp.images[len(ctp.images) // 2], expected, atol=1e-6)
+    assert _diameter_px(ctp.images[0][0] + 0.75) == pytest.approx(40.0, abs=1.5)   # 40 mm → 40 px
+    mrp = prepare_study(refs["mr/mr.nii.gz"], cfg, 3)
+    assert "hu_intensities" not in mrp.flags
+    rng = np.random.default_rng(0)
+    assert not looks_like_hu(rng.uniform(-4096, 4096, (128, 128)))     # phase map
+    assert not looks_like_hu(rng.normal(0, 1, (128, 128)))              # z-scored
+    assert looks_like_hu(ct) and not looks_like_hu(mr[0])
