@@ -305,7 +305,7 @@ def in_plane_spacing(src: Any, meta: dict[str, Any], flags: list[str]) -> tuple[
     zooms, enhanced-DICOM functional groups) unless it flagged the spacing unknown; plain images
     have none."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        pix = usable_pixel_mm(meta.get(tag)) if meta.get(tag) is not None else None
+        pix = usable_pixel_mm(meta.get(tag))
         if pix is not None:
             return pix
     spacing = getattr(src, "spacing", None)

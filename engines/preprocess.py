@@ -194,7 +194,8 @@ def resize_unit(img: np.ndarray, size: int, resample: str = "bilinear") -> np.nd
 
 
 def usable_pixel_mm(pixel_mm: Any) -> tuple[float, float] | None:
-    """(row, col) spacing in mm when both are finite and positive, else None."""
+    """(row, col) spacing in mm when both are finite and positive, else None (also for None or
+    anything that is not a pair of numbers)."""
     try:
         dy, dx = (float(v) for v in pixel_mm)
     except (TypeError, ValueError):
@@ -242,7 +243,7 @@ def to_network_size(unit: np.ndarray, modality: str | None, cfg: PreprocessConfi
     """Step 3: a [0, 1] slice → (S, S[, 3]); physical resampling for CT when the config asks for
     it and the slice's spacing is known, else the plain anti-aliased resize."""
     size = cfg.image_size if size is None else size
-    pix = usable_pixel_mm(pixel_mm) if pixel_mm is not None else None
+    pix = usable_pixel_mm(pixel_mm)
     if cfg.ct_pixel_mm is not None and pix is not None and unit.ndim == 2 and (modality or "").lower() == "ct":
         target = cfg.ct_pixel_mm * cfg.image_size / size   # same field of view at any output size
         return resample_to_canvas(unit, pix, target, size, cfg.resample)

@@ -100,7 +100,7 @@ def _dicom_images() -> list[BaseImage]:
             img = img * np.float32(slope) + np.float32(intercept)
         out.append(BaseImage(f"{fname}" + (f"[{frame}]" if frame is not None else "") + f":{ptype}",
                              img, mod, region, ptype,
-                             usable_pixel_mm(ds.PixelSpacing) if "PixelSpacing" in ds else None))
+                             usable_pixel_mm(ds.get("PixelSpacing"))))
     return out
 
 

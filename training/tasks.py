@@ -299,11 +299,6 @@ def _finish(task_name: str, models: list[Any], results: list[Any], task: Any, it
                         members=[r.best_path for r in results])
 
 
-def _jsonish(d: dict[str, Any]) -> dict[str, Any]:
-    """A card dict as it reads back from JSON (tuples → lists), for comparisons."""
-    return json.loads(json.dumps(jsonable(d)))
-
-
 def _preset_bits(cfg: TrainConfig) -> tuple[Any, Any]:
     from engines.models.presets import get_preset  # noqa: PLC0415
     from engines.prompts import DEFAULT_VOCAB  # noqa: PLC0415
@@ -389,7 +384,7 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
         if pre.preset != cfg.preset:
             raise UnsupportedArtifact(f"{Path(cfg.from_checkpoint).name} was trained with preset {pre.preset!r}; "
                                       f"this run uses {cfg.preset!r}")
-        base_pp, this_pp = _jsonish(pre.preprocess), _jsonish(pcfg.to_dict())
+        base_pp, this_pp = type(pcfg).from_dict(pre.preprocess).to_dict(), pcfg.to_dict()
         if base_pp != this_pp:
             changed = sorted(k for k in set(base_pp) | set(this_pp) if base_pp.get(k) != this_pp.get(k))
             logger.warning("%s was trained with other preprocessing (%s); this run fine-tunes it on "
