@@ -551,6 +551,63 @@ def test_loader_workers_every_study_once_augmented_and_reproducible(corpus: Path
     assert changed > 0
 
 
+def test_grouped_batch_sampler_homogeneous_complete_and_reproducible() -> None:
+    """Every index once per epoch, each batch from one group, no batch of one where avoidable,
+    the same batches for the same seed and other ones for another seed."""
+    from training.data.torchdata import GroupedBatchSampler
+
+    groups = ["ct"] * 17 + ["mr"] * 5 + ["fundus"] * 33 + ["xray"]
+
+    def epoch(seed: int) -> list[list[int]]:
+        return list(GroupedBatchSampler(groups, 8, torch.Generator().manual_seed(seed)))
+
+    a, b, c = epoch(1), epoch(1), epoch(2)
+    assert sorted(i for batch in a for i in batch) == list(range(len(groups)))
+    assert all(len({groups[i] for i in batch}) == 1 for batch in a)
+    assert len(a) == len(GroupedBatchSampler(groups, 8)) == 3 + 1 + 5 + 1
+    assert sorted(len(x) for x in a if groups[x[0]] == "ct") == [5, 6, 6]   # 17 → 6 + 6 + 5, not 8 + 8 + 1
+    assert max(len(x) for x in a) <= 8
+    assert a == b and a != c
+    # batches of the different groups are interleaved, not one group after the other
+    order = [groups[x[0]] for x in a]
+    assert order != sorted(order, key=order.index)
+    with pytest.raises(ValueError):
+        GroupedBatchSampler(groups, 0)
+
+
+def test_batch_group_modality_gives_single_modality_training_batches(corpus: Path, tmp_path: Path) -> None:
+    """``batch_group: modality``: the training loader's batches hold one modality each (the test
+    corpus mixes CT and fundus, so shuffled batches of 4 would mix them); validation loaders keep
+    the plain order; unknown values are refused."""
+    from engines.models.presets import get_preset
+    from engines.prompts import DEFAULT_VOCAB
+    from training.data.datasets import read_manifest
+    from training.tasks import _cache, _loader, build_items
+
+    with pytest.raises(ConfigError, match="batch_group"):
+        TrainConfig(batch_group="region-ish")
+    assert TrainConfig().batch_group is None
+    samples, report = read_manifest(corpus)
+    cfg = TrainConfig(task="finetune", out=str(tmp_path), **FAST)
+    cache = _cache(cfg, get_preset("mediqa-test").preprocess_config())
+    items = build_items(samples, cfg, cache, DEFAULT_VOCAB, report, lambda s: s.target)
+    mods = [it.prompt_values["modality"] for it in items]
+    assert len(set(mods)) >= 2
+
+    def batches(c: TrainConfig, train: bool) -> list[list[int]]:
+        out = []
+        for b in _loader(items, cache, c, train=train):
+            out.append([i for kind in ("2d", "3d") if b[kind] is not None for i in b[kind]["index"].tolist()])
+        return out
+
+    grouped = batches(cfg.replace(batch_group="modality"), True)
+    assert sorted(i for x in grouped for i in x) == list(range(len(items)))
+    assert all(len({mods[i] for i in x}) == 1 for x in grouped)
+    mixed = [batches(cfg.replace(seed=s), True) for s in range(5)]
+    assert any(len({mods[i] for i in x}) > 1 for run in mixed for x in run)
+    assert batches(cfg.replace(batch_group="modality"), False) == batches(cfg, False)
+
+
 def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte() -> None:
     """Every recipe in training/recipes parses (keys, values, base section), and the bundled
     model's card names a recipe there whose bytes still hash to the card's sha256 (and so does its

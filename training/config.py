@@ -20,6 +20,7 @@ from engines.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "classifier")
 LOSSES: tuple[str, ...] = ("mse", "mse+plcc")   # iqa losses (training.loop.IQATask)
+BATCH_GROUPS: tuple[str, ...] = ("modality",)  # batch_group values (training.data.torchdata.GroupedBatchSampler)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class TrainConfig:
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = "mediqa-split-v1"
     loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC)
+    batch_group: str | None = None          # training batches drawn from one prompt group value each
+                                            # ("modality": a batch's PLCC term is then a within-modality
+                                            # correlation); None = batches across the whole split
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.batch_group is not None and self.batch_group not in BATCH_GROUPS:
+            raise ConfigError(f"batch_group must be one of {BATCH_GROUPS} or null, got {self.batch_group!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
 

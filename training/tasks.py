@@ -118,7 +118,7 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from training.data.torchdata import StudyDataset, collate_studies  # noqa: PLC0415
+    from training.data.torchdata import GroupedBatchSampler, StudyDataset, collate_studies  # noqa: PLC0415
 
     if not items:
         return None
@@ -126,10 +126,14 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     nw = int(cfg.loader_workers)
     # Workers draw their augmentations from seeds the loader's generator hands out, so a run stays
     # reproducible for a given loader_workers (but not across different values).
+    batching: dict[str, Any] = {"batch_size": cfg.batch_size, "shuffle": train, "generator": gen if train else None}
+    if train and cfg.batch_group is not None:
+        groups = [it.prompt_values.get(cfg.batch_group, "other") for it in items]
+        batching = {"batch_sampler": GroupedBatchSampler(groups, cfg.batch_size, gen), "generator": gen}
     return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,
                                    rot90=train and cfg.rot90_augment,
-                                   gamma=cfg.gamma_augment if train else 0.0), batch_size=cfg.batch_size,
-                      shuffle=train, generator=gen if train else None, collate_fn=collate_studies,
+                                   gamma=cfg.gamma_augment if train else 0.0), **batching,
+                      collate_fn=collate_studies,
                       pin_memory=cfg.device.startswith("cuda"), num_workers=nw,
                       persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
 
