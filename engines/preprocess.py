@@ -46,10 +46,14 @@ class PreprocessConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     resample: str = "bilinear"
     ct_pixel_mm: float | None = None    # CT: resample to this in-plane pixel size (mm); None = off
+    keep_aspect: bool = False           # True: one scale factor for both axes (long side → S, short
+                                        # side padded with 0); False: stretch each axis to S
 
     def __post_init__(self) -> None:
         if self.ct_pixel_mm is not None and not (np.isfinite(self.ct_pixel_mm) and self.ct_pixel_mm > 0):
             raise ValueError(f"ct_pixel_mm must be a positive number of mm or None, got {self.ct_pixel_mm!r}")
+        if not isinstance(self.keep_aspect, bool):
+            raise ValueError(f"keep_aspect must be true or false, got {self.keep_aspect!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -58,6 +62,8 @@ class PreprocessConfig:
             # absent when off: the cards (and input-cache keys) of models trained before the
             # option existed describe the same preprocessing as before
             del d["ct_pixel_mm"]
+        if not d["keep_aspect"]:
+            del d["keep_aspect"]   # likewise
         return d
 
     @classmethod
@@ -241,13 +247,34 @@ def resample_to_canvas(unit: np.ndarray, pixel_mm: tuple[float, float], target_m
 def to_network_size(unit: np.ndarray, modality: str | None, cfg: PreprocessConfig,
                     pixel_mm: Any = None, size: int | None = None) -> np.ndarray:
     """Step 3: a [0, 1] slice → (S, S[, 3]); physical resampling for CT when the config asks for
-    it and the slice's spacing is known, else the plain anti-aliased resize."""
+    it and the slice's spacing is known; else, with ``cfg.keep_aspect``, the aspect-preserving
+    fit (:func:`fit_to_canvas`); else the plain anti-aliased resize of each axis to S."""
     size = cfg.image_size if size is None else size
     pix = usable_pixel_mm(pixel_mm)
     if cfg.ct_pixel_mm is not None and pix is not None and unit.ndim == 2 and (modality or "").lower() == "ct":
         target = cfg.ct_pixel_mm * cfg.image_size / size   # same field of view at any output size
         return resample_to_canvas(unit, pix, target, size, cfg.resample)
+    if cfg.keep_aspect:
+        return fit_to_canvas(unit, size, cfg.resample, pix)
     return resize_unit(unit, size, cfg.resample)
+
+
+def fit_to_canvas(unit: np.ndarray, size: int, resample: str = "bilinear",
+                  pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
+    """A [0, 1] (H, W[, 3]) image → (size, size[, 3]) with one scale factor for both axes: the
+    longer physical side fills the canvas, the shorter one is centred and padded with 0.
+    ``pixel_mm`` (row, col) only sets the aspect of non-square pixels; unknown = square.
+
+    Against :func:`resize_unit` (each axis to S): a 256 × 128 image is no longer stretched
+    1.75× along one axis and shrunk along the other, so blur, noise grain and an 8-px JPEG
+    block grid keep one scale in both directions, the same on every image shape."""
+    dy, dx = pixel_mm if pixel_mm is not None else (1.0, 1.0)
+    h, w = unit.shape[:2]
+    target = max(h * dy, w * dx) / size
+    if unit.ndim == 2:
+        return resample_to_canvas(unit, (dy, dx), target, size, resample)
+    return np.stack([resample_to_canvas(unit[..., c], (dy, dx), target, size, resample)
+                     for c in range(unit.shape[-1])], axis=-1)
 
 
 def preprocess_slice(img: np.ndarray, modality: str | None, ptype: str | None,

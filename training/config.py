@@ -60,6 +60,7 @@ class TrainConfig:
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
+    keep_aspect: bool = False               # inputs fitted with one scale for both axes, short side padded (PreprocessConfig.keep_aspect, recorded in the card); False = each axis resized to the input size
     ct_pixel_mm: float | None = None        # CT inputs resampled to this pixel size in mm (PreprocessConfig.ct_pixel_mm, recorded in the card); None = plain resize
     max_items: int | None = None            # cap on training studies (quick runs); None = all
     workers: int = 0                        # processes for decoding/preprocessing; 0 = in-process

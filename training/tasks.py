@@ -310,6 +310,8 @@ def _preset_bits(cfg: TrainConfig) -> tuple[Any, Any]:
     pcfg = get_preset(cfg.preset).preprocess_config()
     if cfg.ct_pixel_mm is not None:
         pcfg = dataclasses.replace(pcfg, ct_pixel_mm=float(cfg.ct_pixel_mm))
+    if cfg.keep_aspect:
+        pcfg = dataclasses.replace(pcfg, keep_aspect=True)
     return pcfg, DEFAULT_VOCAB
 
 

@@ -118,6 +118,8 @@ def model_summary(path: str) -> dict[str, Any]:
         "corpus": (card.data_summary or {}).get("corpus"),
         # CT inputs resampled to this pixel size (mm) before the network; None: plain resize
         "ct_pixel_mm": (card.preprocess or {}).get("ct_pixel_mm"),
+        # every input fitted with one scale for both axes (short side padded); False: stretched
+        "keep_aspect": bool((card.preprocess or {}).get("keep_aspect", False)),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
         "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in
