@@ -32,6 +32,10 @@ import numpy as np
 from PIL import Image
 
 
+# options added after models were shipped, and their "off" value: to_dict leaves them out when off
+_ABSENT_WHEN_OFF: dict[str, Any] = {"ct_pixel_mm": None, "keep_aspect": False}
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     image_size: int = 224
@@ -58,12 +62,11 @@ class PreprocessConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ct_windows"] = {k: list(v) for k, v in self.ct_windows.items()}
-        if d["ct_pixel_mm"] is None:
+        for key, off in _ABSENT_WHEN_OFF.items():
             # absent when off: the cards (and input-cache keys) of models trained before the
             # option existed describe the same preprocessing as before
-            del d["ct_pixel_mm"]
-        if not d["keep_aspect"]:
-            del d["keep_aspect"]   # likewise
+            if d[key] == off:
+                del d[key]
         return d
 
     @classmethod
