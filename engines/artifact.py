@@ -75,6 +75,8 @@ class ModelCard:
     data_summary: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    #: per-modality test-time augmentation for ``--tta auto`` (``engines.tta.TTAPolicy``); empty: none
+    tta_policy: dict = field(default_factory=dict)
     code_version: str = engines.__version__
     created: str = field(default_factory=_now)
 
@@ -85,14 +87,27 @@ class ModelCard:
             raise UnsupportedArtifact("model card needs ensemble_size >= 1 and n_slices >= 1")
         # Normalise the free-form parts to their JSON form (tuples -> lists) so a card compares
         # equal to itself after a save / load, and fail early on anything JSON cannot hold.
-        for name in ("prompt_vocab", "preprocess", "label_scale", "data_summary", "metrics", "training"):
+        for name in ("prompt_vocab", "preprocess", "label_scale", "data_summary", "metrics", "training",
+                     "tta_policy"):
             try:
                 setattr(self, name, json.loads(json.dumps(getattr(self, name), allow_nan=True)))
             except (TypeError, ValueError) as exc:
                 raise UnsupportedArtifact(f"model card field {name!r} is not JSON-serialisable: {exc}") from None
+        if self.tta_policy:
+            from engines.tta import TTAPolicy  # noqa: PLC0415  (engines.tta imports the backends)
+
+            try:
+                TTAPolicy.from_dict(self.tta_policy)
+            except ValueError as exc:
+                raise UnsupportedArtifact(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The card as JSON-able dict; an empty ``tta_policy`` is left out, so cards without one
+        stay byte-identical to (and readable by) versions that predate the field."""
+        d = dataclasses.asdict(self)
+        if not d["tta_policy"]:
+            del d["tta_policy"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)

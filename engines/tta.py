@@ -7,7 +7,12 @@ over several crops in the same spirit. Modes:
 
 * ``none`` — the input as is (1 pass, the default);
 * ``flip`` — the input and its left-right mirror (2 passes);
-* ``d4``   — the 8 symmetries of the square: 4 quarter turns, each with and without the mirror.
+* ``d4``   — the 8 symmetries of the square: 4 quarter turns, each with and without the mirror;
+* ``auto`` — the model's own per-modality policy (``TTAPolicy``), recorded in its card
+  (``ModelCard.tta_policy``) by ``mediqa train tta-policy``, which measures every mode on a
+  validation split and keeps, per modality, the mode whose SRCC beats the plain score by a set
+  margin. Each image (each slice of a volume) gets the mode of the modality in its prompt; a
+  model whose card holds no policy scores as ``none``.
 
 Semantics, identical in every runtime (``TTABackend`` for torch / onnxruntime / TensorRT,
 ``engines.models.maniqa.TTANet`` for training-side evaluation): per image (a 2D image or one
@@ -21,11 +26,15 @@ Cost: inference time grows with the number of copies (2× / 8×); reading and pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
 import numpy as np
 
 from engines import names
 from engines.backends.base import Backend
 from engines.fusion import fuse_slice_scores
+from engines.prompts import DEFAULT_VOCAB, PromptVocab
 
 # mode → the (quarter turns k, mirror) pairs applied; the identity comes first.
 TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
@@ -35,12 +44,89 @@ TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
 }
 
 
+AUTO = "auto"
+#: What ``--tta`` accepts: the fixed modes and ``auto`` (the card's per-modality policy).
+TTA_CHOICES: tuple[str, ...] = (*TTA_MODES, AUTO)
+
+
 def tta_transforms(mode: str) -> tuple[tuple[int, bool], ...]:
     """The (k, mirror) pairs of ``mode``; ValueError names the valid modes."""
     try:
         return TTA_MODES[mode]
     except KeyError:
         raise ValueError(f"unknown TTA mode {mode!r}; expected one of {', '.join(TTA_MODES)}") from None
+
+
+@dataclass(frozen=True)
+class TTAPolicy:
+    """Which fixed TTA mode each modality gets. ``modes``: modality label → mode (modalities not
+    listed get ``fallback``); ``selection``: how the modes were chosen (split, per-modality SRCC
+    of every mode, the margin), kept for the card and ``mediqa info``, never read at run time."""
+
+    modes: Mapping[str, str] = field(default_factory=dict)
+    fallback: str = "none"
+    selection: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for mode in (*self.modes.values(), self.fallback):
+            tta_transforms(mode)
+
+    @classmethod
+    def fixed(cls, mode: str) -> "TTAPolicy":
+        """Every modality gets ``mode``."""
+        return cls(fallback=mode)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "TTAPolicy":
+        """A card's ``tta_policy`` (empty or None: no policy, every modality ``none``)."""
+        d = dict(d or {})
+        try:
+            return cls(modes=dict(d.get("modes", {})), fallback=str(d.get("fallback", "none")),
+                       selection=dict(d.get("selection", {})))
+        except ValueError as exc:
+            raise ValueError(f"model card tta_policy: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modes": dict(self.modes), "fallback": self.fallback, "selection": dict(self.selection)}
+
+    def mode_for(self, modality: str | None) -> str:
+        return self.modes.get(modality or "", self.fallback)
+
+    @property
+    def used_modes(self) -> set[str]:
+        return {*self.modes.values(), self.fallback}
+
+    @property
+    def is_plain(self) -> bool:
+        """True when every modality is scored without TTA."""
+        return self.used_modes == {"none"}
+
+    def describe(self) -> str:
+        if not self.modes:
+            return self.fallback
+        listed = ", ".join(f"{m} {v}" for m, v in sorted(self.modes.items()))
+        return f"{listed}, others {self.fallback}"
+
+    def modes_of(self, prompt: np.ndarray, vocab: PromptVocab) -> list[str]:
+        """The mode of each row of an (N, P) prompt array, from its modality one-hot."""
+        if not self.modes:
+            return [self.fallback] * len(prompt)
+        labels = vocab.labels("modality")
+        lo = vocab.offsets()["modality"]
+        idx = np.asarray(prompt)[:, lo:lo + len(labels)].argmax(axis=1)
+        return [self.mode_for(labels[int(i)]) for i in idx]
+
+
+def resolve_policy(mode: str, card: Any) -> TTAPolicy:
+    """``--tta`` value → policy: a fixed mode for every modality, or the card's own for ``auto``."""
+    if mode == AUTO:
+        return TTAPolicy.from_dict(getattr(card, "tta_policy", None))
+    return TTAPolicy.fixed(mode)
+
+
+def card_vocab(card: Any) -> PromptVocab:
+    vocab = getattr(card, "prompt_vocab", None)
+    return PromptVocab.from_dict(vocab) if vocab else DEFAULT_VOCAB
 
 
 def transform_images(images: np.ndarray, k: int, mirror: bool) -> np.ndarray:
@@ -66,28 +152,37 @@ def average_copies(values: np.ndarray, n: int) -> np.ndarray:
 
 def tta_suffix(mode: str) -> str:
     """``""`` for ``none``, else ``"+tta-<mode>"``: appended to model labels, resume keys and backend
-    names so that scores made with TTA are never mistaken for plain ones."""
-    tta_transforms(mode)
+    names so that scores made with TTA are never mistaken for plain ones. (``auto`` needs no more:
+    the policy lives in the card, so the model hash in the same label pins it.)"""
+    if mode != AUTO:
+        try:
+            tta_transforms(mode)
+        except ValueError:
+            raise ValueError(f"unknown TTA mode {mode!r}; expected one of {', '.join(TTA_CHOICES)}") from None
     return "" if mode == "none" else f"+tta-{mode}"
 
 
 def with_tta(backend: Backend, mode: str) -> Backend:
-    """``backend`` itself for ``none``, else a ``TTABackend`` around it."""
-    tta_transforms(mode)
-    return backend if mode == "none" else TTABackend(backend, mode)
+    """``backend`` itself for ``none`` (or ``auto`` with a card that holds no TTA), else a
+    ``TTABackend`` around it."""
+    policy = resolve_policy(mode, backend.card)
+    return backend if policy.is_plain else TTABackend(backend, mode)
 
 
 class TTABackend(Backend):
     """Averages an open backend's per-image outputs over the copies of a TTA mode.
 
-    The wrapped backend splits the T·N copies into the batches its runtime accepts, so a
+    ``mode`` ``auto`` reads the policy from the wrapped backend's card: the rows of each call are
+    grouped by the mode their prompt's modality gets, each group is expanded and averaged with its
+    own mode, and the outputs go back in the rows' order. The wrapped backend splits the T·N copies into the batches its runtime accepts, so a
     TensorRT profile's limits still hold. ``score_volume`` scores the K slices of each volume with
     TTA through ``score`` and fuses them with ``engines.fusion`` (the scoring path's fusion);
     ``classify`` is passed through unchanged. Closing this object closes the wrapped backend.
     """
 
     def __init__(self, inner: Backend, mode: str) -> None:
-        self.transforms = tta_transforms(mode)
+        self.policy = resolve_policy(mode, inner.card)
+        self.vocab = card_vocab(inner.card)
         self.mode = mode
         self.inner = inner
         super().__init__(inner.card, image_size=inner.image_size, prompt_dim=inner.prompt_dim,
@@ -104,7 +199,9 @@ class TTABackend(Backend):
         return True   # fused here from per-slice TTA scores, whatever the inner runtime offers
 
     def describe(self) -> str:
-        return f"{self.inner.describe()} + TTA {self.mode} ({len(self.transforms)} copies)"
+        if self.mode == AUTO:
+            return f"{self.inner.describe()} + TTA auto ({self.policy.describe()})"
+        return f"{self.inner.describe()} + TTA {self.mode} ({len(tta_transforms(self.mode))} copies)"
 
     def close(self) -> None:
         if not self._closed:
@@ -112,10 +209,17 @@ class TTABackend(Backend):
         super().close()
 
     def _score(self, images: np.ndarray, prompt: np.ndarray) -> dict[str, np.ndarray]:
-        n, t = len(images), len(self.transforms)
-        out = self.inner.score(expand(images, self.mode), np.concatenate([prompt] * t))
-        return {names.SCORE: average_copies(out[names.SCORE], n),
-                names.SLICE_LOGIT: average_copies(out[names.SLICE_LOGIT], n)}
+        modes = np.array(self.policy.modes_of(prompt, self.vocab))
+        score = np.zeros(len(images), np.float32)
+        logit = np.zeros(len(images), np.float32)
+        for mode in dict.fromkeys(modes.tolist()):   # first-seen order: deterministic calls
+            rows = np.flatnonzero(modes == mode)
+            x, p = images[rows], prompt[rows]
+            t = len(tta_transforms(mode))
+            out = self.inner.score(expand(x, mode), np.concatenate([p] * t))
+            score[rows] = average_copies(out[names.SCORE], len(rows))
+            logit[rows] = average_copies(out[names.SLICE_LOGIT], len(rows))
+        return {names.SCORE: score, names.SLICE_LOGIT: logit}
 
     def _score_volume(self, volumes: np.ndarray, prompt: np.ndarray) -> dict[str, np.ndarray]:
         n, k = volumes.shape[:2]

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines.errors import DatasetError, UnsupportedArtifact
+from engines.errors import DatasetError, MediqaError, UnsupportedArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     grouped hash split with the ratios recorded in the card). Returns a JSON-able report with
     ``overall``, ``groups``, ``classifier`` (accuracy per group, when present), ``dataset`` and
     ``predictions`` (path, target, prediction per study). ``tta``: test-time augmentation of the
-    score (``engines.tta``: none / flip / d4), as ``mediqa score --tta``.
+    score (``engines.tta``: none / flip / d4, or auto = the card's per-modality policy), as
+    ``mediqa score --tta``; the report's ``tta_policy`` says which mode each modality got.
     """
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
@@ -100,10 +101,16 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     if loaded.iqa is None:
         raise UnsupportedArtifact(f"{Path(model_path).name} holds only a prompt classifier; evaluate needs an IQA model")
     iqa = loaded.iqa
-    if tta != "none":
+    from engines.tta import card_vocab, resolve_policy  # noqa: PLC0415
+
+    try:
+        policy = resolve_policy(tta, card)
+    except ValueError as exc:
+        raise MediqaError(str(exc), code="config") from None
+    if not policy.is_plain:
         from engines.models.maniqa import TTANet  # noqa: PLC0415
 
-        iqa = TTANet(iqa, tta).eval()
+        iqa = TTANet(iqa, policy, card_vocab(card)).eval()
     samples, report = load_scored(data)
     if split != "all":
         tr = card.training or {}
@@ -155,6 +162,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
         labels["degradation"] = [it.sample.extra.get("degradation") for it in ordered]
     out: dict[str, Any] = {
         "model": str(model_path), "data": str(data), "split": split, "tta": tta,
+        "tta_policy": {"modes": dict(policy.modes), "fallback": policy.fallback},
         "label_scale": card.label_scale,
         # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
         # ``split`` and those of them that could be prepared (the metrics' n)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -235,24 +236,44 @@ class EnsembleNet(_VolumeMixin, nn.Module):
 class TTANet(_VolumeMixin, nn.Module):
     """A model averaged over test-time copies of its input (``engines.tta``): per image, the mean
     score and mean slice logit over the mode's (quarter turns, mirror) transforms, so that
-    ``forward_volume`` fuses them exactly as ``engines.tta.TTABackend`` does."""
+    ``forward_volume`` fuses them exactly as ``engines.tta.TTABackend`` does.
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        from engines.tta import tta_transforms  # noqa: PLC0415
+    ``mode`` is a fixed mode or an ``engines.tta.TTAPolicy`` (``auto``): then each row gets the
+    mode of the modality in its prompt (``vocab`` locates the modality one-hot)."""
+
+    def __init__(self, model: nn.Module, mode: str | Any, vocab: Any = None) -> None:
+        from engines.prompts import DEFAULT_VOCAB  # noqa: PLC0415
+        from engines.tta import TTAPolicy  # noqa: PLC0415
 
         super().__init__()
         self.model = model
-        self.mode = mode
-        self.transforms = tta_transforms(mode)
+        self.policy = mode if isinstance(mode, TTAPolicy) else TTAPolicy.fixed(mode)
+        self.mode = mode if isinstance(mode, str) else "auto"
+        self.vocab = vocab or DEFAULT_VOCAB
 
-    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+    def _averaged(self, images: Tensor, prompt: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        from engines.tta import tta_transforms  # noqa: PLC0415
+
         scores, logits = [], []
-        for k, mirror in self.transforms:
+        for k, mirror in tta_transforms(mode):
             x = torch.rot90(images, k, dims=(-2, -1)) if k % 4 else images
             s, z = self.model(x.flip(-1) if mirror else x, prompt)
             scores.append(s)
             logits.append(z)
         return torch.stack(scores).mean(dim=0), torch.stack(logits).mean(dim=0)
+
+    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        modes = self.policy.modes_of(prompt.detach().cpu().numpy(), self.vocab)
+        if len(set(modes)) <= 1:
+            return self._averaged(images, prompt, modes[0] if modes else self.policy.fallback)
+        score = images.new_zeros(len(images))
+        logit = images.new_zeros(len(images))
+        for mode in dict.fromkeys(modes):
+            rows = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=images.device)
+            s, z = self._averaged(images[rows], prompt[rows], mode)
+            score[rows] = s.to(score.dtype)
+            logit[rows] = z.to(logit.dtype)
+        return score, logit
 
 
 def _tab(blocks: nn.Sequential, x: Tensor) -> Tensor:

@@ -103,6 +103,7 @@ def model_summary(path: str) -> dict[str, Any]:
 
     from engines.artifact import bundled_model_path, load_card
     from engines.pipeline import file_sha256
+    from engines.tta import TTAPolicy
 
     p = bundled_model_path() if path == "default" else Path(path)
     card = load_card(p)
@@ -120,6 +121,10 @@ def model_summary(path: str) -> dict[str, Any]:
         "ct_pixel_mm": (card.preprocess or {}).get("ct_pixel_mm"),
         # every input fitted with one scale for both axes (short side padded); False: stretched
         "keep_aspect": bool((card.preprocess or {}).get("keep_aspect", False)),
+        # what `--tta auto` applies per prompt modality (chosen by `mediqa train tta-policy`)
+        "tta_auto": TTAPolicy.from_dict(card.tta_policy).describe(),
+        "tta_auto_chosen_on": ({k: card.tta_policy.get("selection", {}).get(k) for k in ("data", "split")}
+                               if card.tta_policy else None),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
         "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in

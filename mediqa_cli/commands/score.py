@@ -170,9 +170,11 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Runtime; auto picks it from the model file's suffix.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
-@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(["none", "flip", "d4", "auto"]), default="none", show_default=True,
               help="Test-time augmentation: average each image's score with its mirror image (flip, 2x "
-                   "inference) or over its 8 flips / quarter turns (d4, 8x). Recorded in the model column.")
+                   "inference) or over its 8 flips / quarter turns (d4, 8x); auto = the model's own "
+                   "per-modality choice, measured on validation data (`mediqa info --model`). Recorded "
+                   "in the model column.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Images per inference call (2D images and 3D slices mixed).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,

@@ -162,3 +162,55 @@ def recipe(config: str, device: str | None, work_dir: str | None, output: str | 
     click.echo(json.dumps({"artifact": str(result["artifact"]), "test": result["metrics"].get("test", {})
                            .get("overall", {})}, indent=1, default=str))
     click.echo(f"wrote {Path(result['artifact'])}")
+
+
+@train.command("tta-policy")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--split", type=click.Choice(["val", "test", "all"]), default="val", show_default=True,
+              help="Held-out studies to choose on (the manifest's split column, else the card's hash split).")
+@click.option("--modes", default="flip,d4", show_default=True, help="Candidate TTA modes (comma-separated).")
+@click.option("--min-gain", type=float, default=0.0, show_default=True,
+              help="A mode is eligible when the 95% paired bootstrap interval of its SRCC gain over no "
+                   "TTA lies above this.")
+@click.option("--min-studies", type=int, default=20, show_default=True,
+              help="Modalities with fewer studies in the split keep no TTA.")
+@click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the artifact with the policy here (default: rewrite MODEL's card in place).")
+@click.option("--dry-run", is_flag=True, help="Measure and print the choice; write nothing.")
+@click.option("--reports-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep each mode's evaluation here and reuse matching ones (resumable).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Processes decoding studies.")
+@click.option("--progress/--no-progress", default=True)
+def tta_policy(model: str, data: str, split: str, modes: str, min_gain: float, min_studies: int,
+               output: str | None, dry_run: bool, reports_dir: str | None, device: str, batch_size: int,
+               workers: int, progress: bool) -> None:
+    """Choose MODEL's per-modality test-time augmentation (`--tta auto`) on held-out DATA.
+
+    Scores the split plain and with each candidate mode; per prompt modality keeps the mode whose
+    SRCC gain is shown by a paired bootstrap interval (best SRCC wins), else none; records the
+    policy and the measurements in the model card (.safetensors)."""
+    from engines.errors import MediqaError  # noqa: PLC0415
+    from engines.tta import TTA_MODES  # noqa: PLC0415
+    from training.tta_policy import choose_tta_policy, write_policy  # noqa: PLC0415
+
+    candidates = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in candidates if m not in TTA_MODES or m == "none"]
+    if bad or not candidates:
+        raise click.UsageError(f"--modes: expected some of flip, d4; got {modes!r}")
+    if not dry_run and Path(output or model).suffix.lower() != ".safetensors":
+        raise click.UsageError("the policy is written into a .safetensors artifact (export to ONNX afterwards)")
+    try:
+        policy = choose_tta_policy(model, data, split=split, modes=candidates, device=device,
+                                   batch_size=batch_size, workers=workers, progress=progress,
+                                   reports_dir=reports_dir, min_gain=min_gain, min_studies=min_studies)
+    except MediqaError as exc:
+        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
+    for modality, row in policy.selection["modalities"].items():
+        gains = ", ".join(f"{m} {row['srcc'][m]} (gain CI {row['gain_ci'][m]})" for m in row["gain_ci"])
+        click.echo(f"{modality:8s} n={row['n']:4d}  none {row['srcc']['none']}  {gains}  -> {row['chosen']}")
+    click.echo(f"policy: {policy.describe()}")
+    if not dry_run:
+        click.echo(f"wrote {write_policy(model, policy, output)}")

@@ -1,0 +1,147 @@
+"""Choose a model's per-modality test-time augmentation (``--tta auto``) on held-out data.
+
+Flips and quarter turns do not change an image's quality, yet averaging a model over them helps
+some modalities and hurts others (measured on the bundled model: d4 lifts X-ray and fundus SRCC,
+lowers CT). So the choice is made per modality, on a validation split, and recorded in the model
+card (``ModelCard.tta_policy``), where ``engines.tta`` reads it at scoring time.
+
+Rule (``select_policy``): every candidate mode is evaluated on the same studies as the plain
+score; studies are grouped by the modality of their *prompt* (what the model is told at run
+time, so the grouping is the one ``auto`` applies). Within a modality, a mode is eligible when
+the lower end of the paired bootstrap interval of its SRCC gain over the plain score
+(``engines.metrics.srcc_ci``, 95 %) is above ``min_gain`` (0 by default): the split must show
+that it helps, not just hint at it. Among eligible modes the highest SRCC wins, the cheaper mode
+on a tie; a modality with fewer than ``min_studies`` studies, or no eligible mode, keeps
+``none``. Modalities the split does not hold get the fallback ``none``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from engines.errors import DatasetError
+from engines.metrics import srcc, srcc_ci
+from engines.tta import TTA_MODES, TTAPolicy
+
+log = logging.getLogger(__name__)
+
+CANDIDATES: tuple[str, ...] = ("flip", "d4")
+
+
+def _by_path(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["path"]: p for p in report["predictions"]}
+
+
+def select_policy(reports: Mapping[str, Mapping[str, Any]], *, min_gain: float = 0.0,
+                  min_studies: int = 20, confidence: float = 0.95, n_resamples: int = 2000,
+                  seed: int = 0) -> TTAPolicy:
+    """The per-modality policy from ``evaluate_model`` reports of one model on one split.
+
+    ``reports``: mode → report; must hold ``none`` (the baseline) and at least one other mode.
+    Studies missing from any report are left out of every comparison. The returned policy's
+    ``selection`` records, per modality, n, every mode's SRCC and paired gain interval, and the
+    rule's parameters.
+    """
+    if "none" not in reports or len(reports) < 2:
+        raise ValueError("select_policy needs the plain ('none') report and at least one TTA mode")
+    unknown = sorted(set(reports) - set(TTA_MODES))
+    if unknown:
+        raise ValueError(f"unknown TTA modes {unknown}; expected some of {list(TTA_MODES)}")
+    preds = {mode: _by_path(rep) for mode, rep in reports.items()}
+    common = set.intersection(*(set(p) for p in preds.values()))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(common):
+        groups[preds["none"][path].get("modality") or "other"].append(path)
+    cost = {m: len(TTA_MODES[m]) for m in reports}
+    modes: dict[str, str] = {}
+    table: dict[str, Any] = {}
+    for modality, paths in sorted(groups.items()):
+        target = np.array([preds["none"][p]["target"] for p in paths], dtype=np.float64)
+        base = np.array([preds["none"][p]["prediction"] for p in paths], dtype=np.float64)
+        row: dict[str, Any] = {"n": len(paths), "srcc": {}, "gain_ci": {}}
+        row["srcc"]["none"] = _r(srcc(base, target))
+        eligible: list[tuple[float, int, str]] = []
+        for mode in sorted(m for m in reports if m != "none"):
+            pred = np.array([preds[mode][p]["prediction"] for p in paths], dtype=np.float64)
+            rho = srcc(pred, target)
+            lo, hi = srcc_ci(pred, target, compare=base, confidence=confidence,
+                             n_resamples=n_resamples, seed=seed)
+            row["srcc"][mode] = _r(rho)
+            row["gain_ci"][mode] = [_r(lo), _r(hi)]
+            if len(paths) >= min_studies and math.isfinite(lo) and lo > min_gain:
+                eligible.append((rho, -cost[mode], mode))
+        chosen = max(eligible)[2] if eligible else "none"
+        row["chosen"] = chosen
+        table[modality] = row
+        if chosen != "none":
+            modes[modality] = chosen
+        log.info("TTA policy: %s (n=%d) -> %s; SRCC %s", modality, len(paths), chosen, row["srcc"])
+    selection = {"rule": "paired bootstrap gain over none: lower bound > min_gain; best SRCC wins",
+                 "min_gain": min_gain, "min_studies": min_studies, "confidence": confidence,
+                 "n_resamples": n_resamples, "seed": seed, "modalities": table}
+    return TTAPolicy(modes=modes, fallback="none", selection=selection)
+
+
+def _r(x: float) -> float | None:
+    return round(float(x), 4) if math.isfinite(float(x)) else None
+
+
+def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = "val",
+                      modes: Sequence[str] = CANDIDATES, device: str = "cpu", batch_size: int = 8,
+                      workers: int = 0, progress: bool = True, reports_dir: str | Path | None = None,
+                      evaluate: Callable[..., dict[str, Any]] | None = None,
+                      **rule: Any) -> TTAPolicy:
+    """Evaluate ``model_path`` on ``split`` of ``data`` plain and with each of ``modes``, then
+    ``select_policy``. ``reports_dir``: keep each mode's report there (``tta-<mode>.json``, with
+    the model's sha256, the data and the split) and reuse one that matches all three, so an
+    interrupted choice resumes where it stopped. ``rule``: passed to ``select_policy``."""
+    from engines.pipeline import file_sha256  # noqa: PLC0415
+    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.tasks import jsonable  # noqa: PLC0415
+
+    if split == "train":
+        raise DatasetError("choose the TTA policy on held-out data (val or test), not on the training split")
+    evaluate = evaluate or evaluate_model
+    sha = file_sha256(model_path)
+    key = {"model_sha256": sha, "data": str(Path(data).resolve()), "split": split}
+    reports: dict[str, dict[str, Any]] = {}
+    for mode in dict.fromkeys(("none", *modes)):
+        cached = Path(reports_dir) / f"tta-{mode}.json" if reports_dir else None
+        if cached is not None and cached.is_file():
+            saved = json.loads(cached.read_text())
+            if all(saved.get(k) == v for k, v in key.items()):
+                log.info("reusing %s", cached)
+                reports[mode] = saved["report"]
+                continue
+        log.info("evaluating %s on the %s split with TTA %s", Path(model_path).name, split, mode)
+        reports[mode] = jsonable(evaluate(model_path, data, split=split, device=device, batch_size=batch_size,
+                                          workers=workers, progress=progress, tta=mode))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({**key, "report": reports[mode]}))
+    policy = select_policy(reports, **rule)
+    selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
+    return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)
+
+
+def write_policy(model_path: str | Path, policy: TTAPolicy, output: str | Path | None = None) -> Path:
+    """Copy of the ``.safetensors`` artifact at ``model_path`` whose card holds ``policy``
+    (``output`` None: replaced in place, atomically). Tensors are copied as stored (fp16 stays
+    fp16, bit for bit); only the card changes."""
+    import dataclasses  # noqa: PLC0415
+
+    from engines.artifact import DTYPE_KEY, _safetensors_metadata, load_tensors, save_artifact  # noqa: PLC0415
+
+    src = Path(model_path)
+    modules, card = load_tensors(src)
+    dtype = _safetensors_metadata(src).get(DTYPE_KEY, "fp32")
+    card = dataclasses.replace(card, tta_policy=policy.to_dict())
+    return save_artifact(Path(output) if output else src, modules, card,
+                         dtype="fp16" if dtype == "fp16" else None)
