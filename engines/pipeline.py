@@ -57,7 +57,7 @@ import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
-from engines.tta import tta_suffix, with_tta
+from engines.tta import effective_mode, tta_suffix, with_tta
 from engines.preprocess import (PreprocessConfig, grey_channels, preprocess_slice, to_network_size, to_unit_range,
                                 usable_pixel_mm)
 from engines.prompts import GROUPS, PromptVocab
@@ -91,8 +91,9 @@ class ScoreConfig:
     plugins:    ``"module:function"`` hooks called in every worker and in the main process.
     header_cache: SQLite file of cached DICOM header scans (``engines.io.header_cache``), or
                 None to parse every header.
-    tta:        test-time augmentation of the score (``engines.tta``): "none", "flip" (2 passes)
-                or "d4" (8 passes); recorded in the records' ``model`` column.
+    tta:        test-time augmentation of the score (``engines.tta``): "none", "flip" (2 passes),
+                "d4" (8 passes) or "auto" (the model card's per-modality policy; a card without
+                one scores as "none"); recorded in the records' ``model`` column.
     reader_nice: CPU priority of the header scanner and the reader processes: 1..19 is added to
                 their niceness (default 10), ≥ 20 asks for Linux's SCHED_IDLE class, 0 leaves
                 them alone. On a CPU-only machine the engine's threads then pre-empt reading
@@ -877,7 +878,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     if not root.is_dir():
         raise MediqaError(f"scan root is not a directory: {root}", code="config")
     try:
-        label_suffix = tta_suffix(config.tta)
+        tta_suffix(config.tta)   # an unknown mode fails here, before any work
     except ValueError as exc:
         raise MediqaError(str(exc), code="config") from None
     run_plugins(config.plugins)
@@ -909,6 +910,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     try:
         if model_hash is None:   # the CLI passes the hash it computed for --resume (one read of the model)
             model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
+        label_suffix = tta_suffix(effective_mode(config.tta, card))
         model_label = (f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)) + label_suffix
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()

@@ -124,6 +124,12 @@ def resolve_policy(mode: str, card: Any) -> TTAPolicy:
     return TTAPolicy.fixed(mode)
 
 
+def effective_mode(mode: str, card: Any) -> str:
+    """``mode``, except ``auto`` on a card without TTA in its policy, which is ``none``: what the
+    scores will actually be, so labels and resume keys name it (``tta_suffix(effective_mode(...))``)."""
+    return "none" if mode == AUTO and resolve_policy(mode, card).is_plain else mode
+
+
 def card_vocab(card: Any) -> PromptVocab:
     vocab = getattr(card, "prompt_vocab", None)
     return PromptVocab.from_dict(vocab) if vocab else DEFAULT_VOCAB

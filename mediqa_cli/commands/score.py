@@ -242,11 +242,11 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
               log_every: float = 30.0, quiet: bool = False, verbose: int = 0,
               reader_nice: int = 10, header_cache: str = "off") -> int:
     """The body of ``mediqa score``; returns the exit code."""
-    from engines.artifact import bundled_model_path
+    from engines.artifact import bundled_model_path, load_card
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
     from engines.privacy import study_key
-    from engines.tta import tta_suffix
+    from engines.tta import effective_mode, tta_suffix
     from mediqa_cli.reports.writer import ReportLock, ReportLocked, ReportWriter
 
     model_path = model or bundled_model_path()
@@ -269,9 +269,10 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
     try:
         key = study_key()
         model_hash = file_sha256(model_path)
-        # --resume keeps a row only when the model and the TTA mode are those it was scored with.
+        # --resume keeps a row only when the model and the TTA mode are those it was scored with
+        # (auto: the policy is in the card, which the model hash covers).
         writer = ReportWriter(output, fmt=fmt, hide_paths=hide_paths, resume=resume,
-                              model_hash=model_hash + tta_suffix(tta), key=key)
+                              model_hash=model_hash + tta_suffix(effective_mode(tta, load_card(model_path))), key=key)
         # The report files themselves are never studies.
         own = []
         try:
