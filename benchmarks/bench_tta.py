@@ -5,7 +5,9 @@ with ``engines.pipeline.score_studies`` under each TTA mode, in alternating orde
 ``--rounds`` rounds (the machine's speed drifts; alternating spreads the drift over the modes),
 after one untimed warm-up pass, and prints the median wall time of each mode and its ratio to ``none``. Inference grows with the
 number of copies (2 for flip, 8 for d4); reading and preprocessing do not, so the end-to-end
-ratio is below the copy count when reading is a large share of the run.
+ratio is below the copy count when reading is a large share of the run. ``auto`` (the model
+card's per-modality policy) costs what its modes cost on the corpus' mix of modalities (the
+PNGs' modality comes from the prompt classifier).
 
     python benchmarks/bench_tta.py [--model M.safetensors|.onnx] [--series 2 --slices 60 --images 24]
 """
@@ -42,7 +44,7 @@ def main() -> None:
     from engines.pipeline import ScoreConfig, score_studies
 
     model = Path(args.model) if args.model else bundled_model_path()
-    modes = ("none", "flip", "d4")
+    modes = ("none", "flip", "d4", "auto")
     times: dict[str, list[float]] = {m: [] for m in modes}
     scores: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +52,7 @@ def main() -> None:
         make_corpus(root, args.series, args.slices, args.images)
         with open_backend(model) as backend:
             list(score_studies(root, backend, ScoreConfig(workers=args.workers, batch_size=args.batch_size,
-                                                          header_cache=None)))   # warm-up, not timed
+                                                          tta="none", header_cache=None)))   # warm-up, not timed
             for r in range(args.rounds):
                 for mode in (modes if r % 2 == 0 else modes[::-1]):
                     cfg = ScoreConfig(workers=args.workers, batch_size=args.batch_size, tta=mode,
@@ -67,7 +69,10 @@ def main() -> None:
           f"{backend.describe()}, batch {args.batch_size}, {args.rounds} rounds")
     print("| TTA | copies | median wall s | ratio to none | mean |score - none| |")
     print("|---|---|---|---|---|")
-    for mode, copies in zip(modes, (1, 2, 8)):
+    from engines.tta import TTAPolicy
+
+    policy = TTAPolicy.from_dict(backend.card.tta_policy)
+    for mode, copies in zip(modes, ("1", "2", "8", f"per modality: {policy.describe()}")):
         t = statistics.median(times[mode])
         diff = sum(abs(a - b) for a, b in zip(scores[mode], scores["none"])) / n
         print(f"| {mode} | {copies} | {t:.2f} | {t / base:.2f}x | {diff:.4f} |")
