@@ -114,7 +114,7 @@ class ScoreConfig:
     plugins: tuple[str, ...] = ()
     device: str = "cpu"
     backend: str = "auto"
-    tta: str = "none"
+    tta: str = "auto"
     reader_nice: int = 10
     header_cache: str | None = None
 

@@ -272,3 +272,26 @@ def test_score_pipeline_with_auto_matches_the_fixed_modes_per_study(artifact: Pa
     for is_ct in (True, False):
         assert any(abs(runs["d4"][p].score - runs["none"][p].score) > 1e-4
                    for p, r in runs["auto"].items() if (r.modality == "ct") == is_ct)
+
+
+def test_bundled_models_policy_was_chosen_on_validation_data() -> None:
+    """The bundled card's ``--tta auto`` policy is well-formed, was chosen on the validation split
+    (never the test split the README reports), and is exactly what its own measurements and rule
+    give: every listed modality's chosen mode has a paired gain interval above the margin."""
+    from engines.artifact import bundled_model_path, load_card
+    from engines.tta import TTAPolicy
+
+    card = load_card(bundled_model_path())
+    pol = TTAPolicy.from_dict(card.tta_policy)
+    sel = pol.selection
+    assert sel["split"] == "val" and len(sel["model_sha256"]) == 64 and not pol.is_plain
+    for modality, row in sel["modalities"].items():
+        assert row["n"] >= sel["min_studies"] or row["chosen"] == "none"
+        if row["chosen"] == "none":
+            assert modality not in pol.modes
+            assert all(ci[0] is None or ci[0] <= sel["min_gain"] or row["n"] < sel["min_studies"]
+                       for ci in row["gain_ci"].values())
+        else:
+            assert pol.modes[modality] == row["chosen"] and row["gain_ci"][row["chosen"]][0] > sel["min_gain"]
+            assert row["srcc"][row["chosen"]] == max(row["srcc"][m] for m in row["gain_ci"]
+                                                     if row["gain_ci"][m][0] > sel["min_gain"])

@@ -73,7 +73,7 @@ def _classifier_fill(classifier: Any, images: np.ndarray, vocab: Any, device: An
 
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "all", device: str = "cpu",
                    batch_size: int = 8, workers: int = 0, amp: bool = False,
-                   progress: bool = True, tta: str = "none") -> dict[str, Any]:
+                   progress: bool = True, tta: str = "auto") -> dict[str, Any]:
     """Metrics of the artifact at ``model_path`` on ``data`` (manifest CSV / folder / LDCTIQA).
 
     ``split``: "all", or "train" / "val" / "test" (the manifest's split column, else the

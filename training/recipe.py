@@ -315,8 +315,10 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
 
+    # tta none: the card's test metrics are the network's own (a TTA policy, chosen later on the
+    # validation split by `mediqa train tta-policy`, records its own measurements)
     rep = evaluate_model(out_path, manifest, split="test", device=device, batch_size=batch_size,
-                         workers=workers, progress=progress)
+                         workers=workers, progress=progress, tta="none")
     stages = {name: {"metrics": o.metrics, "data": o.data_summary, "images_per_s": o.images_per_s}
               for name, o in outcomes.items()}
     metrics = {"val": outcomes["finetune"].metrics.get("val"),

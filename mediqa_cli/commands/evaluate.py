@@ -30,7 +30,7 @@ def _f(v: Any) -> str:
 @click.option("--workers", type=int, default=0, show_default=True, help="Processes decoding studies.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report here.")
 @click.option("--worst", type=int, default=10, show_default=True, help="List the N studies with the lowest predicted quality.")
-@click.option("--tta", type=click.Choice(["none", "flip", "d4", "auto"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(["none", "flip", "d4", "auto"]), default="auto", show_default=True,
               help="Test-time augmentation of the score, as in `mediqa score --tta`: flip = mean with "
                    "the mirror image (2x inference), d4 = mean over the 8 flips / quarter turns (8x), "
                    "auto = the model card's per-modality policy.")

@@ -170,7 +170,7 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Runtime; auto picks it from the model file's suffix.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …")
-@click.option("--tta", type=click.Choice(["none", "flip", "d4", "auto"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(["none", "flip", "d4", "auto"]), default="auto", show_default=True,
               help="Test-time augmentation: average each image's score with its mirror image (flip, 2x "
                    "inference) or over its 8 flips / quarter turns (d4, 8x); auto = the model's own "
                    "per-modality choice, measured on validation data (`mediqa info --model`). Recorded "
@@ -235,7 +235,7 @@ def _header_cache_path(value: str | None) -> str | None:
 
 
 def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "auto",
-              device: str = "cpu", tta: str = "none", batch_size: int = 16, workers: int | None = None,
+              device: str = "cpu", tta: str = "auto", batch_size: int = 16, workers: int | None = None,
               fmt: str = "csv", resume: bool = False, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), min_score: float | None = None,
               report: Path | None = None, hide_paths: bool = False, timeout_s: float = 120.0,
