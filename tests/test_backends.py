@@ -222,3 +222,39 @@ def test_tta_wraps_onnxruntime_like_torch(art):
         va, vb = a.score_volume(vol, s.prompts[:1]), b.score_volume(vol, s.prompts[:1])
         np.testing.assert_allclose(va[names.SLICE_WEIGHTS], vb[names.SLICE_WEIGHTS], rtol=1e-4)
         assert "TTA d4 (8 copies)" in b.describe()
+
+
+def test_tta_auto_policy_travels_into_onnx_and_applies_there(art, tmp_path):
+    """A card's TTA policy is stored in the exported ONNX file's metadata, so ``--tta auto`` on the
+    ONNX artifact applies the same per-modality modes as on the safetensors one."""
+    import dataclasses
+
+    from engines.artifact import load_card
+    from engines.prompts import Prompt, encode_prompt
+    from engines.tta import TTABackend, with_tta
+
+    _, st, card, s = art
+    pol_card = dataclasses.replace(card, tta_policy={"modes": {"xr": "d4"}})
+    iqa = TorchBackend(st).iqa
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # a fresh head scores ~1e-6 everywhere: too flat to tell d4 from none
+        for m in iqa.score_head.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
+                m.bias.fill_(0.5)
+    for name, c in (("pol.onnx", pol_card), ("plain.onnx", card)):
+        torch_to_onnx(iqa, tmp_path / name, graph="2d", card=c, image_size=SIZE,
+                      prompt_dim=DEFAULT_VOCAB.size, dynamo=False)
+    assert load_card(tmp_path / "pol.onnx").tta_policy == {"modes": {"xr": "d4"}}
+    prompts = np.stack([encode_prompt(Prompt("2d", m), DEFAULT_VOCAB) for m in ("xr", "ct", "xr", "mr")])
+    x = s.images[:4]
+    with with_tta(open_backend(tmp_path / "pol.onnx", threads=1), "auto") as b, \
+            open_backend(tmp_path / "plain.onnx", threads=1) as plain:
+        assert isinstance(b, TTABackend) and "xr d4" in b.describe()
+        got = b.score(x, prompts)[names.SCORE]
+        want_none = plain.score(x, prompts)[names.SCORE]
+        want_d4 = TTABackend(plain, "d4").score(x, prompts)[names.SCORE]   # closing it would close plain
+    np.testing.assert_allclose(got[[0, 2]], want_d4[[0, 2]], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[[1, 3]], want_none[[1, 3]], rtol=1e-4, atol=1e-7)
+    # d4 really differs from none here, so the two checks above tell the modes apart
+    assert (np.abs(want_d4 - want_none)[[0, 2]] > 1e-3).all()
