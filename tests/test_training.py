@@ -202,6 +202,52 @@ def test_plcc_loss_rewards_ranking_and_punishes_collapse() -> None:
         TrainConfig(loss="l1")              # a typo in a recipe fails before any data is read
 
 
+def test_grouped_plcc_loss_judges_ranking_within_each_group() -> None:
+    """Two modalities each ranked perfectly but offset against each other: the batch-wide PLCC
+    loss is large, the per-group one is 0; a group ranked backwards is punished; groups with < 3
+    items are left out; no informative group falls back to the batch-wide loss."""
+    import torch
+
+    from training.loop import IQATask, grouped_plcc_loss, plcc_loss
+
+    t = torch.tensor([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    p = torch.tensor([0.6, 0.7, 0.8, 0.1, 0.2, 0.3], requires_grad=True)
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert float(plcc_loss(p, t)) > 1.0
+    assert float(grouped_plcc_loss(p, t, g)) == pytest.approx(0.0, abs=1e-5)
+    rev = torch.tensor([0.8, 0.7, 0.6, 0.1, 0.2, 0.3])
+    assert float(grouped_plcc_loss(rev, t, g)) == pytest.approx(1.0, abs=1e-4)   # (2 + 0) / 2
+    loss = grouped_plcc_loss(p * torch.tensor([1, 1, 1, 1, 1, -1.0]), t, g)
+    loss.backward()
+    assert float(loss) > 0 and float(p.grad.abs().sum()) > 0
+    # group 2 has 2 items: ignored; the rest as before
+    g3 = torch.tensor([0, 0, 0, 2, 1, 1])
+    t3 = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.8, 0.9])
+    assert float(grouped_plcc_loss(torch.tensor([0.6, 0.7, 0.8, 0.0, 0.2, 0.1]), t3, g3)) == pytest.approx(0.0, abs=1e-5)
+    # no group of 3: the batch-wide loss
+    g4 = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert float(grouped_plcc_loss(p.detach(), t, g4)) == pytest.approx(float(plcc_loss(p.detach(), t)))
+    with pytest.raises(ValueError, match="modality_slice"):
+        IQATask("mse+plcc-modality")
+
+
+def test_finetune_with_the_per_modality_plcc_loss(corpus: Path, tmp_path: Path) -> None:
+    """``loss: mse+plcc-modality`` trains end to end: the IQA task gets the modality columns of the
+    prompt vocabulary, the loss is finite and the run writes its artifact."""
+    from engines.prompts import DEFAULT_VOCAB
+    from training.loop import IQATask
+    from training.tasks import _modality_slice
+
+    lo, hi = _modality_slice(DEFAULT_VOCAB)
+    assert DEFAULT_VOCAB.to_dict()["modality"] == list(DEFAULT_VOCAB.modality) and hi - lo == len(DEFAULT_VOCAB.modality)
+    assert IQATask("mse+plcc-modality", (lo, hi)).modality_slice == (lo, hi)
+    cfg = TrainConfig(task="finetune", epochs=1, out=str(tmp_path), loss="mse+plcc-modality", **FAST)
+    out = run_finetune(corpus, cfg)
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert log and all(np.isfinite(r["train_loss"]) for r in log)
+    assert Path(out.artifact).is_file() and load_card(out.artifact).training["loss"] == "mse+plcc-modality"
+
+
 def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypatch) -> None:
     import subprocess
 

@@ -19,7 +19,7 @@ import yaml
 from engines.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "classifier")
-LOSSES: tuple[str, ...] = ("mse", "mse+plcc")   # iqa losses (training.loop.IQATask)
+LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality")   # iqa losses (training.loop.IQATask)
 BATCH_GROUPS: tuple[str, ...] = ("modality",)  # batch_group values (training.data.torchdata.GroupedBatchSampler)
 
 
@@ -53,7 +53,9 @@ class TrainConfig:
     k_slices: int = 7                       # salient slices per 3D study (paper: 7)
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = "mediqa-split-v1"
-    loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC)
+    loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC) |
+                                            # "mse+plcc-modality" (MSE + mean over the batch's prompt
+                                            # modalities of 1 − PLCC within the modality)
     batch_group: str | None = None          # training batches drawn from one prompt group value each
                                             # ("modality": a batch's PLCC term is then a within-modality
                                             # correlation); None = batches across the whole split

@@ -140,25 +140,45 @@ def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> to
     return 1.0 - (p * t).sum() / (torch.sqrt((p * p).sum() + eps) * torch.sqrt(tt))
 
 
+def grouped_plcc_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Mean over the groups of a batch (e.g. prompt modalities) of ``plcc_loss`` within the group.
+    Groups with < 3 items or constant targets carry no ranking information and are left out; a
+    batch without any informative group falls back to the PLCC over the whole batch. The SRCC the
+    project is judged on is within each modality; a batch-wide PLCC is also satisfied by offsets
+    between modalities, this one is not, while the MSE keeps the modalities on one scale."""
+    terms = []
+    for g in torch.unique(group):
+        rows = group == g
+        if int(rows.sum()) >= 3 and float(target[rows].detach().std()) > 1e-6:
+            terms.append(plcc_loss(pred[rows], target[rows]))
+    return torch.stack(terms).mean() if terms else plcc_loss(pred, target)
+
+
 class IQATask:
     """Score regression (pretraining targets or quality scores in [0, 1]).
 
-    ``loss``: "mse" (the paper's), or "mse+plcc": MSE + (1 − PLCC) over the batch.
+    ``loss``: "mse" (the paper's), "mse+plcc": MSE + (1 − PLCC) over the batch, or
+    "mse+plcc-modality": MSE + ``grouped_plcc_loss`` with the items grouped by the modality of
+    their prompt (``modality_slice``: the modality one-hot's columns in the prompt vector).
     """
 
     name = "iqa"
     primary = "srcc"
     module_name = "iqa"
 
-    def __init__(self, loss: str = "mse") -> None:
+    def __init__(self, loss: str = "mse", modality_slice: tuple[int, int] | None = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if loss == "mse+plcc-modality" and modality_slice is None:
+            raise ValueError("loss mse+plcc-modality needs the prompt's modality columns (modality_slice)")
         self.loss_name = loss
+        self.modality_slice = modality_slice
 
     def outputs(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
                 amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(pred (n,) float32, target (n,), dataset index (n,), images seen) for 2D then 3D."""
         preds, targets, index, n_img = [], [], [], 0
+        self._prompts = [b["prompt"] for b in (batch["2d"], batch["3d"]) if b is not None]
         with autocast(device, amp):
             if batch["2d"] is not None:
                 b = batch["2d"]
@@ -184,6 +204,10 @@ class IQATask:
         loss = F.mse_loss(pred, target)
         if self.loss_name == "mse+plcc":
             loss = loss + plcc_loss(pred, target)
+        elif self.loss_name == "mse+plcc-modality":
+            lo, hi = self.modality_slice  # type: ignore[misc]
+            group = torch.cat(self._prompts)[:, lo:hi].argmax(dim=1).to(pred.device)
+            loss = loss + grouped_plcc_loss(pred, target, group)
         return loss, n_img
 
     def predict(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
