@@ -5,14 +5,15 @@ see random flips and quarter turns (``TrainConfig.flip_augment`` / ``rot90_augme
 can therefore average the model over such copies of each input; MANIQA's own evaluation averages
 over several crops in the same spirit. Modes:
 
-* ``none`` — the input as is (1 pass, the default);
+* ``none`` — the input as is (1 pass);
 * ``flip`` — the input and its left-right mirror (2 passes);
 * ``d4``   — the 8 symmetries of the square: 4 quarter turns, each with and without the mirror;
 * ``auto`` — the model's own per-modality policy (``TTAPolicy``), recorded in its card
   (``ModelCard.tta_policy``) by ``mediqa train tta-policy``, which measures every mode on a
-  validation split and keeps, per modality, the mode whose SRCC beats the plain score by a set
-  margin. Each image (each slice of a volume) gets the mode of the modality in its prompt; a
-  model whose card holds no policy scores as ``none``.
+  validation split and, per modality, keeps a mode only where a paired bootstrap interval shows
+  its SRCC gain over the plain score (``training.tta_policy``). Each image (each slice of a
+  volume) gets the mode of the modality in its prompt; a model whose card holds no policy scores
+  as ``none``. The default of ``mediqa score`` / ``mediqa evaluate``.
 
 Semantics, identical in every runtime (``TTABackend`` for torch / onnxruntime / TensorRT,
 ``engines.models.maniqa.TTANet`` for training-side evaluation): per image (a 2D image or one
