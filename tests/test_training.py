@@ -229,6 +229,13 @@ def test_grouped_plcc_loss_judges_ranking_within_each_group() -> None:
     assert float(grouped_plcc_loss(p.detach(), t, g4)) == pytest.approx(float(plcc_loss(p.detach(), t)))
     with pytest.raises(ValueError, match="modality_slice"):
         IQATask("mse+plcc-modality")
+    # the combined loss is MSE + batch-wide PLCC + per-group PLCC, each term as defined above
+    task = IQATask("mse+plcc+plcc-modality", (0, 2))
+    prompts = torch.nn.functional.one_hot(g, 2).float()
+    # outputs() stubbed: these predictions, and the prompts it would have kept for the grouping
+    task.outputs = lambda *a: (setattr(task, "_prompts", [prompts]) or p.detach(), t, None, 6)  # type: ignore[method-assign]
+    want = float(torch.nn.functional.mse_loss(p, t) + plcc_loss(p, t) + grouped_plcc_loss(p, t, g))
+    assert float(task.loss(None, {}, torch.device("cpu"), False)[0]) == pytest.approx(want, abs=1e-5)
 
 
 def test_finetune_with_the_per_modality_plcc_loss(corpus: Path, tmp_path: Path) -> None:

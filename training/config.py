@@ -19,7 +19,7 @@ import yaml
 from engines.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "classifier")
-LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality")   # iqa losses (training.loop.IQATask)
+LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality", "mse+plcc+plcc-modality")   # iqa losses (training.loop.IQATask)
 BATCH_GROUPS: tuple[str, ...] = ("modality",)  # batch_group values (training.data.torchdata.GroupedBatchSampler)
 
 
@@ -55,7 +55,8 @@ class TrainConfig:
     split_salt: str = "mediqa-split-v1"
     loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC) |
                                             # "mse+plcc-modality" (MSE + mean over the batch's prompt
-                                            # modalities of 1 − PLCC within the modality)
+                                            # modalities of 1 − PLCC within the modality) |
+                                            # "mse+plcc+plcc-modality" (both PLCC terms)
     batch_group: str | None = None          # training batches drawn from one prompt group value each
                                             # ("modality": a batch's PLCC term is then a within-modality
                                             # correlation); None = batches across the whole split

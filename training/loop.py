@@ -159,7 +159,8 @@ class IQATask:
 
     ``loss``: "mse" (the paper's), "mse+plcc": MSE + (1 − PLCC) over the batch, or
     "mse+plcc-modality": MSE + ``grouped_plcc_loss`` with the items grouped by the modality of
-    their prompt (``modality_slice``: the modality one-hot's columns in the prompt vector).
+    their prompt (``modality_slice``: the modality one-hot's columns in the prompt vector), or
+    "mse+plcc+plcc-modality": MSE + both PLCC terms.
     """
 
     name = "iqa"
@@ -169,8 +170,8 @@ class IQATask:
     def __init__(self, loss: str = "mse", modality_slice: tuple[int, int] | None = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if loss == "mse+plcc-modality" and modality_slice is None:
-            raise ValueError("loss mse+plcc-modality needs the prompt's modality columns (modality_slice)")
+        if loss.endswith("plcc-modality") and modality_slice is None:
+            raise ValueError(f"loss {loss} needs the prompt's modality columns (modality_slice)")
         self.loss_name = loss
         self.modality_slice = modality_slice
 
@@ -202,9 +203,9 @@ class IQATask:
         # MSE over the union of the 2D and 3D items = the two groups' MSEs weighted by count.
         pred, target, _, n_img = self.outputs(model, batch, device, amp)
         loss = F.mse_loss(pred, target)
-        if self.loss_name == "mse+plcc":
+        if self.loss_name in ("mse+plcc", "mse+plcc+plcc-modality"):
             loss = loss + plcc_loss(pred, target)
-        elif self.loss_name == "mse+plcc-modality":
+        if self.loss_name.endswith("plcc-modality"):
             lo, hi = self.modality_slice  # type: ignore[misc]
             group = torch.cat(self._prompts)[:, lo:hi].argmax(dim=1).to(pred.device)
             loss = loss + grouped_plcc_loss(pred, target, group)
