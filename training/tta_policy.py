@@ -108,6 +108,8 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
 
     if split == "train":
         raise DatasetError("choose the TTA policy on held-out data (val or test), not on the training split")
+    if split == "all":
+        log.warning("choosing the TTA policy on every study of %s: right only if the model never trained on it", data)
     evaluate = evaluate or evaluate_model
     sha = file_sha256(model_path)
     key = {"model_sha256": sha, "data": str(Path(data).resolve()), "split": split}

@@ -168,7 +168,8 @@ def recipe(config: str, device: str | None, work_dir: str | None, output: str | 
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--split", type=click.Choice(["val", "test", "all"]), default="val", show_default=True,
-              help="Held-out studies to choose on (the manifest's split column, else the card's hash split).")
+              help="Held-out studies to choose on (the manifest's split column, else the card's hash split); "
+                   "'all' only for data the model never trained on.")
 @click.option("--modes", default="flip,d4", show_default=True, help="Candidate TTA modes (comma-separated).")
 @click.option("--min-gain", type=float, default=0.0, show_default=True,
               help="A mode is eligible when the 95% paired bootstrap interval of its SRCC gain over no "
