@@ -43,6 +43,11 @@ class PromptVocab:
     def size(self) -> int:
         return sum(len(self.labels(g)) for g in GROUPS)
 
+    def columns(self, group: str) -> slice:
+        """Where ``group``'s one-hot sits in the prompt vector: ``vec[..., vocab.columns(g)]``."""
+        lo = self.offsets()[group]
+        return slice(lo, lo + len(self.labels(group)))
+
     def offsets(self) -> dict[str, int]:
         out, o = {}, 0
         for g in GROUPS:
@@ -95,12 +100,7 @@ def encode_prompt(prompt: Prompt, vocab: PromptVocab = DEFAULT_VOCAB) -> np.ndar
 
 def decode_prompt(vec: np.ndarray, vocab: PromptVocab = DEFAULT_VOCAB) -> Prompt:
     """Inverse of ``encode_prompt`` (argmax per group)."""
-    offs = vocab.offsets()
-    vals = {}
-    for g in GROUPS:
-        labels = vocab.labels(g)
-        vals[g] = labels[int(np.argmax(vec[offs[g]: offs[g] + len(labels)]))]
-    return Prompt(**vals)
+    return Prompt(**{g: vocab.labels(g)[int(np.argmax(vec[vocab.columns(g)]))] for g in GROUPS})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,8 +113,7 @@ class TTAPolicy:
         if not self.modes:
             return [self.fallback] * len(prompt)
         labels = vocab.labels("modality")
-        lo = vocab.offsets()["modality"]
-        idx = np.asarray(prompt)[:, lo:lo + len(labels)].argmax(axis=1)
+        idx = np.asarray(prompt)[:, vocab.columns("modality")].argmax(axis=1)
         return [self.mode_for(labels[int(i)]) for i in idx]
 
 

@@ -227,27 +227,28 @@ def test_grouped_plcc_loss_judges_ranking_within_each_group() -> None:
     # no group of 3: the batch-wide loss
     g4 = torch.tensor([0, 0, 1, 1, 2, 2])
     assert float(grouped_plcc_loss(p.detach(), t, g4)) == pytest.approx(float(plcc_loss(p.detach(), t)))
-    with pytest.raises(ValueError, match="modality_slice"):
+    with pytest.raises(ValueError, match="modality_columns"):
         IQATask("mse+plcc-modality")
-    # the combined loss is MSE + batch-wide PLCC + per-group PLCC, each term as defined above
-    task = IQATask("mse+plcc+plcc-modality", (0, 2))
-    prompts = torch.nn.functional.one_hot(g, 2).float()
-    # outputs() stubbed: these predictions, and the prompts it would have kept for the grouping
-    task.outputs = lambda *a: (setattr(task, "_prompts", [prompts]) or p.detach(), t, None, 6)  # type: ignore[method-assign]
+    # the combined loss is MSE + batch-wide PLCC + per-group PLCC, each term as defined above;
+    # the groups come from the batch's prompts (2D items first, then 3D, as outputs() orders them)
+    task = IQATask("mse+plcc+plcc-modality", slice(1, 3))
+    prompts = torch.cat([torch.ones(6, 1), torch.nn.functional.one_hot(g, 2).float()], dim=1)
+    batch = {"2d": {"prompt": prompts[:4]}, "3d": {"prompt": prompts[4:]}}
+    task.outputs = lambda *a: (p.detach(), t, None, 6)  # type: ignore[method-assign]  # outputs() stubbed
     want = float(torch.nn.functional.mse_loss(p, t) + plcc_loss(p, t) + grouped_plcc_loss(p, t, g))
-    assert float(task.loss(None, {}, torch.device("cpu"), False)[0]) == pytest.approx(want, abs=1e-5)
+    assert float(task.loss(None, batch, torch.device("cpu"), False)[0]) == pytest.approx(want, abs=1e-5)
 
 
 def test_finetune_with_the_per_modality_plcc_loss(corpus: Path, tmp_path: Path) -> None:
     """``loss: mse+plcc-modality`` trains end to end: the IQA task gets the modality columns of the
     prompt vocabulary, the loss is finite and the run writes its artifact."""
-    from engines.prompts import DEFAULT_VOCAB
+    from engines.prompts import DEFAULT_VOCAB, Prompt, encode_prompt
     from training.loop import IQATask
-    from training.tasks import _modality_slice
 
-    lo, hi = _modality_slice(DEFAULT_VOCAB)
-    assert DEFAULT_VOCAB.to_dict()["modality"] == list(DEFAULT_VOCAB.modality) and hi - lo == len(DEFAULT_VOCAB.modality)
-    assert IQATask("mse+plcc-modality", (lo, hi)).modality_slice == (lo, hi)
+    cols = DEFAULT_VOCAB.columns("modality")
+    assert cols.stop - cols.start == len(DEFAULT_VOCAB.modality)
+    assert DEFAULT_VOCAB.modality[int(encode_prompt(Prompt("2d", "fundus"))[cols].argmax())] == "fundus"
+    assert IQATask("mse+plcc-modality", cols).modality_columns == cols
     cfg = TrainConfig(task="finetune", epochs=1, out=str(tmp_path), loss="mse+plcc-modality", **FAST)
     out = run_finetune(corpus, cfg)
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]

@@ -159,7 +159,7 @@ class IQATask:
 
     ``loss``: "mse" (the paper's), "mse+plcc": MSE + (1 − PLCC) over the batch, or
     "mse+plcc-modality": MSE + ``grouped_plcc_loss`` with the items grouped by the modality of
-    their prompt (``modality_slice``: the modality one-hot's columns in the prompt vector), or
+    their prompt (``modality_columns``: ``PromptVocab.columns("modality")``), or
     "mse+plcc+plcc-modality": MSE + both PLCC terms.
     """
 
@@ -167,19 +167,18 @@ class IQATask:
     primary = "srcc"
     module_name = "iqa"
 
-    def __init__(self, loss: str = "mse", modality_slice: tuple[int, int] | None = None) -> None:
+    def __init__(self, loss: str = "mse", modality_columns: slice | None = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if loss.endswith("plcc-modality") and modality_slice is None:
-            raise ValueError(f"loss {loss} needs the prompt's modality columns (modality_slice)")
+        if loss.endswith("plcc-modality") and modality_columns is None:
+            raise ValueError(f"loss {loss} needs the prompt's modality columns (modality_columns)")
         self.loss_name = loss
-        self.modality_slice = modality_slice
+        self.modality_columns = modality_columns
 
     def outputs(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
                 amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(pred (n,) float32, target (n,), dataset index (n,), images seen) for 2D then 3D."""
         preds, targets, index, n_img = [], [], [], 0
-        self._prompts = [b["prompt"] for b in (batch["2d"], batch["3d"]) if b is not None]
         with autocast(device, amp):
             if batch["2d"] is not None:
                 b = batch["2d"]
@@ -206,8 +205,9 @@ class IQATask:
         if self.loss_name in ("mse+plcc", "mse+plcc+plcc-modality"):
             loss = loss + plcc_loss(pred, target)
         if self.loss_name.endswith("plcc-modality"):
-            lo, hi = self.modality_slice  # type: ignore[misc]
-            group = torch.cat(self._prompts)[:, lo:hi].argmax(dim=1).to(pred.device)
+            # the batch's prompts in the order of ``outputs``: 2D items, then 3D
+            prompt = torch.cat([b["prompt"] for b in (batch["2d"], batch["3d"]) if b is not None])
+            group = prompt[:, self.modality_columns].argmax(dim=1).to(pred.device)
             loss = loss + grouped_plcc_loss(pred, target, group)
         return loss, n_img
 

@@ -208,12 +208,6 @@ def init_score_bias(model: Any, value: float) -> None:
             linears[-1].bias.fill_(float(value))
 
 
-def _modality_slice(vocab: Any) -> tuple[int, int]:
-    """The columns of the modality one-hot in the prompt vector (for ``loss: mse+plcc-modality``)."""
-    lo = vocab.offsets()["modality"]
-    return lo, lo + len(vocab.labels("modality"))
-
-
 def _card(task: str, cfg: TrainConfig, pcfg: Any, vocab: Any, label_scale: dict[str, Any],
           data_summary: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None,
           *, ensemble_size: int = 1, classifier_preset: str | None = None, preset: str | None = None) -> Any:
@@ -359,7 +353,7 @@ def run_pretrain(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
         init_score_bias(model, mean_target)
         return model
 
-    task = IQATask(cfg.loss, _modality_slice(vocab))
+    task = IQATask(cfg.loss, vocab.columns("modality"))
     models, results = _train_members(make, task, items, cache, cfg, lambda info: _card(
         "pretrain", cfg, metrics={"val": info["val"], "epoch": info["epoch"]}, **card_args))
     return _finish("pretrain", models, results, task, items, cache, cfg, card_args)
@@ -425,7 +419,7 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
             init_score_bias(model, mean_target)
         return model
 
-    task = IQATask(cfg.loss, _modality_slice(vocab))
+    task = IQATask(cfg.loss, vocab.columns("modality"))
     models, results = _train_members(make, task, items, cache, cfg, lambda info: _card(
         "iqa", cfg, metrics={"val": info["val"], "epoch": info["epoch"]}, extra={"handover": handover},
         **card_args))

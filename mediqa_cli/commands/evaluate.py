@@ -68,11 +68,11 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
         raise click.ClickException(f"[{exc.code}] {exc.message}") from None
 
     console = Console()
-    pol = rep.get("tta_policy") or {}
-    shown = "none" if tta == "auto" and not pol.get("modes") and pol.get("fallback", "none") == "none" else tta
-    if shown == "auto":
-        shown = "auto: " + ", ".join(f"{m} {v}" for m, v in sorted(pol["modes"].items()))
-    table = Table(title=f"{model.name} on {data} ({split}{'' if shown == 'none' else ', TTA ' + shown})")
+    from engines.tta import TTAPolicy  # noqa: PLC0415
+
+    policy = TTAPolicy.from_dict(rep["tta_policy"])   # the TTA actually applied
+    shown = "" if policy.is_plain else f", TTA {tta}" + (f": {policy.describe()}" if tta == "auto" else "")
+    table = Table(title=f"{model.name} on {data} ({split}{shown})")
     for col in ("group", "value", "n", "SRCC", "PLCC", "KROCC", "RMSE"):
         table.add_column(col, justify="left" if col in ("group", "value") else "right")
 
