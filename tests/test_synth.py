@@ -272,6 +272,55 @@ def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: P
     assert {s.relpath for s in plan if s.window} == set(windowed)
 
 
+def test_anatomy_warp_is_one_field_for_every_slice() -> None:
+    from training.synth.corpus import anatomy_warp
+
+    img = np.zeros((64, 64), np.float32)
+    img[16:48, 20:44] = 1.0
+    a = anatomy_warp(img, np.random.default_rng(3), fill=-5.0)
+    assert a.shape == img.shape and a.dtype == np.float32
+    assert np.array_equal(a, anatomy_warp(img, np.random.default_rng(3), fill=-5.0))   # seeded
+    assert not np.allclose(a, img)                                   # it moves the anatomy
+    b = anatomy_warp(img, np.random.default_rng(4), fill=-5.0)
+    assert not np.allclose(a, b)                                     # another draw, another body
+    # a stack gets one deformation: equal slices stay equal, and equal to the 2D result
+    stack = anatomy_warp(np.stack([img, img, img]), np.random.default_rng(3), fill=-5.0)
+    assert stack.shape == (3, 64, 64)
+    assert np.array_equal(stack[0], stack[2]) and np.array_equal(stack[1], a)
+    # outside the warped field of view the fill value enters (a zoom-out or a turn uncovers it),
+    # and it stays in the range of the inputs (linear interpolation)
+    flat = anatomy_warp(np.ones((64, 64), np.float32), np.random.default_rng(3), fill=-5.0)
+    assert flat.min() >= -5.0 and flat.max() <= 1.0 + 1e-6
+    assert (flat == 1.0).mean() > 0.5
+
+
+def test_train_warp_changes_ct_mr_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "warp"
+    generate_corpus(out, seed=7, size="tiny", workers=1, train_warp=True)
+    old, new = _tree_digest(tiny_corpus), _tree_digest(out)
+    assert set(old) == set(new)
+    rows = {r["path"]: r for r in _rows(out)}
+    warped = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("ct", "mr")}
+    assert {rows[p]["dimension"] for p in warped} == {"2d", "3d"}
+    changed: dict[str, list[bool]] = {}
+    for f in old:
+        if f != "manifest.csv":
+            study = next(p for p in rows if f == p or f.startswith(p + "/"))
+            changed.setdefault(study, []).append(old[f] != new[f])
+    for study, flags in changed.items():
+        if study in warped:
+            assert any(flags), study                   # another body shape (air slices may match)
+        else:
+            assert not any(flags), study               # val / test / X-ray / fundus: byte-identical
+    # labels, parameters and scores do not depend on the warp (its generator is its own)
+    assert _rows(out) == _rows(tiny_corpus)
+    assert {s.relpath for s in plan_corpus(7, "tiny", train_warp=True) if s.warp} == warped
+    # the warped CT still carries the dose it was simulated at
+    ct = next(p for p in warped if rows[p]["modality"] == "ct")
+    first = sorted((out / ct).iterdir())[0]
+    assert int(pydicom.dcmread(first).Exposure) == int(float(rows[ct]["physical"]))
+
+
 def test_dose_label_noise_changes_only_the_ct_scores(tiny_corpus: Path, tmp_path: Path) -> None:
     from training.synth.corpus import DOSE_NOISE_HU, dose_severity_from_noise
 

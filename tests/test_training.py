@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -297,6 +298,12 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     assert "dose_label" not in recipe.stage_corpus(ident, "pretrain")
     assert recipe.stage_corpus(ident, "finetune") == ident
     assert "dose_label" not in recipe.corpus_identity("tiny", 1)
+    # train_warp: part of the identity when on and of every stage's key (it changes CT / MR images)
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False, train_warp=True)
+    assert len(calls) == 5 and "--train-warp" in calls[4]
+    ident = json.loads(stamp.read_text())
+    assert ident["train_warp"] is True and recipe.stage_corpus(ident, "pretrain")["train_warp"] is True
+    assert "train_warp" not in recipe.corpus_identity("tiny", 1)
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: mediqa-test\nsynth:\n  dose_label: hu\n")
     with pytest.raises(ConfigError, match="dose_label"):
@@ -485,6 +492,75 @@ def test_recipe_end_to_end_then_finish_records_the_same_metrics(tmp_path: Path) 
     rec.unlink()
     with pytest.raises(ConfigError, match="no record of the classifier stage"):
         recipe.finish_recipe(y, cut, progress=False)
+
+
+def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """``tta_policy`` in a recipe: after the test record, the packed model's per-modality TTA is
+    chosen on the named held-out split and written into its card (tensors unchanged); the step's
+    evaluations are kept and ``--finish`` reuses them; bad sections are refused before any work."""
+    import dataclasses
+
+    from engines.artifact import save_artifact
+    from engines.pipeline import file_sha256
+    from training import evaluate as ev
+    from training import recipe
+    from training import tta_policy as tp
+
+    for section, msg in (("{split: train}", "held-out"), ("{modes: [none]}", "tta_policy.modes"),
+                         ("{modes: [d8]}", "tta_policy.modes"), ("{min_studies: many}", "min_studies"),
+                         ("{splits: val}", "unknown tta_policy key")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(RECIPE.format(out=tmp_path / "x", work=tmp_path / "w", ft_epochs=1)
+                       + f"tta_policy: {section}\n")
+        with pytest.raises(ConfigError, match=msg):
+            recipe.load_recipe(bad)
+
+    calls: list[str] = []
+    real = ev.evaluate_model
+
+    def counting(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(f"{k.get('split')}:{k.get('tta')}")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_model", counting)
+    packed_sha: list[str] = []
+    real_write = tp.write_policy
+
+    def recording_write(model_path: Any, *a: Any, **k: Any) -> Any:
+        packed_sha.append(file_sha256(model_path))
+        return real_write(model_path, *a, **k)
+
+    monkeypatch.setattr(tp, "write_policy", recording_write)
+    work, out = tmp_path / "work", tmp_path / "model.safetensors"
+    y = tmp_path / "recipe.yaml"
+    y.write_text(RECIPE.format(out=out, work=work, ft_epochs=1)
+                 + "tta_policy: {split: test, modes: flip, min_studies: 1}\n")
+    res = recipe.run_recipe(y, progress=False)
+    assert calls == ["test:none", "test:none", "test:flip"]   # the record, then the choice
+    groups, card = load_tensors(out)
+    pol = card.tta_policy
+    sel = pol["selection"]
+    assert sel["split"] == "test" and sel["min_studies"] == 1 and sel["modalities"]
+    # every test study measured (the tiny corpus' groups are too small for a correlation: recorded so)
+    assert sum(row["n"] for row in sel["modalities"].values()) == card.metrics["test"]["overall"]["n"]
+    assert all(set(row["srcc"]) == {"none", "flip"} or row["note"] == "fewer than 3 studies"
+               for row in sel["modalities"].values())
+    assert res["tta_policy"] == pol
+    assert json.loads((work / "recipe_summary.json").read_text())["tta_policy"] == pol
+    assert card.metrics["test"]["overall"]["n"] >= 2           # the plain network's record stays
+    # the policy was measured on the packed artifact as it was just before the card got it
+    assert len(packed_sha) == 1 and sel["model_sha256"] == packed_sha[0] != file_sha256(out)
+    assert sorted(p.name for p in (work / "tta-policy").iterdir()) == ["tta-flip.json", "tta-none.json"]
+
+    calls.clear()                                            # --finish: the choice is reused
+    cut = tmp_path / "cut.safetensors"
+    save_artifact(cut, groups, dataclasses.replace(card, metrics={}, tta_policy={}), dtype="fp16")
+    recipe.finish_recipe(y, cut, progress=False)
+    assert calls == ["test:none"]
+    groups2, card2 = load_tensors(cut)
+    assert card2.tta_policy == pol and card2.metrics == card.metrics
+    assert all(torch.equal(groups2[m][k], groups[m][k]) for m in groups for k in groups[m])
 
 
 CONTINUE = """\

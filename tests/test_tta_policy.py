@@ -168,6 +168,14 @@ def test_select_policy_keeps_only_shown_gains_and_prefers_the_cheaper_mode() -> 
     assert select_policy(_synthetic_reports(), min_gain=0.9, n_resamples=200).modes == {}
     with pytest.raises(ValueError, match="plain"):
         select_policy({"d4": reports["d4"]})
+    # a modality of one or two studies has no rank correlation: kept plain, not an error
+    few = {m: _report([("us0", "us", 0.2, 0.3), ("us1", "us", 0.6, 0.1)] + [
+        (p["path"], p["modality"], p["target"], p["prediction"]) for p in r["predictions"]])
+        for m, r in _synthetic_reports().items()}
+    pol = select_policy(few, min_studies=1, n_resamples=200)
+    assert pol.selection["modalities"]["us"] == {"n": 2, "srcc": {}, "gain_ci": {}, "chosen": "none",
+                                                 "note": "fewer than 3 studies"}
+    assert pol.modes["xr"] == "d4" and "us" not in pol.modes
 
 
 def test_chooser_reuses_matching_reports_and_refuses_the_training_split(artifact: Path, tmp_path: Path) -> None:

@@ -25,6 +25,14 @@ bundled the base model: the file is extracted with ``git show`` when ``artifact`
 Steps 2 and 4 are then skipped: step 3 fine-tunes from the base (``finetune.reinit: []`` keeps
 its score head) and step 5 packs the result with the base's classifier unchanged. The card
 records the base's sha256, recipe and data summary.
+
+An optional ``tta_policy`` section adds step 6: choose the packed model's per-modality test-time
+augmentation on a held-out split of the corpus and write it into the card, exactly as
+``mediqa train tta-policy`` does (``training.tta_policy``). Keys: ``split`` (``val``, the
+default, or ``test``; never ``train``), ``modes`` (default ``[flip, d4]``), ``min_gain`` (0.0),
+``min_studies`` (20). The step's evaluations are kept in ``<work_dir>/tta-policy`` and reused
+when the same artifact is chosen again (``--finish``). The card's test metrics stay those of
+the plain network; the policy records its own measurements.
 """
 
 from __future__ import annotations
@@ -44,10 +52,11 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier",
-            "base")
+            "base", "tta_policy")
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
-SYNTH_KEYS = ("size", "seed", "workers", "train_windows", "dose_label")
+SYNTH_KEYS = ("size", "seed", "workers", "train_windows", "dose_label", "train_warp")
+TTA_POLICY_KEYS = ("split", "modes", "min_gain", "min_studies")
 
 
 def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -69,6 +78,8 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"synth.dose_label must be one of {DOSE_LABELS}, got {d['synth']['dose_label']!r}")
     for stage in ("common", "pretrain", "finetune", "classifier"):
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
+    if "tta_policy" in d:
+        _tta_policy_options(d["tta_policy"])
     if "base" in d:
         base = d["base"] or {}
         _check_keys(base, BASE_KEYS, "base")
@@ -78,6 +89,31 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
         if extra:
             raise ConfigError(f"a recipe with a base fine-tunes it and keeps its classifier; remove {extra}")
     return d, hashlib.sha256(raw).hexdigest()
+
+
+def _tta_policy_options(section: Any) -> dict[str, Any]:
+    """The validated ``tta_policy`` section as ``choose_tta_policy`` keywords."""
+    from engines.tta import TTA_MODES  # noqa: PLC0415
+
+    sec = section or {}
+    if not isinstance(sec, dict):
+        raise ConfigError("tta_policy must be a mapping (split, modes, min_gain, min_studies)")
+    _check_keys(sec, TTA_POLICY_KEYS, "tta_policy")
+    split = str(sec.get("split", "val"))
+    if split not in ("val", "test"):
+        raise ConfigError(f"tta_policy.split must be val or test (held-out data), got {split!r}")
+    modes = sec.get("modes", ["flip", "d4"])
+    if isinstance(modes, str):
+        modes = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in TTA_MODES or m == "none"]
+    if not modes or bad:
+        raise ConfigError(f"tta_policy.modes must name some of {[m for m in TTA_MODES if m != 'none']}, "
+                          f"got {modes!r}")
+    try:
+        min_gain, min_studies = float(sec.get("min_gain", 0.0)), int(sec.get("min_studies", 20))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"tta_policy: min_gain must be a number and min_studies an integer ({exc})") from None
+    return {"split": split, "modes": tuple(modes), "min_gain": min_gain, "min_studies": min_studies}
 
 
 def ensure_base(recipe_path: str | Path, base: dict[str, Any]) -> Path:
@@ -114,10 +150,11 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
     return merge_config(cfg, over)
 
 
-def corpus_identity(size: str, seed: int, train_windows: bool = False, dose_label: str = "mas") -> dict[str, Any]:
+def corpus_identity(size: str, seed: int, train_windows: bool = False, dose_label: str = "mas",
+                    train_warp: bool = False) -> dict[str, Any]:
     """What identifies a recipe's corpus: size, seed, the table of base images and the generator
-    options (``train_windows`` only when on, ``dose_label`` only when not "mas", so corpora made
-    before the options keep their identity)."""
+    options (``train_windows`` / ``train_warp`` only when on, ``dose_label`` only when not "mas",
+    so corpora made before the options keep their identity)."""
     from training.synth.sources import sources_fingerprint
 
     want: dict[str, Any] = {"size": size, "seed": seed, "sources": sources_fingerprint()}
@@ -125,6 +162,8 @@ def corpus_identity(size: str, seed: int, train_windows: bool = False, dose_labe
         want["train_windows"] = True
     if dose_label != "mas":
         want["dose_label"] = dose_label
+    if train_warp:
+        want["train_warp"] = True
     return want
 
 
@@ -133,18 +172,19 @@ def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:
     X-ray / fundus training studies, which have no physical target: the pretrain stage trains on
     the same (byte-identical CT / MR) studies either way, so its key leaves the option out and a
     finished pretrain stage is reused when only that option changes. ``dose_label`` changes only
-    the synthetic scores, never the images or the tags the pretrain targets come from."""
+    the synthetic scores, never the images or the tags the pretrain targets come from.
+    ``train_warp`` changes the CT / MR training images, so every stage keeps it."""
     if stage == "pretrain":
         return {k: v for k, v in corpus_id.items() if k not in ("train_windows", "dose_label")}
     return corpus_id
 
 
 def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None,
-                  train_windows: bool = False, dose_label: str = "mas") -> Path:
+                  train_windows: bool = False, dose_label: str = "mas", train_warp: bool = False) -> Path:
     """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this identity
     (``corpus_identity``: size, seed, table of base images, generator options)."""
     stamp = corpus / CORPUS_STAMP
-    want = corpus_identity(size, seed, train_windows, dose_label)
+    want = corpus_identity(size, seed, train_windows, dose_label, train_warp)
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
@@ -156,6 +196,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
         cmd.append("--train-windows")
     if dose_label != "mas":
         cmd += ["--dose-label", dose_label]
+    if train_warp:
+        cmd.append("--train-warp")
     if (corpus / "manifest.csv").is_file():   # another size / seed / source table: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
@@ -281,7 +323,7 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         data_summary=data_summary, metrics={}, training=training)
     save_artifact(out_path, modules, card, dtype="fp16")
     return _test_and_record(out_path, modules, card, manifest, work, outcomes, ft_cfg.device,
-                            ft_cfg.batch_size, ft_cfg.workers, progress)
+                            ft_cfg.batch_size, ft_cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY))
 
 
 def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
@@ -292,7 +334,7 @@ def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | No
     synth = recipe.get("synth") or {}
     manifest = ensure_corpus(work / "corpus", str(synth.get("size", "small")), int(synth.get("seed", 0)),
                              progress, synth.get("workers"), bool(synth.get("train_windows", False)),
-                             str(synth.get("dose_label", "mas")))
+                             str(synth.get("dose_label", "mas")), bool(synth.get("train_warp", False)))
     corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     return work, out_path, manifest, corpus_id
 
@@ -302,15 +344,20 @@ def _corpus_summary(recipe: dict[str, Any]) -> dict[str, Any]:
     return {"generator": "mediqa synth", "size": str(synth.get("size", "small")), "seed": int(synth.get("seed", 0)),
             "train_windows": bool(synth.get("train_windows", False)),
             **({"dose_label": str(synth["dose_label"])} if synth.get("dose_label", "mas") != "mas" else {}),
+            **({"train_warp": True} if synth.get("train_warp") else {}),
             "note": "synthetic degradations of real anatomy; scores are derived from "
                     "the simulated physics, not from readers"}
 
 
+_NO_POLICY = object()   # the recipe has no tta_policy section (an empty section means the defaults)
+
+
 def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
                      outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
-                     progress: bool) -> dict[str, Any]:
+                     progress: bool, tta_section: Any = _NO_POLICY) -> dict[str, Any]:
     """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
-    write the metrics into its card and ``<work>/recipe_summary.json``."""
+    write the metrics into its card and ``<work>/recipe_summary.json``; then step 6 when the
+    recipe has a ``tta_policy`` section."""
     from engines.artifact import save_artifact  # noqa: PLC0415
     from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
@@ -328,10 +375,30 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
                "images_per_s": {s: v["images_per_s"] for s, v in stages.items()}}
     card = dataclasses.replace(card, metrics=jsonable(metrics))
     save_artifact(out_path, modules, card, dtype="fp16")
-    (work / "recipe_summary.json").write_text(json.dumps(jsonable({"artifact": str(out_path), "metrics": metrics,
-                                                                    "stages": stages}), indent=1))
+    summary: dict[str, Any] = {"artifact": str(out_path), "metrics": metrics, "stages": stages}
+    if tta_section is not _NO_POLICY:
+        summary["tta_policy"] = _choose_policy(out_path, manifest, work, tta_section, device, batch_size,
+                                               workers, progress)
+    (work / "recipe_summary.json").write_text(json.dumps(jsonable(summary), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
-    return {"artifact": out_path, "metrics": metrics, "stages": stages}
+    return {"artifact": out_path, "metrics": metrics, "stages": stages,
+            **({"tta_policy": summary["tta_policy"]} if "tta_policy" in summary else {})}
+
+
+def _choose_policy(out_path: Path, manifest: Path, work: Path, section: Any, device: str, batch_size: int,
+                   workers: int, progress: bool) -> dict[str, Any]:
+    """Step 6: choose the per-modality TTA policy on the section's held-out split and write it into
+    the packed artifact's card (tensors unchanged). Returns the policy as recorded."""
+    from training.tta_policy import choose_tta_policy, write_policy  # noqa: PLC0415
+
+    opts = _tta_policy_options(section)
+    policy = choose_tta_policy(out_path, manifest, split=opts["split"], modes=opts["modes"], device=device,
+                               batch_size=batch_size, workers=workers, progress=progress,
+                               reports_dir=work / "tta-policy", min_gain=opts["min_gain"],
+                               min_studies=opts["min_studies"])
+    write_policy(out_path, policy)
+    logger.info("TTA policy chosen on the %s split: %s", opts["split"], policy.describe())
+    return policy.to_dict()
 
 
 def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None = None,
@@ -375,4 +442,4 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
     out_path = Path(output) if output else artifact
     cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", work / "cache", device, progress)
     return _test_and_record(out_path, modules, card, manifest, work, outcomes, cfg.device,
-                            cfg.batch_size, cfg.workers, progress)
+                            cfg.batch_size, cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY))

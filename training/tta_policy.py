@@ -12,7 +12,7 @@ the lower end of the paired bootstrap interval of its SRCC gain over the plain s
 (``engines.metrics.srcc_ci``, 95 %) is above ``min_gain`` (0 by default): the split must show
 that it helps, not just hint at it. Among eligible modes the highest SRCC wins, the cheaper mode
 on a tie; a modality with fewer than ``min_studies`` studies, or no eligible mode, keeps
-``none``. Modalities the split does not hold get the fallback ``none``.
+``none`` (below ``MIN_MEASURABLE`` studies nothing is measured, and the table says so). Modalities the split does not hold get the fallback ``none``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from engines.tta import TTA_MODES, TTAPolicy
 log = logging.getLogger(__name__)
 
 CANDIDATES: tuple[str, ...] = ("flip", "d4")
+MIN_MEASURABLE = 3   # studies a modality needs before any SRCC of it is computed
 
 
 def _by_path(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -63,6 +64,11 @@ def select_policy(reports: Mapping[str, Mapping[str, Any]], *, min_gain: float =
     modes: dict[str, str] = {}
     table: dict[str, Any] = {}
     for modality, paths in sorted(groups.items()):
+        if len(paths) < MIN_MEASURABLE:   # no rank correlation to measure: none, and say why
+            table[modality] = {"n": len(paths), "srcc": {}, "gain_ci": {}, "chosen": "none",
+                               "note": f"fewer than {MIN_MEASURABLE} studies"}
+            log.info("TTA policy: %s (n=%d) -> none (too few studies to measure)", modality, len(paths))
+            continue
         target = np.array([preds["none"][p]["target"] for p in paths], dtype=np.float64)
         base = np.array([preds["none"][p]["prediction"] for p in paths], dtype=np.float64)
         row: dict[str, Any] = {"n": len(paths), "srcc": {}, "gain_ci": {}}

@@ -57,9 +57,13 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
 @click.option("--dose-label", type=click.Choice(["mas", "noise"]), default="mas", show_default=True,
               help="CT dose severity in the score: from the mAs, or from the quantum noise (HU) the "
                    "simulation put into the study's own anatomy. Images and tags are the same.")
+@click.option("--train-warp/--no-train-warp", default=False, show_default=True,
+              help="CT / MR training studies show a randomly deformed anatomy (zoom, aspect, "
+                   "rotation, elastic warp) before the degradation is simulated; val/test are "
+                   "unchanged.")
 @click.option("--force", is_flag=True, help="Replace a previous synthetic corpus in OUT_DIR.")
 def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bool,
-          train_windows: bool, dose_label: str, force: bool) -> None:
+          train_windows: bool, dose_label: str, train_warp: bool, force: bool) -> None:
     """Generate a synthetic corpus with known, physics-based degradations under OUT_DIR.
 
     Real anatomy shipped in PyPI packages (pydicom, pydicom-data, nibabel, scikit-image) is
@@ -86,8 +90,9 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
             task = bar.add_task("synth", total=total)
             manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
                                        train_windows=train_windows, dose_label=dose_label,
-                                       on_progress=lambda done, _t: bar.update(task, completed=done))
+                                       train_warp=train_warp, on_progress=lambda done, _t: bar.update(task, completed=done))
     else:
         manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                   train_windows=train_windows, dose_label=dose_label)
+                                   train_windows=train_windows, dose_label=dose_label,
+                                   train_warp=train_warp)
     click.echo(f"{total} studies in {time.perf_counter() - t0:.1f} s; manifest: {manifest}")

@@ -141,6 +141,19 @@ WINDOW_SCALE = (0.6, 1.25)
 # body (σ at 100 mAs: 13.7 HU on the 693 head, 22.0 on the abdomen, 256-px slices), and the
 # noise is what a reader sees. lo / hi: the least noisy training source at 400 mAs and the
 # noisiest at 10 mAs (6.9 and 69.0 HU, measured 2026-12-04 on the 256-px slices).
+# ``train_warp``: a CT / MR training study's anatomy is deformed before it is degraded — a random
+# zoom (isotropic ``WARP_ZOOM`` times an aspect change ``WARP_ASPECT``), a rotation of up to
+# ``WARP_ROTATE_DEG`` and a smooth elastic displacement of up to ``WARP_ELASTIC`` × the image size
+# (Gaussian-filtered noise, σ = size / 8). CT has three and MR five training sources; the warp
+# makes every study a different body size, shape and field of view of them. The degradation is
+# simulated on the warped anatomy, so CT noise per mAs follows the warped body. Drawn from a
+# generator of its own: the study's parameters, noise draws and every val / test study are the
+# same with or without the option.
+WARP_ZOOM = (0.8, 1.25)
+WARP_ASPECT = (0.9, 1.1)
+WARP_ROTATE_DEG = 15.0
+WARP_ELASTIC = 0.03
+
 DOSE_LABELS = ("mas", "noise")
 DOSE_NOISE_HU = (7.0, 69.0)
 
@@ -205,6 +218,7 @@ class StudySpec:
     seed: int = 0                        # the corpus seed (UIDs and the study's generator)
     window: bool = False                 # show a random window of the split's region (train_windows)
     dose_label: str = "mas"              # CT dose severity from mAs, or from the measured noise
+    warp: bool = False                   # deform the anatomy first (train_warp; CT / MR training)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -252,7 +266,7 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
 
 
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
-                dose_label: str = "mas") -> list[StudySpec]:
+                dose_label: str = "mas", train_warp: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -262,6 +276,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``dose_label``: ``"mas"`` (default) or ``"noise"`` — see ``DOSE_NOISE_HU``. Only the CT
     studies' scores change; the plan, the images and the tags are the same either way.
+
+    ``train_warp``: CT / MR training studies show a randomly deformed anatomy (``anatomy_warp``,
+    see ``WARP_ZOOM``). The plan, the parameters and the val / test studies are the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -316,7 +333,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    image_size=cfg.image_size, n_anat=n_anat, n_air=n_air,
                                    seed=int(seed), window=bool(train_windows and unit.split == "train"
                                                                and unit.tile is not None),
-                                   dose_label=dose_label))
+                                   dose_label=dose_label,
+                                   warp=bool(train_warp and unit.split == "train"
+                                             and mod in ("ct", "mr"))))
     return specs
 
 
@@ -366,6 +385,38 @@ def make_series(base: np.ndarray, n: int, rng: np.random.Generator, fill: float)
     return out
 
 
+def anatomy_warp(img: np.ndarray, rng: np.random.Generator, fill: float) -> np.ndarray:
+    """One random zoom / aspect / rotation / elastic deformation (see ``WARP_ZOOM``) applied to
+    (H, W) or to every slice of (Z, H, W), about the image centre; float32, same shape."""
+    stack = np.asarray(img, dtype=np.float32)
+    flat = stack[None] if stack.ndim == 2 else stack
+    h, w = flat.shape[1:]
+    zoom = float(rng.uniform(*WARP_ZOOM))
+    aspect = float(rng.uniform(*WARP_ASPECT))
+    a = math.radians(float(rng.uniform(-WARP_ROTATE_DEG, WARP_ROTATE_DEG)))
+    # output (y, x) reads input c + M (p - c) + d(p): M undoes the zoom after the rotation
+    m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.diag(
+        [1.0 / (zoom * math.sqrt(aspect)), math.sqrt(aspect) / zoom])
+    amp = float(rng.uniform(0.0, WARP_ELASTIC)) * max(h, w)
+    disp = []
+    for _ in range(2):
+        d = ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma=max(h, w) / 8.0)
+        peak = float(np.abs(d).max())
+        disp.append(d / peak * amp if peak > 0 else d)
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float64) - (h - 1) / 2.0,
+                         np.arange(w, dtype=np.float64) - (w - 1) / 2.0, indexing="ij")
+    src_y = m[0, 0] * yy + m[0, 1] * xx + (h - 1) / 2.0 + disp[0]
+    src_x = m[1, 0] * yy + m[1, 1] * xx + (w - 1) / 2.0 + disp[1]
+    out = np.stack([ndimage.map_coordinates(sl, [src_y, src_x], order=1, mode="constant", cval=fill)
+                    for sl in flat]).astype(np.float32)
+    return out[0] if stack.ndim == 2 else out
+
+
+def _warp_rng(spec: "StudySpec") -> np.random.Generator:
+    """The warp's own generator: the study's main stream stays as without ``train_warp``."""
+    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+
+
 def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
                 allow_flip: bool = True) -> np.ndarray:
     """Small random rotation / shift / zoom (and optional left-right flip); (H, W[, 3]) float32."""
@@ -410,6 +461,8 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
                  preserve_range=True).astype(np.float32)
     pixel = base.pixel_mm[0] * base.array.shape[1] / size
     img = _augment_2d(img, rng, -1000.0)
+    if spec.warp:
+        img = anatomy_warp(img, _warp_rng(spec), -1000.0)
     p = spec.params
     mas, views = p["mas"], int(p["views"])
     blur_px = p.get("blur_mm", 0.0) / pixel
@@ -469,9 +522,13 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
             anat = np.stack([_resize_long_side(s, size)[0] for s in arr[z0: z0 + n]])
             if flip:
                 anat = anat[:, :, ::-1]
+            if spec.warp:
+                anat = anatomy_warp(anat, _warp_rng(spec), 0.0)
             spacing_z = base.slice_mm
         else:
             sl = _augment_2d(_resize_long_side(arr[0], size)[0], rng, 0.0)
+            if spec.warp:
+                sl = anatomy_warp(sl, _warp_rng(spec), 0.0)
             anat = make_series(sl, spec.n_anat, rng, 0.0)
             spacing_z = float(rng.choice([3.0, 4.0, 5.0]))
         empty = np.zeros((1,) + anat.shape[1:], np.float32)
@@ -480,6 +537,8 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     else:
         sl = _resize_long_side(_slice_of(base, rng), size)[0]
         clean = _augment_2d(sl, rng, 0.0)[None]
+        if spec.warp:
+            clean = anatomy_warp(clean, _warp_rng(spec), 0.0)
         spacing_z = base.slice_mm
     ref = float(np.percentile(clean, 99.0))
     clean = np.ascontiguousarray(clean * (MR_STORED_REF / max(ref, 1e-6)))
@@ -590,17 +649,18 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
                     workers: int = 1, train_windows: bool = False, dose_label: str = "mas",
-                    on_progress: Callable[[int, int], None] | None = None) -> Path:
+                    train_warp: bool = False, on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Plan and render the corpus into ``out_dir``; returns the manifest path.
 
-    ``train_windows``, ``dose_label``: see ``plan_corpus``.
+    ``train_windows``, ``dose_label``, ``train_warp``: see ``plan_corpus``.
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_corpus(seed, size, train_windows=train_windows, dose_label=dose_label)
+    specs = plan_corpus(seed, size, train_windows=train_windows, dose_label=dose_label,
+                        train_warp=train_warp)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
     total = len(specs)
