@@ -196,6 +196,30 @@ def _onnx_card_json(p: Path) -> str:
 
 # --------------------------------------------------------------------------- tensors
 
+def _deterministic_bytes(tensors: Mapping[str, "torch.Tensor"], meta: Mapping[str, str]) -> bytes:
+    """The ``.safetensors`` file of ``tensors`` and ``meta`` with a canonical header.
+
+    safetensors writes the metadata map in hash order, which changes from run to run, so the
+    same tensors and card gave files with different sha256 (and a model hash, a recipe stage key
+    or a kept TTA measurement that no longer matched). Here the header is rewritten with the
+    metadata keys sorted and the tensor entries in data order; the data section is the library's
+    own (its offsets are relative to it), so any safetensors reader loads the file as before."""
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(dict(tensors), metadata=dict(meta))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    md = header.pop("__metadata__", None) or {}
+    entries = sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0]))
+    canon: dict[str, Any] = {"__metadata__": {k: md[k] for k in sorted(md)}} if md else {}
+    canon.update(entries)
+    text = json.dumps(canon, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)     # the data section starts 8-byte aligned, as the library's
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
 def save_artifact(path: str | os.PathLike[str], modules: Mapping[str, "nn.Module | Mapping[str, torch.Tensor]"],
                   card: ModelCard, dtype: str | None = None) -> Path:
     """Write ``modules`` (name → module or state dict) and ``card`` to one ``.safetensors`` file.
@@ -204,7 +228,6 @@ def save_artifact(path: str | os.PathLike[str], modules: Mapping[str, "nn.Module
     half the size; the loader casts back). Written atomically (temp file + rename). Returns the path.
     """
     import torch
-    from safetensors.torch import save_file
 
     if dtype not in (None, "fp32", "fp16"):
         raise ValueError(f"dtype must be None, 'fp32' or 'fp16', got {dtype!r}")
@@ -230,7 +253,7 @@ def save_artifact(path: str | os.PathLike[str], modules: Mapping[str, "nn.Module
     fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        Path(tmp).write_bytes(_deterministic_bytes(tensors, meta))
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

@@ -99,6 +99,36 @@ def test_fp16_artifact(net, tmp_path: Path) -> None:
     np.testing.assert_allclose(got[0].numpy(), ref[0].numpy(), rtol=0.05, atol=1e-5)
 
 
+def test_same_modules_and_card_give_the_same_bytes(net, tmp_path: Path) -> None:
+    """safetensors writes its metadata map in hash order (a different file on most saves); the
+    artifact's header is canonical, so a model's sha256 (model hash, recipe stage keys, a kept
+    TTA measurement) depends on its tensors and card only — also after a load and re-save."""
+    import hashlib
+    import struct
+
+    from safetensors import safe_open
+
+    card = _card()
+    shas = set()
+    for i in range(6):
+        f = save_artifact(tmp_path / f"m{i}.safetensors", {"iqa": net}, card, dtype="fp16")
+        shas.add(hashlib.sha256(f.read_bytes()).hexdigest())
+    assert len(shas) == 1
+    groups, card2 = load_tensors(tmp_path / "m0.safetensors")
+    again = save_artifact(tmp_path / "again.safetensors", groups, card2, dtype="fp16")
+    assert hashlib.sha256(again.read_bytes()).hexdigest() in shas
+    raw = (tmp_path / "m0.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert list(header)[0] == "__metadata__" and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(tmp_path / "m0.safetensors"), "pt") as fh:      # the library reads it
+        assert set(fh.keys()) == {f"iqa.{k}" for k in net.state_dict()}
+        k = next(iter(net.state_dict()))
+        assert torch.equal(fh.get_tensor(f"iqa.{k}"), net.state_dict()[k].to(torch.float16)
+                           if net.state_dict()[k].is_floating_point() else net.state_dict()[k])
+
+
 def test_ensemble_artifact(tmp_path: Path) -> None:
     torch.manual_seed(2)
     members = [create_model("mediqa-test", P).eval() for _ in range(2)]
