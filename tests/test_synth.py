@@ -448,6 +448,14 @@ def test_cli_synth_tiny(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "4", "--workers", "1",
                               "--no-progress", "--force"])
     assert res.exit_code == 0, res.output
+    # --train-warp reaches the generator: the CT / MR training studies change, nothing else
+    plain = _tree_digest(out)
+    res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "4", "--workers", "1",
+                              "--no-progress", "--force", "--train-warp"])
+    assert res.exit_code == 0, res.output
+    warped = {s.relpath for s in plan_corpus(4, "tiny", train_warp=True) if s.warp}
+    moved = {f for f, h in _tree_digest(out).items() if plain[f] != h}
+    assert warped and moved and all(any(f == w or f.startswith(w + "/") for w in warped) for f in moved)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("user data")
     res = runner.invoke(cli, ["synth", str(tmp_path / "other"), "--size", "tiny", "--force",
