@@ -249,23 +249,32 @@ def test_random_window_keeps_aspect_and_fits() -> None:
     assert np.array_equal(a, random_window(region, (200, 100), np.random.default_rng(5)))
 
 
-def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: Path) -> None:
-    out = tmp_path / "w"
-    generate_corpus(out, seed=7, size="tiny", workers=1, train_windows=True)
+def _regenerate(tiny_corpus: Path, out: Path, **option: bool) -> tuple[dict, dict[str, list[bool]]]:
+    """The tiny corpus again with a generator ``option``: (manifest rows by path, per study the
+    list of its files that changed against ``tiny_corpus``)."""
+    generate_corpus(out, seed=7, size="tiny", workers=1, **option)
     old, new = _tree_digest(tiny_corpus), _tree_digest(out)
     assert set(old) == set(new)
     rows = {r["path"]: r for r in _rows(out)}
+    changed: dict[str, list[bool]] = {}
+    for f in old:
+        if f != "manifest.csv":
+            study = next((p for p in rows if f == p or f.startswith(p + "/")), None)
+            assert study is not None, f
+            changed.setdefault(study, []).append(old[f] != new[f])
+    return rows, changed
+
+
+def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    rows, changed = _regenerate(tiny_corpus, out, train_windows=True)
     windowed = [p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("xr", "fundus")]
     assert windowed
-    for f in old:
-        if f == "manifest.csv":
-            continue
-        study = next((p for p in rows if f == p or f.startswith(p + "/")), None)
-        assert study is not None, f
+    for study, flags in changed.items():
         if study in windowed:
-            assert old[f] != new[f], f                 # another content: a random window
+            assert all(flags), study                   # another content: a random window
         else:
-            assert old[f] == new[f], f                 # val / test / CT / MR: byte-identical
+            assert not any(flags), study               # val / test / CT / MR: byte-identical
     # the manifest's labels and parameters do not depend on the window
     assert _rows(out) == _rows(tiny_corpus)
     plan = plan_corpus(7, "tiny", train_windows=True)
@@ -296,17 +305,9 @@ def test_anatomy_warp_is_one_field_for_every_slice() -> None:
 
 def test_train_warp_changes_ct_mr_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "warp"
-    generate_corpus(out, seed=7, size="tiny", workers=1, train_warp=True)
-    old, new = _tree_digest(tiny_corpus), _tree_digest(out)
-    assert set(old) == set(new)
-    rows = {r["path"]: r for r in _rows(out)}
+    rows, changed = _regenerate(tiny_corpus, out, train_warp=True)
     warped = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("ct", "mr")}
     assert {rows[p]["dimension"] for p in warped} == {"2d", "3d"}
-    changed: dict[str, list[bool]] = {}
-    for f in old:
-        if f != "manifest.csv":
-            study = next(p for p in rows if f == p or f.startswith(p + "/"))
-            changed.setdefault(study, []).append(old[f] != new[f])
     for study, flags in changed.items():
         if study in warped:
             assert any(flags), study                   # another body shape (air slices may match)
