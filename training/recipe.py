@@ -381,8 +381,7 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
                                                workers, progress)
     (work / "recipe_summary.json").write_text(json.dumps(jsonable(summary), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
-    return {"artifact": out_path, "metrics": metrics, "stages": stages,
-            **({"tta_policy": summary["tta_policy"]} if "tta_policy" in summary else {})}
+    return {**summary, "artifact": out_path}
 
 
 def _choose_policy(out_path: Path, manifest: Path, work: Path, section: Any, device: str, batch_size: int,

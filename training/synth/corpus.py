@@ -412,9 +412,13 @@ def anatomy_warp(img: np.ndarray, rng: np.random.Generator, fill: float) -> np.n
     return out[0] if stack.ndim == 2 else out
 
 
-def _warp_rng(spec: "StudySpec") -> np.random.Generator:
-    """The warp's own generator: the study's main stream stays as without ``train_warp``."""
-    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+def _warped(spec: "StudySpec", img: np.ndarray, fill: float) -> np.ndarray:
+    """``img`` through ``anatomy_warp`` when the study is warped (``train_warp``), else as is. The
+    warp has its own generator, so the study's main stream stays as without the option."""
+    if not spec.warp:
+        return img
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+    return anatomy_warp(img, rng, fill)
 
 
 def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
@@ -460,9 +464,7 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     img = resize(img, (size, size), order=1, anti_aliasing=img.shape[0] > size,
                  preserve_range=True).astype(np.float32)
     pixel = base.pixel_mm[0] * base.array.shape[1] / size
-    img = _augment_2d(img, rng, -1000.0)
-    if spec.warp:
-        img = anatomy_warp(img, _warp_rng(spec), -1000.0)
+    img = _warped(spec, _augment_2d(img, rng, -1000.0), -1000.0)
     p = spec.params
     mas, views = p["mas"], int(p["views"])
     blur_px = p.get("blur_mm", 0.0) / pixel
@@ -522,13 +524,10 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
             anat = np.stack([_resize_long_side(s, size)[0] for s in arr[z0: z0 + n]])
             if flip:
                 anat = anat[:, :, ::-1]
-            if spec.warp:
-                anat = anatomy_warp(anat, _warp_rng(spec), 0.0)
+            anat = _warped(spec, anat, 0.0)
             spacing_z = base.slice_mm
         else:
-            sl = _augment_2d(_resize_long_side(arr[0], size)[0], rng, 0.0)
-            if spec.warp:
-                sl = anatomy_warp(sl, _warp_rng(spec), 0.0)
+            sl = _warped(spec, _augment_2d(_resize_long_side(arr[0], size)[0], rng, 0.0), 0.0)
             anat = make_series(sl, spec.n_anat, rng, 0.0)
             spacing_z = float(rng.choice([3.0, 4.0, 5.0]))
         empty = np.zeros((1,) + anat.shape[1:], np.float32)
@@ -536,9 +535,7 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
                                 np.repeat(empty, spec.n_air[1], 0)])
     else:
         sl = _resize_long_side(_slice_of(base, rng), size)[0]
-        clean = _augment_2d(sl, rng, 0.0)[None]
-        if spec.warp:
-            clean = anatomy_warp(clean, _warp_rng(spec), 0.0)
+        clean = _warped(spec, _augment_2d(sl, rng, 0.0)[None], 0.0)
         spacing_z = base.slice_mm
     ref = float(np.percentile(clean, 99.0))
     clean = np.ascontiguousarray(clean * (MR_STORED_REF / max(ref, 1e-6)))
