@@ -14,7 +14,9 @@ Steps, each in ``<work_dir>``:
    into its card together with the data summary and ``recipe_sha256`` (sha256 of the YAML).
 
 The YAML has top-level keys ``preset``, ``device``, ``output``, ``work_dir``, ``synth``
-(``size``, ``seed``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
+(``size``, ``seed``, ``workers`` and the generator options of
+``training.synth.corpus.GENERATOR_OPTIONS``: ``train_windows``, ``dose_label``, ``train_warp``,
+``train_warp_2d``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
 ``finetune`` / ``classifier`` (TrainConfig keys for that stage). Unknown keys fail with a
 suggestion. Relative paths are relative to the current directory.
 
@@ -55,7 +57,7 @@ TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretra
             "base", "tta_policy")
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
-SYNTH_KEYS = ("size", "seed", "workers", "train_windows", "dose_label", "train_warp")
+SYNTH_KEYS = ("size", "seed", "workers")   # and every generator option (``_synth_keys``)
 TTA_POLICY_KEYS = ("split", "modes", "min_gain", "min_studies")
 
 
@@ -71,11 +73,8 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     raw = p.read_bytes()
     d = read_yaml(p)
     _check_keys(d, TOP_KEYS, "recipe")
-    _check_keys(d.get("synth") or {}, SYNTH_KEYS, "synth")
-    from training.synth.corpus import DOSE_LABELS  # noqa: PLC0415
-
-    if (d.get("synth") or {}).get("dose_label", "mas") not in DOSE_LABELS:
-        raise ConfigError(f"synth.dose_label must be one of {DOSE_LABELS}, got {d['synth']['dose_label']!r}")
+    _check_keys(d.get("synth") or {}, _synth_keys(), "synth")
+    _generator_options(d)   # raises on a bad value
     for stage in ("common", "pretrain", "finetune", "classifier"):
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
     if "tta_policy" in d:
@@ -150,41 +149,66 @@ def _stage_config(recipe: dict[str, Any], stage: str, task: str, out: Path, cach
     return merge_config(cfg, over)
 
 
-def corpus_identity(size: str, seed: int, train_windows: bool = False, dose_label: str = "mas",
-                    train_warp: bool = False) -> dict[str, Any]:
+def _synth_keys() -> tuple[str, ...]:
+    from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
+
+    return (*SYNTH_KEYS, *(o.name for o in GENERATOR_OPTIONS))
+
+
+def _generator_options(recipe: dict[str, Any]) -> dict[str, bool | str]:
+    """The recipe's generator options (``synth:`` section), every one, checked."""
+    from training.synth.corpus import generator_options  # noqa: PLC0415
+
+    try:
+        return generator_options(recipe.get("synth") or {})
+    except ValueError as exc:
+        raise ConfigError(f"synth.{exc}") from None
+
+
+def _non_default(options: dict[str, Any], always: bool = False) -> dict[str, Any]:
+    """``options`` (any subset of the generator options) without those at their default, in the
+    table's order; ``always``: keep the ones the card's summary names even at the default."""
+    from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
+
+    unknown = set(options) - {o.name for o in GENERATOR_OPTIONS}
+    if unknown:
+        raise TypeError(f"unknown corpus generator options {sorted(unknown)}")
+    return {o.name: options[o.name] for o in GENERATOR_OPTIONS if o.name in options
+            and (options[o.name] != o.default or (always and o.always_in_summary))}
+
+
+def corpus_identity(size: str, seed: int, **options: Any) -> dict[str, Any]:
     """What identifies a recipe's corpus: size, seed, the table of base images and the generator
-    options (``train_windows`` / ``train_warp`` only when on, ``dose_label`` only when not "mas",
-    so corpora made before the options keep their identity)."""
+    options (``GENERATOR_OPTIONS``) that are not at their default, so corpora made before an
+    option existed keep their identity."""
     from training.synth.sources import sources_fingerprint
 
-    want: dict[str, Any] = {"size": size, "seed": seed, "sources": sources_fingerprint()}
-    if train_windows:
-        want["train_windows"] = True
-    if dose_label != "mas":
-        want["dose_label"] = dose_label
-    if train_warp:
-        want["train_warp"] = True
-    return want
+    return {"size": size, "seed": seed, "sources": sources_fingerprint(), **_non_default(options)}
 
 
 def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The part of the corpus identity a stage's output depends on. ``train_windows`` changes only
-    X-ray / fundus training studies, which have no physical target: the pretrain stage trains on
-    the same (byte-identical CT / MR) studies either way, so its key leaves the option out and a
-    finished pretrain stage is reused when only that option changes. ``dose_label`` changes only
-    the synthetic scores, never the images or the tags the pretrain targets come from.
-    ``train_warp`` changes the CT / MR training images, so every stage keeps it."""
+    """The part of the corpus identity a stage's output depends on. The pretrain stage trains on
+    the CT / MR studies' physical targets: an option that changes neither their images nor their
+    tags (``pretrain=False`` in the table: ``train_windows`` and ``train_warp_2d`` change X-ray /
+    fundus training studies only, ``dose_label`` only the synthetic scores) is left out of its key,
+    so a finished pretrain stage is reused when only such an option changes. ``train_warp``
+    changes the CT / MR training images, so every stage keeps it."""
+    from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
+
     if stage == "pretrain":
-        return {k: v for k, v in corpus_id.items() if k not in ("train_windows", "dose_label")}
+        skip = {o.name for o in GENERATOR_OPTIONS if not o.pretrain}
+        return {k: v for k, v in corpus_id.items() if k not in skip}
     return corpus_id
 
 
 def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None,
-                  train_windows: bool = False, dose_label: str = "mas", train_warp: bool = False) -> Path:
+                  **options: Any) -> Path:
     """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this identity
-    (``corpus_identity``: size, seed, table of base images, generator options)."""
+    (``corpus_identity``: size, seed, table of base images, generator ``options``)."""
+    from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
+
     stamp = corpus / CORPUS_STAMP
-    want = corpus_identity(size, seed, train_windows, dose_label, train_warp)
+    want = corpus_identity(size, seed, **options)
     if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
@@ -192,12 +216,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
            "--progress" if progress else "--no-progress"]
     if workers:
         cmd += ["--workers", str(workers)]
-    if train_windows:
-        cmd.append("--train-windows")
-    if dose_label != "mas":
-        cmd += ["--dose-label", dose_label]
-    if train_warp:
-        cmd.append("--train-warp")
+    for opt in GENERATOR_OPTIONS:
+        cmd += opt.cli_args(options.get(opt.name, opt.default))
     if (corpus / "manifest.csv").is_file():   # another size / seed / source table: replace it
         cmd.append("--force")
     logger.info("running %s", " ".join(cmd))
@@ -333,8 +353,7 @@ def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | No
     out_path = Path(output or recipe.get("output") or work / "default.safetensors")
     synth = recipe.get("synth") or {}
     manifest = ensure_corpus(work / "corpus", str(synth.get("size", "small")), int(synth.get("seed", 0)),
-                             progress, synth.get("workers"), bool(synth.get("train_windows", False)),
-                             str(synth.get("dose_label", "mas")), bool(synth.get("train_warp", False)))
+                             progress, synth.get("workers"), **_generator_options(recipe))
     corpus_id = json.loads((work / "corpus" / CORPUS_STAMP).read_text())   # written by ensure_corpus
     return work, out_path, manifest, corpus_id
 
@@ -342,9 +361,7 @@ def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | No
 def _corpus_summary(recipe: dict[str, Any]) -> dict[str, Any]:
     synth = recipe.get("synth") or {}
     return {"generator": "mediqa synth", "size": str(synth.get("size", "small")), "seed": int(synth.get("seed", 0)),
-            "train_windows": bool(synth.get("train_windows", False)),
-            **({"dose_label": str(synth["dose_label"])} if synth.get("dose_label", "mas") != "mas" else {}),
-            **({"train_warp": True} if synth.get("train_warp") else {}),
+            **_non_default(_generator_options(recipe), always=True),
             "note": "synthetic degradations of real anatomy; scores are derived from "
                     "the simulated physics, not from readers"}
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -41,6 +42,20 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
     manifest.unlink()
 
 
+def _generator_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """One click option per ``training.synth.corpus.GENERATOR_OPTIONS`` entry (in table order)."""
+    from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
+
+    for opt in reversed(GENERATOR_OPTIONS):
+        if isinstance(opt.default, bool):
+            decl = f"{opt.flag}/--no-{opt.flag[2:]}"
+            fn = click.option(decl, opt.name, default=opt.default, show_default=True, help=opt.help)(fn)
+        else:
+            fn = click.option(opt.flag, opt.name, type=click.Choice(list(opt.choices)), default=opt.default,
+                              show_default=True, help=opt.help)(fn)
+    return fn
+
+
 @click.command("synth")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -51,19 +66,10 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
               help="Worker processes (default: min(4, CPU count)). Output does not depend on it.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
-@click.option("--train-windows/--no-train-windows", default=False, show_default=True,
-              help="Training studies of X-ray / fundus show a random window of the training "
-                   "region (position and scale) instead of a fixed tile; val/test are unchanged.")
-@click.option("--dose-label", type=click.Choice(["mas", "noise"]), default="mas", show_default=True,
-              help="CT dose severity in the score: from the mAs, or from the quantum noise (HU) the "
-                   "simulation put into the study's own anatomy. Images and tags are the same.")
-@click.option("--train-warp/--no-train-warp", default=False, show_default=True,
-              help="CT / MR training studies show a randomly deformed anatomy (zoom, aspect, "
-                   "rotation, elastic warp) before the degradation is simulated; val/test are "
-                   "unchanged.")
 @click.option("--force", is_flag=True, help="Replace a previous synthetic corpus in OUT_DIR.")
-def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bool,
-          train_windows: bool, dose_label: str, train_warp: bool, force: bool) -> None:
+@_generator_options
+def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bool, force: bool,
+          **options: bool | str) -> None:
     """Generate a synthetic corpus with known, physics-based degradations under OUT_DIR.
 
     Real anatomy shipped in PyPI packages (pydicom, pydicom-data, nibabel, scikit-image) is
@@ -89,10 +95,7 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
                       TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("synth", total=total)
             manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                       train_windows=train_windows, dose_label=dose_label,
-                                       train_warp=train_warp, on_progress=lambda done, _t: bar.update(task, completed=done))
+                                       on_progress=lambda done, _t: bar.update(task, completed=done), **options)
     else:
-        manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                   train_windows=train_windows, dose_label=dose_label,
-                                   train_warp=train_warp)
+        manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers, **options)
     click.echo(f"{total} studies in {time.perf_counter() - t0:.1f} s; manifest: {manifest}")

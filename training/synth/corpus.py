@@ -153,8 +153,73 @@ WARP_ZOOM = (0.8, 1.25)
 WARP_ASPECT = (0.9, 1.1)
 WARP_ROTATE_DEG = 15.0
 WARP_ELASTIC = 0.03
+# ``train_warp_2d``: the same for the X-ray / fundus training studies (four and two training
+# tiles of two radiographs and one photograph), plus a random tone curve x ** γ, log γ uniform in
+# ±``TONE_LOG_GAMMA`` (γ ∈ [0.7, 1.43]): detectors, exposures and display curves differ, so the
+# normal brightness of a tile is not quality information. Without it a model can learn what its
+# few training tiles "normally" look like and score any departure from that (an uneven
+# illumination, or the other tiles) by memory. The degradations are applied after it, so the
+# scores do not change; spline interpolation (order 3, clipped) keeps the clean image as sharp
+# as it was, since the 2D blur severity is in pixels. Its own generator, as for ``train_warp``.
+TONE_LOG_GAMMA = 0.36
 
 DOSE_LABELS = ("mas", "noise")
+
+
+@dataclass(frozen=True)
+class GeneratorOption:
+    """One option of the corpus generator beyond size and seed. This table drives the keyword of
+    ``plan_corpus`` / ``generate_corpus``, the ``mediqa synth`` flag, the recipe's ``synth:`` key,
+    the corpus identity and the model card's data summary (``training.recipe``)."""
+
+    name: str                      # keyword, recipe key; the CLI flag is --name-with-dashes
+    default: bool | str
+    help: str
+    choices: tuple[str, ...] = ()  # a str option's values
+    pretrain: bool = True          # False: the pretrain stage's inputs (CT / MR images, tags) do not change
+    always_in_summary: bool = False   # the card's data summary names it even at its default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: object) -> bool | str:
+        """``value`` if it is a valid setting, else ValueError naming the option."""
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, got {value!r}")
+        elif value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+        return value
+
+    def cli_args(self, value: bool | str) -> list[str]:
+        """The ``mediqa synth`` arguments that set ``value`` (none at the default)."""
+        if value == self.default:
+            return []
+        return [self.flag] if isinstance(value, bool) else [self.flag, str(value)]
+
+
+GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
+    GeneratorOption("train_windows", False, "Training studies of X-ray / fundus show a random window of "
+                    "the training region (position and scale) instead of a fixed tile; val/test are "
+                    "unchanged.", pretrain=False, always_in_summary=True),
+    GeneratorOption("dose_label", "mas", "CT dose severity in the score: from the mAs, or from the "
+                    "quantum noise (HU) the simulation put into the study's own anatomy. Images and "
+                    "tags are the same.", choices=DOSE_LABELS, pretrain=False),
+    GeneratorOption("train_warp", False, "CT / MR training studies show a randomly deformed anatomy "
+                    "(zoom, aspect, rotation, elastic warp) before the degradation is simulated; "
+                    "val/test are unchanged."),
+    GeneratorOption("train_warp_2d", False, "X-ray / fundus training studies are warped likewise and "
+                    "get a random tone curve (gamma 0.7-1.43) before they are degraded; val/test and "
+                    "CT / MR are unchanged.", pretrain=False),
+)
+
+
+def generator_options(values: dict[str, object] | None = None) -> dict[str, bool | str]:
+    """Every generator option's setting: ``values`` (e.g. a recipe's ``synth:`` section; other
+    keys are ignored) checked, the rest at their defaults. ValueError on a bad value."""
+    values = values or {}
+    return {o.name: o.check(values.get(o.name, o.default)) for o in GENERATOR_OPTIONS}
 DOSE_NOISE_HU = (7.0, 69.0)
 
 
@@ -218,7 +283,7 @@ class StudySpec:
     seed: int = 0                        # the corpus seed (UIDs and the study's generator)
     window: bool = False                 # show a random window of the split's region (train_windows)
     dose_label: str = "mas"              # CT dose severity from mAs, or from the measured noise
-    warp: bool = False                   # deform the anatomy first (train_warp; CT / MR training)
+    warp: bool = False                   # deform the anatomy first (train_warp / train_warp_2d; training)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -266,7 +331,8 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
 
 
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
-                dose_label: str = "mas", train_warp: bool = False) -> list[StudySpec]:
+                dose_label: str = "mas", train_warp: bool = False,
+                train_warp_2d: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -279,6 +345,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_warp``: CT / MR training studies show a randomly deformed anatomy (``anatomy_warp``,
     see ``WARP_ZOOM``). The plan, the parameters and the val / test studies are the same either way.
+
+    ``train_warp_2d``: X-ray / fundus training studies likewise, plus a random tone curve (see
+    ``TONE_LOG_GAMMA``); independent of ``train_warp``.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -334,8 +403,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    seed=int(seed), window=bool(train_windows and unit.split == "train"
                                                                and unit.tile is not None),
                                    dose_label=dose_label,
-                                   warp=bool(train_warp and unit.split == "train"
-                                             and mod in ("ct", "mr"))))
+                                   warp=unit.split == "train" and (train_warp if mod in ("ct", "mr")
+                                                                   else train_warp_2d)))
     return specs
 
 
@@ -385,9 +454,10 @@ def make_series(base: np.ndarray, n: int, rng: np.random.Generator, fill: float)
     return out
 
 
-def anatomy_warp(img: np.ndarray, rng: np.random.Generator, fill: float) -> np.ndarray:
+def anatomy_warp(img: np.ndarray, rng: np.random.Generator, fill: float, order: int = 1) -> np.ndarray:
     """One random zoom / aspect / rotation / elastic deformation (see ``WARP_ZOOM``) applied to
-    (H, W) or to every slice of (Z, H, W), about the image centre; float32, same shape."""
+    (H, W) or to every slice of (Z, H, W), about the image centre; float32, same shape.
+    ``order``: of the spline interpolation (1: linear, stays within the input's range)."""
     stack = np.asarray(img, dtype=np.float32)
     flat = stack[None] if stack.ndim == 2 else stack
     h, w = flat.shape[1:]
@@ -407,7 +477,7 @@ def anatomy_warp(img: np.ndarray, rng: np.random.Generator, fill: float) -> np.n
                          np.arange(w, dtype=np.float64) - (w - 1) / 2.0, indexing="ij")
     src_y = m[0, 0] * yy + m[0, 1] * xx + (h - 1) / 2.0 + disp[0]
     src_x = m[1, 0] * yy + m[1, 1] * xx + (w - 1) / 2.0 + disp[1]
-    out = np.stack([ndimage.map_coordinates(sl, [src_y, src_x], order=1, mode="constant", cval=fill)
+    out = np.stack([ndimage.map_coordinates(sl, [src_y, src_x], order=order, mode="constant", cval=fill)
                     for sl in flat]).astype(np.float32)
     return out[0] if stack.ndim == 2 else out
 
@@ -417,8 +487,23 @@ def _warped(spec: "StudySpec", img: np.ndarray, fill: float) -> np.ndarray:
     warp has its own generator, so the study's main stream stays as without the option."""
     if not spec.warp:
         return img
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
-    return anatomy_warp(img, rng, fill)
+    return anatomy_warp(img, _warp_rng(spec), fill)
+
+
+def _warp_rng(spec: "StudySpec") -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+
+
+def warp_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``train_warp_2d`` on a [0, 1] image (H, W) or (H, W, 3): ``anatomy_warp`` (one field for
+    every channel, cubic, fill 0) then the tone curve x ** γ (``TONE_LOG_GAMMA``); float32 in [0, 1]."""
+    x = np.asarray(img, dtype=np.float32)
+    stack = np.moveaxis(x, -1, 0) if x.ndim == 3 else x
+    warped = anatomy_warp(stack, rng, 0.0, order=3)
+    if x.ndim == 3:
+        warped = np.moveaxis(warped, 0, -1)
+    gamma = math.exp(float(rng.uniform(-TONE_LOG_GAMMA, TONE_LOG_GAMMA)))
+    return np.power(np.clip(warped, 0.0, 1.0), gamma).astype(np.float32)
 
 
 def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
@@ -579,6 +664,8 @@ def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     img, zoom = _resize_long_side(src, size)
     img = _augment_2d(img, rng, 0.0, allow_flip=False)
     img = np.clip(img, 0.0, 1.0)
+    if spec.warp:   # train_warp_2d, from the warp's own generator (as ``_warped``)
+        img = warp_2d(img, _warp_rng(spec))
     p = spec.params
     x = degrade.uneven_illumination(img, p.get("illumination", 0.0), rng)
     x = degrade.gaussian_blur(x, p.get("blur_px", 0.0) * size / 256.0)
@@ -645,19 +732,19 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
-                    workers: int = 1, train_windows: bool = False, dose_label: str = "mas",
-                    train_warp: bool = False, on_progress: Callable[[int, int], None] | None = None) -> Path:
+                    workers: int = 1, on_progress: Callable[[int, int], None] | None = None,
+                    **options: bool | str) -> Path:
     """Plan and render the corpus into ``out_dir``; returns the manifest path.
 
-    ``train_windows``, ``dose_label``, ``train_warp``: see ``plan_corpus``.
+    ``options``: the generator options (``GENERATOR_OPTIONS``: ``train_windows``, ``dose_label``,
+    ``train_warp``, ``train_warp_2d``), see ``plan_corpus``; unknown names raise TypeError.
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_corpus(seed, size, train_windows=train_windows, dose_label=dose_label,
-                        train_warp=train_warp)
+    specs = plan_corpus(seed, size, **options)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
     total = len(specs)
