@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage
 
+from mediqa_cli.commands.synth import synth as synth_command
 from training.synth import degrade
 from training.synth.corpus import (
     MANIFEST_COLUMNS, SEVERITY, generate_corpus, plan_corpus, quality_score, severities_of,
@@ -320,6 +322,62 @@ def test_train_warp_changes_ct_mr_training_studies_only(tiny_corpus: Path, tmp_p
     ct = next(p for p in warped if rows[p]["modality"] == "ct")
     first = sorted((out / ct).iterdir())[0]
     assert int(pydicom.dcmread(first).Exposure) == int(float(rows[ct]["physical"]))
+
+
+def test_train_warp_2d_changes_xray_fundus_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "warp2d"
+    rows, changed = _regenerate(tiny_corpus, out, train_warp_2d=True)
+    warped = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("xr", "fundus")}
+    assert {rows[p]["modality"] for p in warped} == {"xr", "fundus"}
+    for study, flags in changed.items():
+        assert all(flags) if study in warped else not any(flags), study   # CT / MR / val / test: identical
+    assert _rows(out) == _rows(tiny_corpus)          # the scores and parameters do not move
+    assert {s.relpath for s in plan_corpus(7, "tiny", train_warp_2d=True) if s.warp} == warped
+    # independent of train_warp: both together warp exactly the union
+    both = {s.relpath for s in plan_corpus(7, "tiny", train_warp=True, train_warp_2d=True) if s.warp}
+    assert both == warped | {s.relpath for s in plan_corpus(7, "tiny", train_warp=True) if s.warp}
+
+
+def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
+    from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
+
+    rng = np.random.default_rng(0)
+    grey = np.clip(ndimage.gaussian_filter(rng.uniform(size=(64, 96)), 3) * 2 - 0.5, 0, 1).astype(np.float32)
+    a = warp_2d(grey, np.random.default_rng(5))
+    assert a.shape == grey.shape and a.dtype == np.float32 and 0.0 <= a.min() and a.max() <= 1.0
+    assert np.array_equal(a, warp_2d(grey, np.random.default_rng(5)))          # seeded
+    rgb = np.stack([grey, grey, grey], axis=-1)
+    b = warp_2d(rgb, np.random.default_rng(5))
+    assert b.shape == rgb.shape                                                # one field for all channels:
+    assert np.array_equal(b[..., 0], b[..., 2]) and np.allclose(b[..., 1], a, atol=1e-6)
+    # the tone curve: a flat image keeps no value but x ** gamma, gamma within the documented range
+    flat = warp_2d(np.full((64, 64), 0.5, np.float32), np.random.default_rng(5))
+    centre = float(flat[32, 32])
+    gamma = math.log(centre) / math.log(0.5)
+    assert math.exp(-TONE_LOG_GAMMA) - 1e-4 <= gamma <= math.exp(TONE_LOG_GAMMA) + 1e-4
+    gammas = {round(math.log(float(warp_2d(np.full((32, 32), 0.5, np.float32),
+                                           np.random.default_rng(k))[16, 16])) / math.log(0.5), 3)
+              for k in range(6)}
+    assert len(gammas) > 3                                                     # drawn, not fixed
+
+
+def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
+    from training.synth.corpus import GENERATOR_OPTIONS, generator_options
+
+    names = [o.name for o in GENERATOR_OPTIONS]
+    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d"]
+    params = {p.name: p for p in synth_command.params}
+    for o in GENERATOR_OPTIONS:                        # every option is a flag of `mediqa synth`
+        assert o.name in params and o.flag in params[o.name].opts and params[o.name].default == o.default
+    assert generator_options() == {o.name: o.default for o in GENERATOR_OPTIONS}
+    assert generator_options({"train_warp_2d": True, "size": "x"})["train_warp_2d"] is True
+    with pytest.raises(ValueError, match="train_warp_2d must be true or false"):
+        generator_options({"train_warp_2d": "yes"})
+    with pytest.raises(ValueError, match="dose_label must be one of"):
+        generator_options({"dose_label": "hu"})
+    opt = {o.name: o for o in GENERATOR_OPTIONS}
+    assert opt["dose_label"].cli_args("noise") == ["--dose-label", "noise"] and opt["dose_label"].cli_args("mas") == []
+    assert opt["train_warp_2d"].cli_args(True) == ["--train-warp-2d"]
 
 
 def test_dose_label_noise_changes_only_the_ct_scores(tiny_corpus: Path, tmp_path: Path) -> None:

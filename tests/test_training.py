@@ -304,9 +304,23 @@ def test_recipe_regenerates_corpus_when_sources_change(tmp_path: Path, monkeypat
     ident = json.loads(stamp.read_text())
     assert ident["train_warp"] is True and recipe.stage_corpus(ident, "pretrain")["train_warp"] is True
     assert "train_warp" not in recipe.corpus_identity("tiny", 1)
+    # train_warp_2d: identity and synth flag when on; X-ray / fundus only, so not in pretrain's key
+    recipe.ensure_corpus(tmp_path, "tiny", 1, progress=False, train_warp=True, train_warp_2d=True)
+    assert len(calls) == 6 and calls[5][-3:] == ["--train-warp", "--train-warp-2d", "--force"]
+    ident = json.loads(stamp.read_text())
+    assert ident["train_warp_2d"] is True and "train_warp_2d" not in recipe.stage_corpus(ident, "pretrain")
+    assert recipe.stage_corpus(ident, "pretrain")["train_warp"] is True
+    with pytest.raises(TypeError, match="train_wrap"):
+        recipe.corpus_identity("tiny", 1, train_wrap=True)
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: mediqa-test\nsynth:\n  dose_label: hu\n")
     with pytest.raises(ConfigError, match="dose_label"):
+        recipe.load_recipe(bad)
+    bad.write_text("preset: mediqa-test\nsynth:\n  train_warp_2d: 1\n")
+    with pytest.raises(ConfigError, match="synth.train_warp_2d must be true or false"):
+        recipe.load_recipe(bad)
+    bad.write_text("preset: mediqa-test\nsynth:\n  train_warp2d: true\n")
+    with pytest.raises(ConfigError, match="train_warp_2d"):    # unknown key, with the suggestion
         recipe.load_recipe(bad)
 
 
@@ -517,13 +531,13 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
             recipe.load_recipe(bad)
 
     calls: list[str] = []
-    real = ev.evaluate_model
+    real = ev.evaluate_modes
 
     def counting(*a: Any, **k: Any) -> dict[str, Any]:
-        calls.append(f"{k.get('split')}:{k.get('tta')}")
+        calls.append(f"{k.get('split')}:{','.join(k['modes'])}")
         return real(*a, **k)
 
-    monkeypatch.setattr(ev, "evaluate_model", counting)
+    monkeypatch.setattr(ev, "evaluate_modes", counting)
     packed_sha: list[str] = []
     real_write = tp.write_policy
 
@@ -537,7 +551,7 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
     y.write_text(RECIPE.format(out=out, work=work, ft_epochs=1)
                  + "tta_policy: {split: test, modes: flip, min_studies: 1}\n")
     res = recipe.run_recipe(y, progress=False)
-    assert calls == ["test:none", "test:none", "test:flip"]   # the record, then the choice
+    assert calls == ["test:none", "test:none,flip"]   # the record, then the choice (one pass)
     groups, card = load_tensors(out)
     pol = card.tta_policy
     sel = pol["selection"]
@@ -746,7 +760,7 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
     import hashlib
 
     from engines.artifact import bundled_model_path
-    from training.recipe import load_recipe
+    from training.recipe import _corpus_summary, load_recipe
 
     recipes = Path(__file__).resolve().parents[1] / "training" / "recipes"
     paths = sorted(recipes.glob("*.yaml"))
@@ -761,6 +775,9 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
         p = recipes / link["recipe"]
         assert p.is_file(), f"the bundled card names {link['recipe']}, not in training/recipes"
         assert hashlib.sha256(p.read_bytes()).hexdigest() == link["recipe_sha256"], f"{p.name} was edited"
+    d, _ = load_recipe(recipes / training["recipe"])
+    # the card's corpus summary is what its recipe gives today (the generator options' table
+    # keeps the summaries of models made before an option existed)
+    assert _corpus_summary(d) == load_card(bundled_model_path()).data_summary["corpus"]
     if len(chain) > 1:   # a continuation: its recipe's base is the base the card records
-        d, _ = load_recipe(recipes / training["recipe"])
         assert d["base"]["sha256"] == training["base"]["sha256"]

@@ -183,22 +183,53 @@ def test_chooser_reuses_matching_reports_and_refuses_the_training_split(artifact
     from training.tta_policy import choose_tta_policy
 
     reports = _synthetic_reports()
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple[str, tuple[str, ...]]] = []
 
-    def fake(model, data, *, split, tta, **kw):
-        calls.append((split, tta))
-        return reports[tta]
+    def fake(model, data, *, split, modes, **kw):
+        calls.append((split, tuple(modes)))
+        return {m: reports[m] for m in modes}
 
     kw = dict(reports_dir=tmp_path / "r", evaluate=fake, n_resamples=200, progress=False)
     pol = choose_tta_policy(artifact, tmp_path, split="val", **kw)
-    assert calls == [("val", "none"), ("val", "flip"), ("val", "d4")]
+    assert calls == [("val", ("none", "flip", "d4"))]                    # one pass for every mode
     assert pol.modes == {"xr": "d4", "fundus": "flip"} and pol.selection["split"] == "val"
     assert json.loads((tmp_path / "r" / "tta-d4.json").read_text())["split"] == "val"
-    assert choose_tta_policy(artifact, tmp_path, split="val", **kw) == pol and len(calls) == 3   # all reused
+    assert choose_tta_policy(artifact, tmp_path, split="val", **kw) == pol and len(calls) == 1   # all reused
     choose_tta_policy(artifact, tmp_path, split="test", **kw)                                    # a new split
-    assert calls[3:] == [("test", "none"), ("test", "flip"), ("test", "d4")]
+    assert calls[1:] == [("test", ("none", "flip", "d4"))]
+    (tmp_path / "r" / "tta-flip.json").unlink()                          # interrupted: only what is missing
+    assert choose_tta_policy(artifact, tmp_path, split="test", **kw).modes == pol.modes
+    assert calls[2:] == [("test", ("flip",))]
     with pytest.raises(DatasetError, match="not on the training split"):
         choose_tta_policy(artifact, tmp_path, split="train", **kw)
+
+
+def test_one_pass_over_several_modes_equals_one_evaluation_per_mode(artifact: Path, retina_path: Path,
+                                                                     tmp_path: Path) -> None:
+    """``evaluate_modes`` (what the chooser runs) gives, study by study and mode by mode, the
+    predictions of ``evaluate_model`` with that mode, 2D images and fused 3D volumes alike."""
+    from engines.errors import MediqaError
+    from tests.test_datasets import build_scored_corpus
+    from training.evaluate import evaluate_model, evaluate_modes
+
+    manifest = build_scored_corpus(tmp_path / "corpus", retina_path, with_3d=True)
+    together = evaluate_modes(artifact, manifest, modes=("none", "flip", "d4"), progress=False)
+    assert list(together) == ["none", "flip", "d4"]
+    dims = set()
+    for mode, rep in together.items():
+        alone = evaluate_model(artifact, manifest, tta=mode, progress=False)
+        assert rep["tta"] == mode and rep["tta_policy"] == alone["tta_policy"]
+        a = {p["path"]: p for p in alone["predictions"]}
+        assert set(a) == {p["path"] for p in rep["predictions"]}
+        for p in rep["predictions"]:
+            assert p["prediction"] == pytest.approx(a[p["path"]]["prediction"], abs=1e-6), (mode, p["path"])
+            dims.add(p["dimension"])
+        assert rep["overall"] == pytest.approx(alone["overall"])
+    assert dims == {"2d", "3d"}
+    preds = [np.array([p["prediction"] for p in r["predictions"]]) for r in together.values()]
+    assert not np.allclose(preds[0], preds[2])          # the modes differ (a test that cannot pass by accident)
+    with pytest.raises(MediqaError, match="not auto"):
+        evaluate_modes(artifact, manifest, modes=("none", "auto"), progress=False)
 
 
 @pytest.mark.parametrize("dtype", [None, "fp16"])

@@ -83,6 +83,17 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     score (``engines.tta``: none / flip / d4, or auto = the card's per-modality policy), as
     ``mediqa score --tta``; the report's ``tta_policy`` says which mode each modality got.
     """
+    return evaluate_modes(model_path, data, modes=(tta,), split=split, device=device, batch_size=batch_size,
+                          workers=workers, amp=amp, progress=progress)[tta]
+
+
+def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[str], split: str = "all",
+                   device: str = "cpu", batch_size: int = 8, workers: int = 0, amp: bool = False,
+                   progress: bool = True) -> dict[str, dict[str, Any]]:
+    """``evaluate_model``'s report for each TTA mode of ``modes`` (mode → report), from one pass:
+    the studies are read, prepared and classified once, and with more than one mode each image
+    transform runs once (``engines.models.maniqa.MultiTTANet``; fixed modes only, not ``auto``).
+    Each report equals the one ``evaluate_model(..., tta=mode)`` gives."""
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
@@ -101,16 +112,23 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     if loaded.iqa is None:
         raise UnsupportedArtifact(f"{Path(model_path).name} holds only a prompt classifier; evaluate needs an IQA model")
     iqa = loaded.iqa
-    from engines.tta import card_vocab, resolve_policy  # noqa: PLC0415
+    from engines.tta import AUTO, card_vocab, resolve_policy  # noqa: PLC0415
 
+    modes = tuple(dict.fromkeys(modes))
     try:
-        policy = resolve_policy(tta, card)
+        policies = {mode: resolve_policy(mode, card) for mode in modes}
     except ValueError as exc:
         raise MediqaError(str(exc), code="config") from None
-    if not policy.is_plain:
+    if len(modes) > 1:
+        if AUTO in modes:
+            raise MediqaError("evaluate several TTA modes in one pass: fixed modes only, not auto", code="config")
+        from engines.models.maniqa import MultiTTANet  # noqa: PLC0415
+
+        iqa = MultiTTANet(iqa, modes).eval()
+    elif not policies[modes[0]].is_plain:
         from engines.models.maniqa import TTANet  # noqa: PLC0415
 
-        iqa = TTANet(iqa, policy, card_vocab(card)).eval()
+        iqa = TTANet(iqa, policies[modes[0]], card_vocab(card)).eval()
     samples, report = load_scored(data)
     if split != "all":
         tr = card.training or {}
@@ -154,29 +172,39 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     loader = DataLoader(StudyDataset(items, cache), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_studies)
     q, target, index = predict_all(iqa, IQATask(), loader, dev, amp)
+    q = q.reshape(len(q), -1)                 # one column per mode
     lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
-    pred = lo + q.astype(np.float64) * (hi - lo)
     ordered = [items[i] for i in index]
     labels: dict[str, list[str | None]] = {g: [it.prompt_values.get(g) for it in ordered] for g in GROUP_KEYS}
     if any("degradation" in it.sample.extra for it in ordered):
         labels["degradation"] = [it.sample.extra.get("degradation") for it in ordered]
-    out: dict[str, Any] = {
-        "model": str(model_path), "data": str(data), "split": split, "tta": tta,
-        "tta_policy": {"modes": dict(policy.modes), "fallback": policy.fallback},
-        "label_scale": card.label_scale,
-        # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
-        # ``split`` and those of them that could be prepared (the metrics' n)
-        "dataset": {**report.to_dict(), "in_split": n_split, "evaluated": len(items)},
-        "overall": metric_table(pred, target),
-        "groups": grouped_metrics(pred, target, labels),
-        "predictions": [{"path": it.sample.path, "target": float(t), "prediction": float(p),
-                         **{g: it.prompt_values.get(g) for g in GROUP_KEYS},
-                         "prompt_source": it.prompt_sources, "degradation": it.sample.extra.get("degradation")}
-                        for it, t, p in zip(ordered, target, pred)],
-    }
+    classifier = None
     if cls_true:
         from training.loop import ClassifierTask  # noqa: PLC0415
 
-        out["classifier"] = ClassifierTask().metrics(np.array(cls_pred), np.array(cls_true))
-    logger.info("evaluated %s on %d studies: SRCC %.4f", model_path, len(items), out["overall"]["srcc"])
-    return out
+        classifier = ClassifierTask().metrics(np.array(cls_pred), np.array(cls_true))
+    reports: dict[str, dict[str, Any]] = {}
+    for col, mode in enumerate(modes):
+        pred = lo + q[:, col].astype(np.float64) * (hi - lo)
+        policy = policies[mode]
+        out: dict[str, Any] = {
+            "model": str(model_path), "data": str(data), "split": split, "tta": mode,
+            "tta_policy": {"modes": dict(policy.modes), "fallback": policy.fallback},
+            "label_scale": card.label_scale,
+            # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
+            # ``split`` and those of them that could be prepared (the metrics' n)
+            "dataset": {**report.to_dict(), "in_split": n_split, "evaluated": len(items)},
+            "overall": metric_table(pred, target),
+            "groups": grouped_metrics(pred, target, labels),
+            "predictions": [{"path": it.sample.path, "target": float(t), "prediction": float(p),
+                             **{g: it.prompt_values.get(g) for g in GROUP_KEYS},
+                             "prompt_source": it.prompt_sources, "degradation": it.sample.extra.get("degradation")}
+                            for it, t, p in zip(ordered, target, pred)],
+        }
+        if classifier is not None:
+            out["classifier"] = classifier
+        reports[mode] = out
+    for mode, out in reports.items():
+        logger.info("evaluated %s on %d studies%s: SRCC %.4f", model_path, len(items),
+                    f" (TTA {mode})" if len(modes) > 1 else "", out["overall"]["srcc"])
+    return reports

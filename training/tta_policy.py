@@ -105,35 +105,44 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
                       evaluate: Callable[..., dict[str, Any]] | None = None,
                       **rule: Any) -> TTAPolicy:
     """Evaluate ``model_path`` on ``split`` of ``data`` plain and with each of ``modes``, then
-    ``select_policy``. ``reports_dir``: keep each mode's report there (``tta-<mode>.json``, with
-    the model's sha256, the data and the split) and reuse one that matches all three, so an
-    interrupted choice resumes where it stopped. ``rule``: passed to ``select_policy``."""
+    ``select_policy``. The modes are measured in one pass (``training.evaluate.evaluate_modes``:
+    the studies are read once and each image transform runs once, so none + flip + d4 cost one
+    d4 evaluation). ``reports_dir``: keep each mode's report there (``tta-<mode>.json``, with the
+    model's sha256, the data and the split) and reuse one that matches all three, so an
+    interrupted choice resumes where it stopped. ``evaluate``: replaces ``evaluate_modes`` (same
+    signature; tests). ``rule``: passed to ``select_policy``."""
     from engines.pipeline import file_sha256  # noqa: PLC0415
-    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.evaluate import evaluate_modes  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
 
     if split == "train":
         raise DatasetError("choose the TTA policy on held-out data (val or test), not on the training split")
     if split == "all":
         log.warning("choosing the TTA policy on every study of %s: right only if the model never trained on it", data)
-    evaluate = evaluate or evaluate_model
+    evaluate = evaluate or evaluate_modes
     sha = file_sha256(model_path)
     key = {"model_sha256": sha, "data": str(Path(data).resolve()), "split": split}
     reports: dict[str, dict[str, Any]] = {}
-    for mode in dict.fromkeys(("none", *modes)):
+    wanted = tuple(dict.fromkeys(("none", *modes)))
+    for mode in wanted:
         cached = Path(reports_dir) / f"tta-{mode}.json" if reports_dir else None
         if cached is not None and cached.is_file():
             saved = json.loads(cached.read_text())
             if all(saved.get(k) == v for k, v in key.items()):
                 log.info("reusing %s", cached)
                 reports[mode] = saved["report"]
-                continue
-        log.info("evaluating %s on the %s split with TTA %s", Path(model_path).name, split, mode)
-        reports[mode] = jsonable(evaluate(model_path, data, split=split, device=device, batch_size=batch_size,
-                                          workers=workers, progress=progress, tta=mode))
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps({**key, "report": reports[mode]}))
+    missing = tuple(m for m in wanted if m not in reports)
+    if missing:
+        log.info("evaluating %s on the %s split with TTA %s (one pass)", Path(model_path).name, split,
+                 ", ".join(missing))
+        fresh = evaluate(model_path, data, modes=missing, split=split, device=device, batch_size=batch_size,
+                         workers=workers, progress=progress)
+        for mode in missing:
+            reports[mode] = jsonable(fresh[mode])
+            if reports_dir:
+                cached = Path(reports_dir) / f"tta-{mode}.json"
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({**key, "report": reports[mode]}))
     policy = select_policy(reports, **rule)
     selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
     return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)

@@ -276,6 +276,45 @@ class TTANet(_VolumeMixin, nn.Module):
         return score, logit
 
 
+class MultiTTANet(nn.Module):
+    """Several fixed TTA modes from one pass (``mediqa train tta-policy`` measures none, flip and
+    d4 this way): each transform of the modes' union runs once, and column m of the outputs is
+    the mean over mode m's transforms, taken in the order ``TTANet`` takes it, so that it equals
+    ``TTANet(model, modes[m])``. ``forward`` → (score (N, M), slice_logit (N, M));
+    ``forward_volume`` fuses each column as ``_VolumeMixin`` does → (score (N, M), None, None).
+    Cost: the union's transforms (8 for any set holding d4), against 1 + 2 + 8 for three runs."""
+
+    def __init__(self, model: nn.Module, modes: tuple[str, ...]) -> None:
+        from engines.tta import tta_transforms  # noqa: PLC0415
+
+        super().__init__()
+        self.model = model
+        self.modes = tuple(modes)
+        per_mode = [tta_transforms(m) for m in self.modes]
+        self.transforms = tuple(dict.fromkeys(t for ts in per_mode for t in ts))
+        self.columns = [[self.transforms.index(t) for t in ts] for ts in per_mode]
+
+    def forward(self, images: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        outs = []
+        for k, mirror in self.transforms:
+            x = torch.rot90(images, k, dims=(-2, -1)) if k % 4 else images
+            outs.append(self.model(x.flip(-1) if mirror else x, prompt))
+        score = torch.stack([torch.stack([outs[i][0] for i in c]).mean(dim=0) for c in self.columns], dim=1)
+        logit = torch.stack([torch.stack([outs[i][1] for i in c]).mean(dim=0) for c in self.columns], dim=1)
+        return score, logit
+
+    def forward_volume(self, volumes: Tensor, prompt: Tensor) -> tuple[Tensor, None, None]:
+        if volumes.dim() != 5:
+            raise UnsupportedInput(f"volumes must be (N, K, 3, S, S), got {tuple(volumes.shape)}")
+        k = volumes.shape[1]
+        flat = volumes.reshape(-1, volumes.shape[2], volumes.shape[3], volumes.shape[4])
+        flat_prompt = prompt.unsqueeze(1).expand(-1, k, -1).reshape(-1, prompt.shape[-1])
+        scores, logits = self(flat, flat_prompt)
+        fused = [fuse_in_graph(scores[:, m].reshape(-1, k), logits[:, m].reshape(-1, k))[0]
+                 for m in range(len(self.modes))]
+        return torch.stack(fused, dim=1), None, None
+
+
 def _tab(blocks: nn.Sequential, x: Tensor) -> Tensor:
     """Apply TABs to (N, C, G, G) by viewing it as (N, C, G²)."""
     n, c, h, w = x.shape
