@@ -137,13 +137,18 @@ class _VolumeMixin:
 
     def forward_volume(self, volumes: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """volumes (N, K, 3, S, S) float32, prompt (N, P) → (score (N,), slice_scores (N, K), slice_weights (N, K))."""
-        if volumes.dim() != 5:
-            raise UnsupportedInput(f"volumes must be (N, K, 3, S, S), got {tuple(volumes.shape)}")
-        k = volumes.shape[1]
-        flat = volumes.reshape(-1, volumes.shape[2], volumes.shape[3], volumes.shape[4])
-        flat_prompt = prompt.unsqueeze(1).expand(-1, k, -1).reshape(-1, prompt.shape[-1])
+        flat, flat_prompt, k = _slices_of(volumes, prompt)
         scores, logits = self(flat, flat_prompt)  # type: ignore[operator]
         return fuse_in_graph(scores.reshape(-1, k), logits.reshape(-1, k))
+
+
+def _slices_of(volumes: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, int]:
+    """volumes (N, K, 3, S, S), prompt (N, P) → (slices (N·K, 3, S, S), their prompts (N·K, P), K)."""
+    if volumes.dim() != 5:
+        raise UnsupportedInput(f"volumes must be (N, K, 3, S, S), got {tuple(volumes.shape)}")
+    k = volumes.shape[1]
+    flat = volumes.reshape(-1, volumes.shape[2], volumes.shape[3], volumes.shape[4])
+    return flat, prompt.unsqueeze(1).expand(-1, k, -1).reshape(-1, prompt.shape[-1]), k
 
 
 class MedIQANet(_VolumeMixin, nn.Module):
@@ -304,11 +309,7 @@ class MultiTTANet(nn.Module):
         return score, logit
 
     def forward_volume(self, volumes: Tensor, prompt: Tensor) -> tuple[Tensor, None, None]:
-        if volumes.dim() != 5:
-            raise UnsupportedInput(f"volumes must be (N, K, 3, S, S), got {tuple(volumes.shape)}")
-        k = volumes.shape[1]
-        flat = volumes.reshape(-1, volumes.shape[2], volumes.shape[3], volumes.shape[4])
-        flat_prompt = prompt.unsqueeze(1).expand(-1, k, -1).reshape(-1, prompt.shape[-1])
+        flat, flat_prompt, k = _slices_of(volumes, prompt)
         scores, logits = self(flat, flat_prompt)
         fused = [fuse_in_graph(scores[:, m].reshape(-1, k), logits[:, m].reshape(-1, k))[0]
                  for m in range(len(self.modes))]
