@@ -338,6 +338,24 @@ def test_train_warp_2d_changes_xray_fundus_training_studies_only(tiny_corpus: Pa
     assert both == warped | {s.relpath for s in plan_corpus(7, "tiny", train_warp=True) if s.warp}
 
 
+def test_train_tone_mr_changes_mr_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
+    from training.synth.corpus import tone_curve
+
+    out = tmp_path / "tone"
+    rows, changed = _regenerate(tiny_corpus, out, train_tone_mr=True)
+    toned = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] == "mr"}
+    assert toned
+    for study, flags in changed.items():
+        assert any(flags) if study in toned else not any(flags), study   # air slices may match
+    assert _rows(out) == _rows(tiny_corpus)
+    assert {s.relpath for s in plan_corpus(7, "tiny", train_tone_mr=True) if s.tone} == toned
+    # the curve keeps 0 and the reference, is monotone, and bends the rest one way
+    x = np.linspace(0.0, 2.0, 201, dtype=np.float32)
+    y = tone_curve(x, np.random.default_rng(1), ref=1.0)
+    assert y[0] == 0.0 and y[100] == pytest.approx(1.0) and np.all(np.diff(y) > 0)
+    assert np.all(y[1:100] > x[1:100]) or np.all(y[1:100] < x[1:100])
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -365,7 +383,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     from training.synth.corpus import GENERATOR_OPTIONS, generator_options
 
     names = [o.name for o in GENERATOR_OPTIONS]
-    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d"]
+    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr"]
     params = {p.name: p for p in synth_command.params}
     for o in GENERATOR_OPTIONS:                        # every option is a flag of `mediqa synth`
         assert o.name in params and o.flag in params[o.name].opts and params[o.name].default == o.default

@@ -16,7 +16,7 @@ Steps, each in ``<work_dir>``:
 The YAML has top-level keys ``preset``, ``device``, ``output``, ``work_dir``, ``synth``
 (``size``, ``seed``, ``workers`` and the generator options of
 ``training.synth.corpus.GENERATOR_OPTIONS``: ``train_windows``, ``dose_label``, ``train_warp``,
-``train_warp_2d``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
+``train_warp_2d``, ``train_tone_mr``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
 ``finetune`` / ``classifier`` (TrainConfig keys for that stage). Unknown keys fail with a
 suggestion. Relative paths are relative to the current directory.
 

@@ -162,6 +162,10 @@ WARP_ELASTIC = 0.03
 # scores do not change; spline interpolation (order 3, clipped) keeps the clean image as sharp
 # as it was, since the 2D blur severity is in pixels. Its own generator, as for ``train_warp``.
 TONE_LOG_GAMMA = 0.36
+# ``train_tone_mr``: an MR training study's clean anatomy gets the same kind of random tone curve
+# (x / r) ** γ · r, r its 99th percentile, before it is degraded. MR intensities have no physical
+# unit: scanners, coils and sequences weight the same tissue differently, and the five MR
+# training sources are five contrasts. Drawn from a generator of its own (see ``_tone_rng``).
 
 DOSE_LABELS = ("mas", "noise")
 
@@ -212,6 +216,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_warp_2d", False, "X-ray / fundus training studies are warped likewise and "
                     "get a random tone curve (gamma 0.7-1.43) before they are degraded; val/test and "
                     "CT / MR are unchanged.", pretrain=False),
+    GeneratorOption("train_tone_mr", False, "MR training studies get a random tone curve (gamma "
+                    "0.7-1.43) on their clean anatomy before they are degraded; val/test and the "
+                    "other modalities are unchanged."),
 )
 
 
@@ -284,6 +291,7 @@ class StudySpec:
     window: bool = False                 # show a random window of the split's region (train_windows)
     dose_label: str = "mas"              # CT dose severity from mAs, or from the measured noise
     warp: bool = False                   # deform the anatomy first (train_warp / train_warp_2d; training)
+    tone: bool = False                   # random tone curve on the clean MR anatomy (train_tone_mr)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -332,7 +340,7 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
 
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
                 dose_label: str = "mas", train_warp: bool = False,
-                train_warp_2d: bool = False) -> list[StudySpec]:
+                train_warp_2d: bool = False, train_tone_mr: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -348,6 +356,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_warp_2d``: X-ray / fundus training studies likewise, plus a random tone curve (see
     ``TONE_LOG_GAMMA``); independent of ``train_warp``.
+
+    ``train_tone_mr``: MR training studies' clean anatomy gets a random tone curve (after the
+    warp, if any); the plan, the parameters and every other study are the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -404,7 +415,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                                                and unit.tile is not None),
                                    dose_label=dose_label,
                                    warp=unit.split == "train" and (train_warp if mod in ("ct", "mr")
-                                                                   else train_warp_2d)))
+                                                                   else train_warp_2d),
+                                   tone=bool(train_tone_mr and unit.split == "train" and mod == "mr")))
     return specs
 
 
@@ -492,6 +504,18 @@ def _warped(spec: "StudySpec", img: np.ndarray, fill: float) -> np.ndarray:
 
 def _warp_rng(spec: "StudySpec") -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+
+
+def _tone_rng(spec: "StudySpec") -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x70E5]))
+
+
+def tone_curve(img: np.ndarray, rng: np.random.Generator, ref: float) -> np.ndarray:
+    """``ref · (max(img, 0) / ref) ** γ``, log γ uniform in ±``TONE_LOG_GAMMA``: a random change of
+    contrast that keeps 0 and ``ref`` where they are (float32, same shape)."""
+    gamma = math.exp(float(rng.uniform(-TONE_LOG_GAMMA, TONE_LOG_GAMMA)))
+    r = max(float(ref), 1e-6)
+    return (r * np.power(np.maximum(np.asarray(img, np.float32), 0.0) / r, gamma)).astype(np.float32)
 
 
 def warp_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -623,6 +647,8 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
         clean = _warped(spec, _augment_2d(sl, rng, 0.0)[None], 0.0)
         spacing_z = base.slice_mm
     ref = float(np.percentile(clean, 99.0))
+    if spec.tone:   # train_tone_mr, from its own generator: the study's main stream is unchanged
+        clean = tone_curve(clean, _tone_rng(spec), ref)
     clean = np.ascontiguousarray(clean * (MR_STORED_REF / max(ref, 1e-6)))
     p = spec.params
     x = degrade.bias_field(clean, p.get("bias", 0.0), rng)
