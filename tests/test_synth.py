@@ -267,6 +267,21 @@ def _regenerate(tiny_corpus: Path, out: Path, **option: bool) -> tuple[dict, dic
     return rows, changed
 
 
+def _changes_only_training_studies_of(modalities: tuple[str, ...], tiny_corpus: Path, out: Path,
+                                     **option: bool) -> tuple[dict, set[str]]:
+    """Regenerate with ``option`` and check that exactly the training studies of ``modalities``
+    changed (each in some file: the air slices of a series may match) while every other study
+    stayed byte-identical and no manifest row moved (the option's generator is its own).
+    Returns (manifest rows by path, the changed studies)."""
+    rows, changed = _regenerate(tiny_corpus, out, **option)
+    picked = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in modalities}
+    assert picked
+    for study, flags in changed.items():
+        assert any(flags) if study in picked else not any(flags), study
+    assert _rows(out) == _rows(tiny_corpus)
+    return rows, picked
+
+
 def test_train_windows_change_training_tiles_only(tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "w"
     rows, changed = _regenerate(tiny_corpus, out, train_windows=True)
@@ -307,16 +322,8 @@ def test_anatomy_warp_is_one_field_for_every_slice() -> None:
 
 def test_train_warp_changes_ct_mr_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "warp"
-    rows, changed = _regenerate(tiny_corpus, out, train_warp=True)
-    warped = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("ct", "mr")}
+    rows, warped = _changes_only_training_studies_of(("ct", "mr"), tiny_corpus, out, train_warp=True)
     assert {rows[p]["dimension"] for p in warped} == {"2d", "3d"}
-    for study, flags in changed.items():
-        if study in warped:
-            assert any(flags), study                   # another body shape (air slices may match)
-        else:
-            assert not any(flags), study               # val / test / X-ray / fundus: byte-identical
-    # labels, parameters and scores do not depend on the warp (its generator is its own)
-    assert _rows(out) == _rows(tiny_corpus)
     assert {s.relpath for s in plan_corpus(7, "tiny", train_warp=True) if s.warp} == warped
     # the warped CT still carries the dose it was simulated at
     ct = next(p for p in warped if rows[p]["modality"] == "ct")
@@ -325,13 +332,9 @@ def test_train_warp_changes_ct_mr_training_studies_only(tiny_corpus: Path, tmp_p
 
 
 def test_train_warp_2d_changes_xray_fundus_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
-    out = tmp_path / "warp2d"
-    rows, changed = _regenerate(tiny_corpus, out, train_warp_2d=True)
-    warped = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] in ("xr", "fundus")}
+    rows, warped = _changes_only_training_studies_of(("xr", "fundus"), tiny_corpus, tmp_path / "w2",
+                                                     train_warp_2d=True)
     assert {rows[p]["modality"] for p in warped} == {"xr", "fundus"}
-    for study, flags in changed.items():
-        assert all(flags) if study in warped else not any(flags), study   # CT / MR / val / test: identical
-    assert _rows(out) == _rows(tiny_corpus)          # the scores and parameters do not move
     assert {s.relpath for s in plan_corpus(7, "tiny", train_warp_2d=True) if s.warp} == warped
     # independent of train_warp: both together warp exactly the union
     both = {s.relpath for s in plan_corpus(7, "tiny", train_warp=True, train_warp_2d=True) if s.warp}
@@ -341,13 +344,7 @@ def test_train_warp_2d_changes_xray_fundus_training_studies_only(tiny_corpus: Pa
 def test_train_tone_mr_changes_mr_training_studies_only(tiny_corpus: Path, tmp_path: Path) -> None:
     from training.synth.corpus import tone_curve
 
-    out = tmp_path / "tone"
-    rows, changed = _regenerate(tiny_corpus, out, train_tone_mr=True)
-    toned = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] == "mr"}
-    assert toned
-    for study, flags in changed.items():
-        assert any(flags) if study in toned else not any(flags), study   # air slices may match
-    assert _rows(out) == _rows(tiny_corpus)
+    _, toned = _changes_only_training_studies_of(("mr",), tiny_corpus, tmp_path / "tone", train_tone_mr=True)
     assert {s.relpath for s in plan_corpus(7, "tiny", train_tone_mr=True) if s.tone} == toned
     # the curve keeps 0 and the reference, is monotone, and bends the rest one way
     x = np.linspace(0.0, 2.0, 201, dtype=np.float32)
