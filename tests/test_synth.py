@@ -381,6 +381,10 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
 
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr"]
+    import inspect
+
+    planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with
+    assert all(planned[n].default == o.default for n, o in zip(names, GENERATOR_OPTIONS))   # the same default
     params = {p.name: p for p in synth_command.params}
     for o in GENERATOR_OPTIONS:                        # every option is a flag of `mediqa synth`
         assert o.name in params and o.flag in params[o.name].opts and params[o.name].default == o.default
