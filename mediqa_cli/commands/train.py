@@ -190,9 +190,10 @@ def tta_policy(model: str, data: str, split: str, modes: str, min_gain: float, m
                workers: int, progress: bool) -> None:
     """Choose MODEL's per-modality test-time augmentation (`--tta auto`) on held-out DATA.
 
-    Scores the split plain and with each candidate mode; per prompt modality keeps the mode whose
-    SRCC gain is shown by a paired bootstrap interval (best SRCC wins), else none; records the
-    policy and the measurements in the model card (.safetensors)."""
+    Scores the split plain and with each candidate mode (one pass: each study read once, each
+    transform run once); per prompt modality keeps the mode whose SRCC gain is shown by a paired
+    bootstrap interval (best SRCC wins), else none; records the policy and the measurements in
+    the model card (.safetensors)."""
     from engines.errors import MediqaError  # noqa: PLC0415
     from engines.tta import TTA_MODES  # noqa: PLC0415
     from training.tta_policy import choose_tta_policy, write_policy  # noqa: PLC0415
