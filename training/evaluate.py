@@ -204,7 +204,6 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
         if classifier is not None:
             out["classifier"] = classifier
         reports[mode] = out
-    for mode, out in reports.items():
         logger.info("evaluated %s on %d studies%s: SRCC %.4f", model_path, len(items),
                     f" (TTA {mode})" if len(modes) > 1 else "", out["overall"]["srcc"])
     return reports

@@ -124,9 +124,9 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
     key = {"model_sha256": sha, "data": str(Path(data).resolve()), "split": split}
     reports: dict[str, dict[str, Any]] = {}
     wanted = tuple(dict.fromkeys(("none", *modes)))
-    for mode in wanted:
-        cached = Path(reports_dir) / f"tta-{mode}.json" if reports_dir else None
-        if cached is not None and cached.is_file():
+    kept = {mode: Path(reports_dir) / f"tta-{mode}.json" for mode in wanted} if reports_dir else {}
+    for mode, cached in kept.items():
+        if cached.is_file():
             saved = json.loads(cached.read_text())
             if all(saved.get(k) == v for k, v in key.items()):
                 log.info("reusing %s", cached)
@@ -139,10 +139,9 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
                          workers=workers, progress=progress)
         for mode in missing:
             reports[mode] = jsonable(fresh[mode])
-            if reports_dir:
-                cached = Path(reports_dir) / f"tta-{mode}.json"
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps({**key, "report": reports[mode]}))
+            if mode in kept:
+                kept[mode].parent.mkdir(parents=True, exist_ok=True)
+                kept[mode].write_text(json.dumps({**key, "report": reports[mode]}))
     policy = select_policy(reports, **rule)
     selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
     return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)

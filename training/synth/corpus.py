@@ -503,10 +503,13 @@ def _warped(spec: "StudySpec", img: np.ndarray, fill: float) -> np.ndarray:
 
 
 def _warp_rng(spec: "StudySpec") -> np.random.Generator:
+    """The warp's own generator: the study's main stream stays as without ``train_warp`` /
+    ``train_warp_2d``."""
     return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
 
 
 def _tone_rng(spec: "StudySpec") -> np.random.Generator:
+    """``train_tone_mr``'s own generator (neither the study's main stream nor the warp's)."""
     return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x70E5]))
 
 
@@ -526,8 +529,7 @@ def warp_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     warped = anatomy_warp(stack, rng, 0.0, order=3)
     if x.ndim == 3:
         warped = np.moveaxis(warped, 0, -1)
-    gamma = math.exp(float(rng.uniform(-TONE_LOG_GAMMA, TONE_LOG_GAMMA)))
-    return np.power(np.clip(warped, 0.0, 1.0), gamma).astype(np.float32)
+    return tone_curve(np.clip(warped, 0.0, 1.0), rng, ref=1.0)
 
 
 def _augment_2d(img: np.ndarray, rng: np.random.Generator, fill: float,
@@ -762,8 +764,8 @@ def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfi
                     **options: bool | str) -> Path:
     """Plan and render the corpus into ``out_dir``; returns the manifest path.
 
-    ``options``: the generator options (``GENERATOR_OPTIONS``: ``train_windows``, ``dose_label``,
-    ``train_warp``, ``train_warp_2d``), see ``plan_corpus``; unknown names raise TypeError.
+    ``options``: the generator options (``GENERATOR_OPTIONS``), see ``plan_corpus``; unknown
+    names raise TypeError.
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
