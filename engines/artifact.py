@@ -77,6 +77,8 @@ class ModelCard:
     training: dict = field(default_factory=dict)
     #: per-modality test-time augmentation for ``--tta auto`` (``engines.tta.TTAPolicy``); empty: none
     tta_policy: dict = field(default_factory=dict)
+    #: classical-statistics ridge per modality and its blend weight (``engines.features.FeatureHead``); empty: none
+    feature_head: dict = field(default_factory=dict)
     code_version: str = engines.__version__
     created: str = field(default_factory=_now)
 
@@ -88,7 +90,7 @@ class ModelCard:
         # Normalise the free-form parts to their JSON form (tuples -> lists) so a card compares
         # equal to itself after a save / load, and fail early on anything JSON cannot hold.
         for name in ("prompt_vocab", "preprocess", "label_scale", "data_summary", "metrics", "training",
-                     "tta_policy"):
+                     "tta_policy", "feature_head"):
             try:
                 setattr(self, name, json.loads(json.dumps(getattr(self, name), allow_nan=True)))
             except (TypeError, ValueError) as exc:
@@ -100,13 +102,21 @@ class ModelCard:
                 TTAPolicy.from_dict(self.tta_policy)
             except ValueError as exc:
                 raise UnsupportedArtifact(str(exc)) from None
+        if self.feature_head:
+            from engines.features import FeatureHead  # noqa: PLC0415
+
+            try:
+                FeatureHead.from_dict(self.feature_head)
+            except ValueError as exc:
+                raise UnsupportedArtifact(f"model card feature_head: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The card as JSON-able dict; an empty ``tta_policy`` is left out, so cards without one
-        stay byte-identical to (and readable by) versions that predate the field."""
+        """The card as JSON-able dict; an empty ``tta_policy`` / ``feature_head`` is left out, so
+        cards without one stay byte-identical to (and readable by) versions that predate the field."""
         d = dataclasses.asdict(self)
-        if not d["tta_policy"]:
-            del d["tta_policy"]
+        for name in ("tta_policy", "feature_head"):
+            if not d[name]:
+                del d[name]
         return d
 
     def to_json(self) -> str:
@@ -287,3 +297,15 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, "tor
         else:
             raise UnsupportedArtifact(f"{p.name}: tensor {key!r} belongs to no module of {names}")
     return out, card
+
+
+def rewrite_card(model_path: str | Path, output: str | Path | None = None, **changes: Any) -> Path:
+    """Copy of the ``.safetensors`` artifact at ``model_path`` whose card has ``changes`` (card
+    fields; ``output`` None: replaced in place, atomically). Tensors are copied as stored (fp16
+    stays fp16, bit for bit); only the card changes."""
+    src = Path(model_path)
+    modules, card = load_tensors(src)
+    dtype = _safetensors_metadata(src).get(DTYPE_KEY, "fp32")
+    card = dataclasses.replace(card, **changes)
+    return save_artifact(Path(output) if output else src, modules, card,
+                         dtype="fp16" if dtype == "fp16" else None)

@@ -57,6 +57,7 @@ import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
+from engines.features import card_feature_head, features_suffix, input_statistics
 from engines.tta import effective_mode, tta_suffix, with_tta
 from engines.preprocess import (PreprocessConfig, grey_channels, preprocess_slice, to_network_size, to_unit_range,
                                 usable_pixel_mm)
@@ -94,6 +95,9 @@ class ScoreConfig:
     tta:        test-time augmentation of the score (``engines.tta``): "none", "flip" (2 passes),
                 "d4" (8 passes) or "auto" (the model card's per-modality policy; a card without
                 one scores as "none"); recorded in the records' ``model`` column.
+    features:   apply the model card's feature head (``engines.features``: classical statistics of
+                the network input blended into the score per modality); False: the network alone.
+                Off on a card with a head is recorded in the ``model`` column ("+no-features").
     reader_nice: CPU priority of the header scanner and the reader processes: 1..19 is added to
                 their niceness (default 10), ≥ 20 asks for Linux's SCHED_IDLE class, 0 leaves
                 them alone. On a CPU-only machine the engine's threads then pre-empt reading
@@ -115,6 +119,7 @@ class ScoreConfig:
     device: str = "cpu"
     backend: str = "auto"
     tta: str = "auto"
+    features: bool = True
     reader_nice: int = 10
     header_cache: str | None = None
 
@@ -693,6 +698,7 @@ class _Study:
     remaining: int = 0
     done: bool = False
     busy_s: float = 0.0   # worker time + this study's share of inference time
+    stats: np.ndarray | None = None   # input statistics for the feature head (its modality blends)
 
 
 _DONE = object()
@@ -910,7 +916,8 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
     try:
         if model_hash is None:   # the CLI passes the hash it computed for --resume (one read of the model)
             model_hash = file_sha256(model_path) if model_path and Path(model_path).is_file() else ""
-        label_suffix = tta_suffix(effective_mode(config.tta, card))
+        label_suffix = tta_suffix(effective_mode(config.tta, card)) + features_suffix(card, config.features)
+        head = card_feature_head(card, config.features)
         model_label = (f"{card.preset}@{model_hash[:12]}" if model_hash else str(card.preset)) + label_suffix
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()
@@ -918,7 +925,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
         scale = dict(card.label_scale or {})
         lo, hi = float(scale.get("min", 0.0)), float(scale.get("max", 1.0))
         yield from _run(root, get_backend, config, reuse, make_study_id, pcfg, vocab,
-                        k, lo, hi, model_label,
+                        k, lo, hi, model_label, head,
                         logging.getLogger().getEffectiveLevel() if log_level is None else log_level)
     finally:
         for backend in opened:
@@ -930,7 +937,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
 
 def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse: Any,
          make_study_id: Any, pcfg: PreprocessConfig, vocab: PromptVocab, k: int, lo: float,
-         hi: float, model_label: str, log_level: int) -> Iterator[ScoreRecord]:
+         hi: float, model_label: str, head: Any, log_level: int) -> Iterator[ScoreRecord]:
     from engines.prompts import Prompt, encode_prompt
 
     state: dict[int, _Study] = {}
@@ -990,6 +997,8 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
                                                 pixel_mm=p.pixel_mm)
                                for r in p.raw])
         prompt = encode_prompt(Prompt(**values), vocab)
+        if head is not None and head.blend_for(values["modality"]) > 0:
+            st.stats = input_statistics(images, pcfg.mean, pcfg.std)
         st.scores = np.zeros(len(images), np.float64)
         st.logits = np.zeros(len(images), np.float64)
         st.remaining = len(images)
@@ -1061,6 +1070,8 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
                 q, w = fuse_slice_scores(st.scores, st.logits)
             else:
                 q, w = float(st.scores[0]), np.ones(len(st.scores), np.float32)
+            if st.stats is not None:
+                q = float(head.apply(q, st.stats, r.modality))
             r.score = lo + q * (hi - lo)
             r.slice_scores = [lo + float(s) * (hi - lo) for s in st.scores]
             r.slice_weights = [float(x) for x in w]

@@ -73,7 +73,7 @@ def _classifier_fill(classifier: Any, images: np.ndarray, vocab: Any, device: An
 
 def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "all", device: str = "cpu",
                    batch_size: int = 8, workers: int = 0, amp: bool = False,
-                   progress: bool = True, tta: str = "auto") -> dict[str, Any]:
+                   progress: bool = True, tta: str = "auto", features: bool = True) -> dict[str, Any]:
     """Metrics of the artifact at ``model_path`` on ``data`` (manifest CSV / folder / LDCTIQA).
 
     ``split``: "all", or "train" / "val" / "test" (the manifest's split column, else the
@@ -82,29 +82,109 @@ def evaluate_model(model_path: str | Path, data: str | Path, *, split: str = "al
     ``predictions`` (path, target, prediction per study). ``tta``: test-time augmentation of the
     score (``engines.tta``: none / flip / d4, or auto = the card's per-modality policy), as
     ``mediqa score --tta``; the report's ``tta_policy`` says which mode each modality got.
+    ``features``: apply the card's feature head (``engines.features``), as ``mediqa score``.
     """
     return evaluate_modes(model_path, data, modes=(tta,), split=split, device=device, batch_size=batch_size,
-                          workers=workers, amp=amp, progress=progress)[tta]
+                          workers=workers, amp=amp, progress=progress, features=features)[tta]
+
+
+def _split_samples(data: str | Path, split: str, card: Any) -> tuple[list[Any], Any]:
+    """The scored studies of ``data`` in ``split`` (manifest column, else the card's hash split)."""
+    from training.data.datasets import load_scored  # noqa: PLC0415
+    from training.data.splits import assign_splits  # noqa: PLC0415
+
+    samples, report = load_scored(data)
+    if split != "all":
+        tr = card.training or {}
+        parts = assign_splits(samples, tr.get("split_ratios", (0.8, 0.1, 0.1)),
+                              tr.get("split_salt", "mediqa-split-v1"))
+        if split not in parts:
+            raise DatasetError(f"unknown split {split!r}; use all, train, val or test")
+        samples = parts[split]
+        if not samples:
+            raise DatasetError(f"the {split} split of {data} is empty")
+    return samples, report
+
+
+def _prepared_items(samples: Sequence[Any], card: Any, loaded: Any, vocab: Any, pcfg: Any, report: Any, *,
+                    workers: int, progress: bool, device: Any) -> tuple[list[Any], Any, dict | None]:
+    """Each study prepared once through the scoring path (cached, float32) with its prompt:
+    (items, cache, the prompt classifier's metrics against the manifest labels or None).
+    Studies that cannot be prepared are recorded in ``report`` and left out."""
+    from engines.prompts import Prompt, encode_prompt  # noqa: PLC0415
+    from training.data.cache import InputCache, PrepJob  # noqa: PLC0415
+    from training.data.datasets import classifier_labels, resolve_prompt  # noqa: PLC0415
+    from training.data.torchdata import IGNORE, Item  # noqa: PLC0415
+    from training.loop import _progress  # noqa: PLC0415
+
+    cache = InputCache(pcfg, dtype=np.float32)
+    jobs = [PrepJob(s.ref, card.n_slices, s.labels.get("type")) for s in samples]
+    with _progress(progress) as prog:
+        tid = prog.add_task("preparing", total=len(jobs), loss="-", val="") if prog else None
+        keys, errors = cache.prepare(jobs, workers=workers,
+                                     on_done=(lambda: prog.update(tid, advance=1)) if prog else None)
+    items: list[Item] = []
+    cls_true: list[tuple[int, int, int]] = []
+    cls_pred: list[tuple[int, int, int]] = []
+    for s, key, err in zip(samples, keys, errors):
+        if key is None:
+            report.skip(s.path, err or "internal")
+            continue
+        info = cache.info(key)
+        tags = info["tag_prompts"]
+        fill = None
+        if loaded is not None and loaded.classifier is not None:
+            fill = _classifier_fill(loaded.classifier, cache.get(key).images, vocab, device)
+            truth = classifier_labels(s, {})   # the manifest's labels, not the tags the model saw
+            cls_true.append(tuple(vocab.labels(g).index(truth[g]) if truth[g] in vocab.labels(g) else IGNORE
+                                  for g in ("modality", "region", "type")))
+            cls_pred.append(tuple(vocab.labels(g).index(fill[g]) for g in ("modality", "region", "type")))
+        values, sources = resolve_prompt(s, tags, fill)
+        items.append(Item(key=key, kind=s.dimension, prompt=encode_prompt(Prompt(**values), vocab),
+                          target=float(s.target), sample=s, prompt_values=values, prompt_sources=sources))
+    classifier = None
+    if cls_true:
+        from training.loop import ClassifierTask  # noqa: PLC0415
+
+        classifier = ClassifierTask().metrics(np.array(cls_pred), np.array(cls_true))
+    return items, cache, classifier
+
+
+def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray:
+    """``engines.features.input_statistics`` of a prepared study: over its distinct salient
+    slices (a short series is padded to K with repeats for batching; scoring sees each once)."""
+    from engines.features import input_statistics  # noqa: PLC0415
+
+    prep = cache.get(item.key)
+    images = np.asarray(prep.images)
+    if images.ndim == 4:
+        first: dict[int, int] = {}
+        for j, idx in enumerate(prep.indices):
+            first.setdefault(int(idx), j)
+        images = images[sorted(first.values())]
+    return input_statistics(images, pcfg.mean, pcfg.std)
 
 
 def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[str], split: str = "all",
                    device: str = "cpu", batch_size: int = 8, workers: int = 0, amp: bool = False,
-                   progress: bool = True) -> dict[str, dict[str, Any]]:
+                   progress: bool = True, features: bool = True,
+                   statistics: bool = False) -> dict[str, dict[str, Any]]:
     """``evaluate_model``'s report for each TTA mode of ``modes`` (mode → report), from one pass:
     the studies are read, prepared and classified once, and with more than one mode each image
     transform runs once (``engines.models.maniqa.MultiTTANet``; fixed modes only, not ``auto``).
-    Each report equals the one ``evaluate_model(..., tta=mode)`` gives."""
+    Each report equals the one ``evaluate_model(..., tta=mode)`` gives.
+
+    features: apply the card's feature head (``engines.features``) as scoring does; statistics:
+    add each study's input statistics and source (``source_id``) to its prediction row (used
+    to fit a head)."""
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
     from engines.models.loading import load_artifact  # noqa: PLC0415
     from engines.preprocess import PreprocessConfig  # noqa: PLC0415
-    from engines.prompts import Prompt, PromptVocab, encode_prompt  # noqa: PLC0415
-    from training.data.cache import InputCache, PrepJob  # noqa: PLC0415
-    from training.data.datasets import classifier_labels, load_scored, resolve_prompt  # noqa: PLC0415
-    from training.data.splits import assign_splits  # noqa: PLC0415
-    from training.data.torchdata import IGNORE, Item, StudyDataset, collate_studies  # noqa: PLC0415
-    from training.loop import IQATask, _progress, predict_all, resolve_device  # noqa: PLC0415
+    from engines.prompts import PromptVocab  # noqa: PLC0415
+    from training.data.torchdata import StudyDataset, collate_studies  # noqa: PLC0415
+    from training.loop import IQATask, predict_all, resolve_device  # noqa: PLC0415
 
     dev = resolve_device(device)
     loaded = load_artifact(model_path, device=dev)
@@ -129,43 +209,11 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
         from engines.models.maniqa import TTANet  # noqa: PLC0415
 
         iqa = TTANet(iqa, policies[modes[0]], card_vocab(card)).eval()
-    samples, report = load_scored(data)
-    if split != "all":
-        tr = card.training or {}
-        parts = assign_splits(samples, tr.get("split_ratios", (0.8, 0.1, 0.1)),
-                              tr.get("split_salt", "mediqa-split-v1"))
-        if split not in parts:
-            raise DatasetError(f"unknown split {split!r}; use all, train, val or test")
-        samples = parts[split]
-        if not samples:
-            raise DatasetError(f"the {split} split of {data} is empty")
+    samples, report = _split_samples(data, split, card)
     vocab = PromptVocab.from_dict(card.prompt_vocab)
     pcfg = PreprocessConfig.from_dict(card.preprocess)
-    cache = InputCache(pcfg, dtype=np.float32)
-    jobs = [PrepJob(s.ref, card.n_slices, s.labels.get("type")) for s in samples]
-    with _progress(progress) as prog:
-        tid = prog.add_task("preparing", total=len(jobs), loss="-", val="") if prog else None
-        keys, errors = cache.prepare(jobs, workers=workers,
-                                     on_done=(lambda: prog.update(tid, advance=1)) if prog else None)
-    items: list[Item] = []
-    cls_true: list[tuple[int, int, int]] = []
-    cls_pred: list[tuple[int, int, int]] = []
-    for s, key, err in zip(samples, keys, errors):
-        if key is None:
-            report.skip(s.path, err or "internal")
-            continue
-        info = cache.info(key)
-        tags = info["tag_prompts"]
-        fill = None
-        if loaded.classifier is not None:
-            fill = _classifier_fill(loaded.classifier, cache.get(key).images, vocab, dev)
-            truth = classifier_labels(s, {})   # the manifest's labels, not the tags the model saw
-            cls_true.append(tuple(vocab.labels(g).index(truth[g]) if truth[g] in vocab.labels(g) else IGNORE
-                                  for g in ("modality", "region", "type")))
-            cls_pred.append(tuple(vocab.labels(g).index(fill[g]) for g in ("modality", "region", "type")))
-        values, sources = resolve_prompt(s, tags, fill)
-        items.append(Item(key=key, kind=s.dimension, prompt=encode_prompt(Prompt(**values), vocab),
-                          target=float(s.target), sample=s, prompt_values=values, prompt_sources=sources))
+    items, cache, classifier = _prepared_items(samples, card, loaded, vocab, pcfg, report,
+                                               workers=workers, progress=progress, device=dev)
     if not items:
         raise DatasetError(f"no study of {data} could be prepared: {report.summary()}")
     n_split = len(samples)
@@ -178,18 +226,24 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
     labels: dict[str, list[str | None]] = {g: [it.prompt_values.get(g) for it in ordered] for g in GROUP_KEYS}
     if any("degradation" in it.sample.extra for it in ordered):
         labels["degradation"] = [it.sample.extra.get("degradation") for it in ordered]
-    classifier = None
-    if cls_true:
-        from training.loop import ClassifierTask  # noqa: PLC0415
+    from engines.features import card_feature_head  # noqa: PLC0415
 
-        classifier = ClassifierTask().metrics(np.array(cls_pred), np.array(cls_true))
+    head = card_feature_head(card, features)
+    mods = [it.prompt_values.get("modality") for it in ordered]
+    stats: list[np.ndarray | None] = [
+        item_statistics(it, cache, pcfg) if statistics or (head is not None and head.blend_for(m) > 0) else None
+        for it, m in zip(ordered, mods)]
     reports: dict[str, dict[str, Any]] = {}
     for col, mode in enumerate(modes):
-        pred = lo + q[:, col].astype(np.float64) * (hi - lo)
+        qc = q[:, col].astype(np.float64)
+        if head is not None:
+            qc = np.array([head.apply(float(v), st, m) for v, st, m in zip(qc, stats, mods)])
+        pred = lo + qc * (hi - lo)
         policy = policies[mode]
         out: dict[str, Any] = {
             "model": str(model_path), "data": str(data), "split": split, "tta": mode,
             "tta_policy": {"modes": dict(policy.modes), "fallback": policy.fallback},
+            "feature_head": ({m: h.blend for m, h in sorted(head.heads.items())} if head is not None else None),
             "label_scale": card.label_scale,
             # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
             # ``split`` and those of them that could be prepared (the metrics' n)
@@ -198,8 +252,10 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
             "groups": grouped_metrics(pred, target, labels),
             "predictions": [{"path": it.sample.path, "target": float(t), "prediction": float(p),
                              **{g: it.prompt_values.get(g) for g in GROUP_KEYS},
-                             "prompt_source": it.prompt_sources, "degradation": it.sample.extra.get("degradation")}
-                            for it, t, p in zip(ordered, target, pred)],
+                             "prompt_source": it.prompt_sources, "degradation": it.sample.extra.get("degradation"),
+                             **({"statistics": [float(v) for v in st], "source": it.sample.extra.get("source_id")}
+                                if statistics else {})}
+                            for it, t, p, st in zip(ordered, target, pred, stats)],
         }
         if classifier is not None:
             out["classifier"] = classifier

@@ -151,13 +151,6 @@ def write_policy(model_path: str | Path, policy: TTAPolicy, output: str | Path |
     """Copy of the ``.safetensors`` artifact at ``model_path`` whose card holds ``policy``
     (``output`` None: replaced in place, atomically). Tensors are copied as stored (fp16 stays
     fp16, bit for bit); only the card changes."""
-    import dataclasses  # noqa: PLC0415
+    from engines.artifact import rewrite_card  # noqa: PLC0415
 
-    from engines.artifact import DTYPE_KEY, _safetensors_metadata, load_tensors, save_artifact  # noqa: PLC0415
-
-    src = Path(model_path)
-    modules, card = load_tensors(src)
-    dtype = _safetensors_metadata(src).get(DTYPE_KEY, "fp32")
-    card = dataclasses.replace(card, tta_policy=policy.to_dict())
-    return save_artifact(Path(output) if output else src, modules, card,
-                         dtype="fp16" if dtype == "fp16" else None)
+    return rewrite_card(model_path, output, tta_policy=policy.to_dict())

@@ -34,9 +34,12 @@ def _f(v: Any) -> str:
               help="Test-time augmentation of the score, as in `mediqa score --tta`: flip = mean with "
                    "the mirror image (2x inference), d4 = mean over the 8 flips / quarter turns (8x), "
                    "auto = the model card's per-modality policy.")
+@click.option("--features/--no-features", default=True, show_default=True,
+              help="Apply the model card's feature head (classical statistics blended per modality), "
+                   "as `mediqa score`.")
 @click.option("--progress/--no-progress", default=True)
 def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, workers: int,
-             json_out: str | None, worst: int, tta: str, progress: bool) -> None:
+             json_out: str | None, worst: int, tta: str, features: bool, progress: bool) -> None:
     """Evaluate MODEL (default: the bundled model) on DATA: a manifest CSV, a folder holding
     manifest.csv, or an LDCTIQA2023 folder (images + JSON of scores)."""
     from rich.console import Console  # noqa: PLC0415
@@ -63,7 +66,7 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
         from training.tasks import jsonable  # noqa: PLC0415
 
         rep = evaluate_model(model, data, split=split, device=device, batch_size=batch_size,
-                             workers=workers, progress=progress, tta=tta)
+                             workers=workers, progress=progress, tta=tta, features=features)
     except MediqaError as exc:
         raise click.ClickException(f"[{exc.code}] {exc.message}") from None
 
@@ -72,6 +75,9 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
 
     policy = TTAPolicy.from_dict(rep["tta_policy"])   # the TTA actually applied
     shown = "" if policy.is_plain else f", TTA {tta}" + (f": {policy.describe()}" if tta == "auto" else "")
+    blends = {m: a for m, a in (rep.get("feature_head") or {}).items() if a > 0}
+    if blends:
+        shown += ", features " + ", ".join(f"{m} {a:g}" for m, a in blends.items())
     table = Table(title=f"{model.name} on {data} ({split}{shown})")
     for col in ("group", "value", "n", "SRCC", "PLCC", "KROCC", "RMSE"):
         table.add_column(col, justify="left" if col in ("group", "value") else "right")

@@ -175,6 +175,11 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
                    "inference) or over its 8 flips / quarter turns (d4, 8x); auto = the model's own "
                    "per-modality choice, measured on validation data (`mediqa info --model`). Recorded "
                    "in the model column.")
+@click.option("--features/--no-features", default=True, show_default=True,
+              help="Apply the model card's feature head: classical statistics of the network input "
+                   "(noise, sharpness, blockiness, non-uniformity) blended into the score for the "
+                   "modalities where validation showed a gain (`mediqa info --model`). --no-features: "
+                   "the network alone (recorded in the model column).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Images per inference call (2D images and 3D slices mixed).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
@@ -203,7 +208,8 @@ def _summary(stats: dict[str, Any], worst: list[tuple[float, int, dict]], hide_p
                    "Linux SCHED_IDLE, 0 = unchanged. Keeps the engine's cores for inference.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no summary.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-def score(root: Path, output: Path, model: Path | None, backend: str, device: str, tta: str, batch_size: int,
+def score(root: Path, output: Path, model: Path | None, backend: str, device: str, tta: str, features: bool,
+          batch_size: int,
           workers: int | None, fmt: str, resume: bool, include: tuple[str, ...], exclude: tuple[str, ...],
           min_score: float | None, report: Path | None, hide_paths: bool, timeout_s: float,
           log_every: float, header_cache: str, reader_nice: int, quiet: bool, verbose: int) -> None:
@@ -216,7 +222,7 @@ def score(root: Path, output: Path, model: Path | None, backend: str, device: st
     install_log_scrubber()
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     rc = run_score(root=root, output=output, model=model, backend=backend, device=device, tta=tta,
-                   batch_size=batch_size, workers=workers, fmt=fmt, resume=resume, include=include,
+                   features=features, batch_size=batch_size, workers=workers, fmt=fmt, resume=resume, include=include,
                    exclude=exclude, min_score=min_score, report=report, hide_paths=hide_paths,
                    timeout_s=timeout_s, log_every=log_every, quiet=quiet, verbose=verbose,
                    reader_nice=reader_nice, header_cache=header_cache)
@@ -235,7 +241,8 @@ def _header_cache_path(value: str | None) -> str | None:
 
 
 def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "auto",
-              device: str = "cpu", tta: str = "auto", batch_size: int = 16, workers: int | None = None,
+              device: str = "cpu", tta: str = "auto", features: bool = True, batch_size: int = 16,
+              workers: int | None = None,
               fmt: str = "csv", resume: bool = False, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), min_score: float | None = None,
               report: Path | None = None, hide_paths: bool = False, timeout_s: float = 120.0,
@@ -246,6 +253,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
     from engines.privacy import study_key
+    from engines.features import features_suffix
     from engines.tta import effective_mode, tta_suffix
     from mediqa_cli.reports.writer import ReportLock, ReportLocked, ReportWriter
 
@@ -270,9 +278,11 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         key = study_key()
         model_hash = file_sha256(model_path)
         # --resume keeps a row only when the model and the TTA mode are those it was scored with
-        # (auto: the policy is in the card, which the model hash covers).
+        # (auto: the policy is in the card, which the model hash covers; so is the feature head).
+        card = load_card(model_path)
         writer = ReportWriter(output, fmt=fmt, hide_paths=hide_paths, resume=resume,
-                              model_hash=model_hash + tta_suffix(effective_mode(tta, load_card(model_path))), key=key)
+                              model_hash=model_hash + tta_suffix(effective_mode(tta, card))
+                              + features_suffix(card, features), key=key)
         # The report files themselves are never studies.
         own = []
         try:
@@ -283,7 +293,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         cfg = ScoreConfig(batch_size=batch_size, workers=n_workers, timeout_s=timeout_s,
                           include=tuple(include), exclude=tuple(exclude) + tuple(own),
                           thumbnails=report is not None, hide_paths=hide_paths, privacy_key=key,
-                          device=device, backend=backend, tta=tta, reader_nice=reader_nice,
+                          device=device, backend=backend, tta=tta, features=features, reader_nice=reader_nice,
                           header_cache=_header_cache_path(header_cache))
         reuse = (lambda ref: writer.previous(ref.rel_path, _fingerprint(ref, key))) if resume else None
         stats: dict[str, Any] = {"status": Counter(), "codes": Counter(), "by_mod": defaultdict(list),

@@ -164,6 +164,56 @@ def recipe(config: str, device: str | None, work_dir: str | None, output: str | 
     click.echo(f"wrote {Path(result['artifact'])}")
 
 
+@train.command("feature-head")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--fit-split", default="train", show_default=True, help="Split the per-modality ridges are fitted on.")
+@click.option("--choose-split", default="val", show_default=True, help="Split the blend weights are chosen on.")
+@click.option("--penalty", type=float, default=1.0, show_default=True, help="Ridge penalty (z-scored statistics).")
+@click.option("--min-studies", type=int, default=20, show_default=True,
+              help="Studies a modality needs for a ridge, and a source for the blend rule.")
+@click.option("--min-sources", type=int, default=2, show_default=True,
+              help="Validation sources (manifest column source_id) a modality needs before it may blend.")
+@click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the artifact with the head here (default: rewrite MODEL's card in place).")
+@click.option("--dry-run", is_flag=True, help="Measure and print the choice; write nothing.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Processes decoding studies.")
+@click.option("--progress/--no-progress", default=True)
+def feature_head(model: str, data: str, fit_split: str, choose_split: str, penalty: float, min_studies: int,
+                 min_sources: int, output: str | None, dry_run: bool, device: str, batch_size: int,
+                 workers: int, progress: bool) -> None:
+    """Fit MODEL's feature head on DATA: classical statistics of the network input, one ridge per
+    modality (train split), blended into the score where the validation split shows it helps.
+
+    A modality blends (weight 0.25 / 0.5 / 0.75 / 1) only when the blend beats the network on
+    the validation split with a paired bootstrap interval above 0 and loses in none of at least
+    two validation sources; the measurements are recorded in the card. `mediqa score` and
+    `mediqa evaluate` apply it (`--no-features`: the network alone)."""
+    from engines.errors import MediqaError  # noqa: PLC0415
+    from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
+
+    if not dry_run and Path(output or model).suffix.lower() != ".safetensors":
+        raise click.UsageError("the head is written into a .safetensors artifact (export to ONNX afterwards)")
+    try:
+        head = fit_feature_head_for(model, data, fit_split=fit_split, choose_split=choose_split, penalty=penalty,
+                                    min_studies=min_studies, min_sources=min_sources, device=device,
+                                    batch_size=batch_size, workers=workers, progress=progress)
+    except MediqaError as exc:
+        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for modality, row in head.selection.get("modalities", {}).items():
+        tried = ", ".join(f"{a}: {row['srcc'][a]:.3f} CI [{row['interval'][a][0]:.3f}, {row['interval'][a][1]:.3f}]"
+                          for a in row.get("interval", {}))
+        base = row.get("srcc", {}).get("0")
+        click.echo(f"{modality:8s} n={row['n']:4d} sources={len(row['sources'])}  network "
+                   f"{'-' if base is None else f'{base:.3f}'}  {tried}  -> blend {row['blend']}")
+    if not dry_run:
+        click.echo(f"wrote {write_feature_head(model, head, output)}")
+
+
 @train.command("tta-policy")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data", type=click.Path(exists=True))

@@ -1,0 +1,233 @@
+"""The feature head (``engines.features``): the classical statistics of the network input, the
+per-modality ridge, the blend rule, the card field, and the same blended score from ``mediqa
+train feature-head`` → ``mediqa evaluate`` and ``mediqa score``."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_pipeline import _study_key  # noqa: F401
+from tests.test_score_cli import _run
+from tests.test_tta import artifact  # noqa: F401
+
+
+def _retina_grey(retina_path: Path, size: int = 128) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(retina_path).convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float64) / 255.0
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def test_each_statistic_moves_with_the_degradation_it_measures(retina_path: Path) -> None:
+    """Noise raises the noise σ, blur lowers the Laplacian variance and fine energy, JPEG at
+    quality 5 raises the 8 × 8 blockiness, a smooth illumination field raises the non-uniformity."""
+    from scipy import ndimage
+
+    from engines.features import FEATURE_NAMES, slice_statistics
+    from training.synth.degrade import jpeg_compress
+
+    g = _retina_grey(retina_path)
+    ix = {n: i for i, n in enumerate(FEATURE_NAMES)}
+    clean = slice_statistics(g)
+    assert clean.shape == (8,) and np.isfinite(clean).all()
+    noisy = slice_statistics(np.clip(g + np.random.default_rng(0).normal(0, 0.08, g.shape), 0, 1))
+    assert noisy[ix["log_noise_sigma"]] > clean[ix["log_noise_sigma"]] + 1.0
+    blurred = slice_statistics(ndimage.gaussian_filter(g, 2.0))
+    assert blurred[ix["log_laplacian_var"]] < clean[ix["log_laplacian_var"]] - 1.0
+    assert blurred[ix["log_fine_energy"]] < clean[ix["log_fine_energy"]]
+    jpeg = slice_statistics(jpeg_compress(g.astype(np.float32), 5))
+    assert jpeg[ix["blockiness"]] > clean[ix["blockiness"]] * 1.5
+    y = np.linspace(0.3, 1.7, g.shape[0])[:, None]
+    lit = slice_statistics(np.clip(g * y, 0, 1))
+    assert lit[ix["nonuniformity"]] > clean[ix["nonuniformity"]] + 0.1
+    with pytest.raises(ValueError, match="at least 16"):
+        slice_statistics(np.zeros((8, 8)))
+
+
+def test_input_statistics_undo_the_normalisation_and_average_slices(retina_path: Path) -> None:
+    from engines.features import input_statistics, slice_statistics
+
+    # float32 images as the network inputs are (the wavelet noise estimate of a smooth image moves
+    # with float32 rounding, so the references are float32 too)
+    g = _retina_grey(retina_path, 64).astype(np.float32).astype(np.float64)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    x = ((g - 0.5) / 0.5).astype(np.float32)
+    compact = input_statistics(x[None], mean, std)                 # (1, S, S): the readers' grey input
+    three = input_statistics(np.repeat(x[None], 3, axis=0), mean, std)
+    assert compact == pytest.approx(slice_statistics(g), abs=1e-5) and three == pytest.approx(compact, abs=1e-6)
+    noise = np.random.default_rng(1).normal(0, 0.03, g.shape)
+    h = np.clip(g[::-1] + noise, 0, 1).astype(np.float32).astype(np.float64)
+    xh = ((h - 0.5) / 0.5).astype(np.float32)[None]
+    both = input_statistics(np.stack([x[None], xh]), mean, std)   # (n, C, S, S)
+    assert both == pytest.approx((slice_statistics(g) + slice_statistics(h)) / 2, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ ridge, blend, card
+
+def _toy(n_per: int, seed: int, sources: tuple[str, ...] = ("a", "b")):
+    """Statistics whose first column is the target plus a little noise; a network score q that
+    is mostly noise; two sources per modality."""
+    rng = np.random.default_rng(seed)
+    n = n_per * len(sources)
+    t = rng.uniform(0, 1, n)
+    f = rng.normal(0, 1, (n, 8))
+    f[:, 0] = t * 3 + rng.normal(0, 0.05, n)
+    q = 0.2 * t + rng.normal(0, 0.3, n)
+    groups = [sources[i % len(sources)] for i in range(n)]
+    return f, t, q, groups
+
+
+def test_ridge_fits_per_modality_and_blend_applies_the_weight() -> None:
+    from engines.features import FeatureHead, fit_feature_head
+
+    f, t, _, _ = _toy(40, 0)
+    mods = ["xr"] * len(t)
+    head = fit_feature_head(f, t, mods)
+    assert set(head.heads) == {"xr"} and not head.active and head.heads["xr"].n_train == len(t)
+    f2, t2, q2, _ = _toy(40, 1)
+    r = head.heads["xr"].predict(f2)
+    assert np.corrcoef(r, t2)[0, 1] > 0.98 and r.min() >= 0 and r.max() <= 1
+    assert head.apply(0.3, f2[0], "xr") == 0.3                      # blend 0: the network's score
+    h1 = dataclasses.replace(head, heads={"xr": dataclasses.replace(head.heads["xr"], blend=0.25)})
+    assert h1.active and h1.apply(0.3, f2[0], "xr") == pytest.approx(0.75 * 0.3 + 0.25 * r[0])
+    assert h1.apply(0.3, None, "ct") == 0.3                          # no ridge for CT
+    with pytest.raises(ValueError, match="needs the study's input statistics"):
+        h1.apply(0.3, None, "xr")
+    assert FeatureHead.from_dict(json.loads(json.dumps(h1.to_dict()))) == dataclasses.replace(h1, selection={})
+    # too few studies of a modality: no ridge for it
+    assert fit_feature_head(f[:10], t[:10], ["mr"] * 10).heads == {}
+
+
+def test_blend_needs_a_shown_gain_in_every_source_and_two_sources() -> None:
+    from engines.features import choose_blend, fit_feature_head
+
+    f, t, _, _ = _toy(60, 2)
+    head = fit_feature_head(f, t, ["xr"] * len(t))
+    head = dataclasses.replace(head, heads={**head.heads, "ct": head.heads["xr"], "mr": head.heads["xr"]})
+    fv, tv, qv, gv = _toy(30, 3)
+    # xr: two sources, network noisy → a blend wins; ct: the same studies but from one source only;
+    # mr: the network ranks source "b" perfectly, so any blend loses there
+    qm = qv.copy()
+    b = np.array(gv) == "b"
+    qm[b] = tv[b]
+    fv3, tv3 = np.concatenate([fv] * 3), np.concatenate([tv] * 3)
+    q3 = np.concatenate([qv, qv, qm])
+    mods = ["xr"] * len(tv) + ["ct"] * len(tv) + ["mr"] * len(tv)
+    groups = list(gv) + ["one"] * len(tv) + list(gv)
+    chosen = choose_blend(head, fv3, q3, tv3, mods, groups)
+    sel = chosen.selection["modalities"]
+    assert chosen.heads["xr"].blend > 0 and sel["xr"]["interval"][str(chosen.heads["xr"].blend)][0] > 0
+    assert chosen.heads["ct"].blend == 0 and sel["ct"]["sources"] == ["one"] and "srcc" not in sel["ct"]
+    assert chosen.heads["mr"].blend == 0
+    assert all(sel["mr"]["per_source"][a]["b"] < sel["mr"]["per_source"]["0"]["b"] for a in ("0.25", "1.0"))
+    with pytest.raises(ValueError, match="one entry per study"):
+        choose_blend(head, fv, qv, tv, ["xr"] * len(tv), gv[:-1])
+
+
+def test_card_keeps_the_head_and_refuses_a_broken_one(artifact: Path) -> None:
+    from engines.artifact import ModelCard, UnsupportedArtifact, load_card
+    from engines.features import fit_feature_head
+
+    card = load_card(artifact)
+    assert card.feature_head == {} and "feature_head" not in card.to_dict()
+    f, t, _, _ = _toy(20, 4)
+    head = fit_feature_head(f, t, ["ct"] * len(t)).to_dict()
+    with_head = dataclasses.replace(card, feature_head=head)
+    assert ModelCard.from_json(with_head.to_json()).feature_head == json.loads(json.dumps(head))
+    broken = json.loads(json.dumps(head))
+    broken["heads"]["ct"]["coef"] = broken["heads"]["ct"]["coef"][:5]
+    with pytest.raises(UnsupportedArtifact, match="feature_head"):
+        dataclasses.replace(card, feature_head=broken)
+    old = {**head, "version": 0}
+    with pytest.raises(UnsupportedArtifact, match="statistics version 0"):
+        dataclasses.replace(card, feature_head=old)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def _noise_corpus(root: Path) -> Path:
+    """CT slices (CT_small anatomy; four 'sources', its views: two for training, two for validation)
+    with Gaussian noise of known strength, score = 5 − 4σ / 200 (the test model's 1–5 scale); train 24 studies, val 2 × 8, one
+    DICOM file each."""
+    from tests.conftest import _testdata, _write_ct_series, ct_small_hu
+
+    base = ct_small_hu(_testdata("CT_small.dcm"))
+    rng = np.random.default_rng(0)
+    rows = []
+    plan = [("train", "c" if i % 2 else "d", s) for i, s in enumerate(np.linspace(0, 200, 24))]
+    plan += [("val", src, s) for src in ("a", "b") for s in np.linspace(5, 195, 8)]
+    views = {"a": base, "b": base[:, ::-1], "c": base[::-1], "d": base.T}
+    for i, (split, src, sigma) in enumerate(plan):
+        img = np.ascontiguousarray(views[src])
+        noisy = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
+        _write_ct_series(root / f"s{i:02d}", [0.0], hu=lambda _, a=noisy: a)
+        rows.append((f"s{i:02d}", f"{5 - 4 * sigma / 200:.4f}", "ct", "chest", "soft", split, src))
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "score", "modality", "region", "type", "split", "source_id"])
+        w.writerows(rows)
+    return manifest
+
+
+def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path, tmp_path: Path) -> None:
+    """``mediqa train feature-head`` on a noise series the random test network cannot rank: CT
+    blends; ``mediqa evaluate`` and ``mediqa score`` then give, study by study, (1 − α) · the
+    network's score + α · the ridge's, and ``--no-features`` gives the network's own score."""
+    from engines.artifact import load_card
+    from engines.features import FeatureHead
+
+    manifest = _noise_corpus(tmp_path / "corpus")
+    out = tmp_path / "head.safetensors"
+    code, stdout, stderr = _run(["train", "feature-head", str(artifact), str(manifest), "--min-studies", "8",
+                                 "--output", str(out), "--no-progress"])
+    assert code == 0, stderr
+    head = FeatureHead.from_dict(load_card(out).feature_head)
+    a = head.blend_for("ct")
+    assert a > 0 and "-> blend" in stdout and head.selection["fit_split"] == "train"
+    assert load_card(artifact).feature_head == {}                  # the input artifact is untouched
+    reps = {}
+    for flag in ("--features", "--no-features"):
+        js = tmp_path / f"eval{flag}.json"
+        code, _, stderr = _run(["evaluate", str(out), str(manifest), "--split", "val", "--tta", "none", flag,
+                                "--no-progress", "--json", str(js)])
+        assert code == 0, stderr
+        reps[flag] = {p["path"]: p["prediction"] for p in json.loads(js.read_text())["predictions"]}
+    assert set(reps["--features"]) == {f"s{i:02d}" for i in range(24, 40)}
+    from training.feature_head import train_statistics
+
+    stats, _, _ = train_statistics(out, manifest, split="val", progress=False)
+    ridge = head.heads["ct"].predict(stats)
+    for (path, plain), r in zip(sorted(reps["--no-features"].items()), ridge):
+        q = (plain - 1.0) / 4.0                                    # the model's [0, 1] scale
+        assert reps["--features"][path] == pytest.approx(1.0 + 4.0 * ((1 - a) * q + a * r), abs=1e-5)
+    from scipy.stats import spearmanr
+
+    target = {p: 5 - 4 * s / 200 for p, s in zip(sorted(reps["--features"]), np.tile(np.linspace(5, 195, 8), 2))}
+    keys = sorted(target)
+    assert spearmanr([reps["--features"][k] for k in keys], [target[k] for k in keys])[0] > \
+        spearmanr([reps["--no-features"][k] for k in keys], [target[k] for k in keys])[0]
+    # scoring: the val studies only, same scores as evaluate, and the label marks --no-features
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    for k in keys:
+        shutil.copytree(tmp_path / "corpus" / k, val_dir / k)
+    for flag in ("--features", "--no-features"):
+        csv_out = tmp_path / f"scores{flag}.csv"
+        code, _, stderr = _run(["score", str(val_dir), "--model", str(out), "-o", str(csv_out), "--tta", "none",
+                                flag, "--workers", "1", "-q", "--header-cache", "off"])
+        assert code == 0, stderr
+        rows = {r["path"].split("/")[0]: r for r in csv.DictReader(csv_out.open())}   # sNN/slice_000.dcm
+        assert set(rows) == set(keys)
+        for k in keys:
+            assert float(rows[k]["score"]) == pytest.approx(reps[flag][k], abs=1e-4), (flag, k)
+            assert rows[k]["model"].endswith("+no-features") == (flag == "--no-features")

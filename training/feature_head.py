@@ -1,0 +1,80 @@
+"""Fit a model's feature head (``engines.features``) and record it in the model card.
+
+``fit_feature_head_for(model, data)``: the ridge of each prompt modality is fitted on the input
+statistics of the ``train`` split (prepared through the scoring path with the model's own
+preprocessing), then the blend weights are chosen on the ``val`` split against the network's
+scores with ``--tta auto`` (the model's TTA policy), so the blend is judged on what ``mediqa
+score`` would give. ``mediqa train feature-head`` is the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.features import FeatureHead, choose_blend, fit_feature_head
+
+logger = logging.getLogger(__name__)
+
+
+def train_statistics(model_path: str | Path, data: str | Path, *, split: str = "train", workers: int = 0,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(statistics (n, 8), targets on the model's [0, 1] scale, prompt modality) of ``split``."""
+    from engines.artifact import load_card  # noqa: PLC0415
+    from engines.preprocess import PreprocessConfig  # noqa: PLC0415
+    from engines.prompts import PromptVocab  # noqa: PLC0415
+    from training.evaluate import _prepared_items, _split_samples, item_statistics  # noqa: PLC0415
+
+    card = load_card(model_path)
+    samples, report = _split_samples(data, split, card)
+    pcfg = PreprocessConfig.from_dict(card.preprocess)
+    items, cache, _ = _prepared_items(samples, card, None, PromptVocab.from_dict(card.prompt_vocab), pcfg,
+                                      report, workers=workers, progress=progress, device=None)
+    if not items:
+        raise ValueError(f"no study of the {split} split of {data} could be prepared: {report.summary()}")
+    lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
+    stats = np.stack([item_statistics(it, cache, pcfg) for it in items])
+    targets = (np.array([it.target for it in items], dtype=np.float64) - lo) / (hi - lo)
+    return stats, targets, [it.prompt_values.get("modality") for it in items]
+
+
+def fit_feature_head_for(model_path: str | Path, data: str | Path, *, fit_split: str = "train",
+                         choose_split: str = "val", penalty: float = 1.0, min_studies: int = 20,
+                         min_sources: int = 2, device: str = "cpu", batch_size: int = 8, workers: int = 0,
+                         progress: bool = True) -> FeatureHead:
+    """The model's feature head: ridges fitted on ``fit_split``, blend weights chosen on
+    ``choose_split`` (see ``engines.features.choose_blend``)."""
+    from engines.artifact import load_card  # noqa: PLC0415
+    from training.evaluate import evaluate_modes  # noqa: PLC0415
+
+    if fit_split == choose_split:
+        raise ValueError("the ridge and the blend weights need two different splits")
+    stats, targets, mods = train_statistics(model_path, data, split=fit_split, workers=workers, progress=progress)
+    head = fit_feature_head(stats, targets, mods, penalty=penalty, min_studies=min_studies)
+    logger.info("feature head: ridges for %s from %d %s studies", sorted(head.heads), len(targets), fit_split)
+    rep = evaluate_modes(model_path, data, modes=("auto",), split=choose_split, device=device,
+                         batch_size=batch_size, workers=workers, progress=progress, features=False,
+                         statistics=True)["auto"]
+    card = load_card(model_path)
+    lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
+    rows = rep["predictions"]
+    q = (np.array([r["prediction"] for r in rows]) - lo) / (hi - lo)
+    t = (np.array([r["target"] for r in rows]) - lo) / (hi - lo)
+    head = choose_blend(head, np.array([r["statistics"] for r in rows]), q, t,
+                        [r.get("modality") for r in rows], [r.get("source") for r in rows],
+                        min_studies=min_studies, min_groups=min_sources)
+    sel: dict[str, Any] = dict(head.selection)
+    sel.update({"fit_split": fit_split, "fit_studies": int(len(targets)), "choose_split": choose_split,
+                "data": Path(data).name, "tta": "auto"})
+    return dataclasses.replace(head, selection=sel)
+
+
+def write_feature_head(model_path: str | Path, head: FeatureHead, output: str | Path | None = None) -> Path:
+    """Copy of the ``.safetensors`` artifact whose card holds ``head`` (None output: in place)."""
+    from engines.artifact import rewrite_card  # noqa: PLC0415
+
+    return rewrite_card(model_path, output, feature_head=head.to_dict())
