@@ -237,7 +237,8 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
     for m, h in sorted(heads.items()):
         sel = mods == m
         names, counts = np.unique(grp[sel & (grp != "")], return_counts=True)
-        sources = [str(n) for n, c in zip(names, counts) if c >= min_studies]
+        # a source needs min_studies studies, and at least 3 to have a rank correlation at all
+        sources = [str(n) for n, c in zip(names, counts) if c >= max(min_studies, 3)]
         rec: dict[str, Any] = {"n": int(sel.sum()), "sources": sources}
         best = 0.0
         if len(sources) >= min_groups:

@@ -529,6 +529,13 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
                        + f"tta_policy: {section}\n")
         with pytest.raises(ConfigError, match=msg):
             recipe.load_recipe(bad)
+    for section, msg in (("{choose_split: train}", "held out"), ("{fit_split: val}", "two splits"),
+                         ("{penalty: 0}", "penalty must be > 0"), ("{min_sources: two}", "integers"),
+                         ("{alpha: 1}", "unknown feature_head key")):
+        bad.write_text(RECIPE.format(out=tmp_path / "x", work=tmp_path / "w", ft_epochs=1)
+                       + f"feature_head: {section}\n")
+        with pytest.raises(ConfigError, match=msg):
+            recipe.load_recipe(bad)
 
     calls: list[str] = []
     real = ev.evaluate_modes
@@ -549,9 +556,11 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
     work, out = tmp_path / "work", tmp_path / "model.safetensors"
     y = tmp_path / "recipe.yaml"
     y.write_text(RECIPE.format(out=out, work=work, ft_epochs=1)
-                 + "tta_policy: {split: test, modes: flip, min_studies: 1}\n")
+                 + "tta_policy: {split: test, modes: flip, min_studies: 1}\n"
+                 + "feature_head: {choose_split: test, min_studies: 1, min_sources: 1}\n")
     res = recipe.run_recipe(y, progress=False)
-    assert calls == ["test:none", "test:none,flip"]   # the record, then the choice (one pass)
+    # the record, the TTA choice (one pass), then the feature head's blend on the model with its policy
+    assert calls == ["test:none", "test:none,flip", "test:auto"]
     groups, card = load_tensors(out)
     pol = card.tta_policy
     sel = pol["selection"]
@@ -566,14 +575,25 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
     # the policy was measured on the packed artifact as it was just before the card got it
     assert len(packed_sha) == 1 and sel["model_sha256"] == packed_sha[0] != file_sha256(out)
     assert sorted(p.name for p in (work / "tta-policy").iterdir()) == ["tta-flip.json", "tta-none.json"]
+    # step 7: a ridge for each modality of the training studies, its choice recorded in card and summary
+    fh = card.feature_head
+    import csv
+    import collections
+
+    train_mods = collections.Counter(r["modality"] for r in csv.DictReader((work / "corpus" / "manifest.csv").open())
+                                     if r["split"] == "train")
+    assert {m: h["n_train"] for m, h in fh["heads"].items()} == dict(train_mods)
+    assert fh["selection"]["fit_split"] == "train" and fh["selection"]["choose_split"] == "test"
+    assert res["feature_head"] == fh and json.loads((work / "recipe_summary.json").read_text())["feature_head"] == fh
 
     calls.clear()                                            # --finish: the choice is reused
     cut = tmp_path / "cut.safetensors"
-    save_artifact(cut, groups, dataclasses.replace(card, metrics={}, tta_policy={}), dtype="fp16")
+    save_artifact(cut, groups, dataclasses.replace(card, metrics={}, tta_policy={}, feature_head={}), dtype="fp16")
     recipe.finish_recipe(y, cut, progress=False)
-    assert calls == ["test:none"]
+    assert calls == ["test:none", "test:auto"]
     groups2, card2 = load_tensors(cut)
     assert card2.tta_policy == pol and card2.metrics == card.metrics
+    assert card2.feature_head["heads"] == fh["heads"]
     assert all(torch.equal(groups2[m][k], groups[m][k]) for m in groups for k in groups[m])
 
 

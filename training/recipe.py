@@ -35,6 +35,13 @@ default, or ``test``; never ``train``), ``modes`` (default ``[flip, d4]``), ``mi
 ``min_studies`` (20). The step's evaluations are kept in ``<work_dir>/tta-policy`` and reused
 when the same artifact is chosen again (``--finish``). The card's test metrics stay those of
 the plain network; the policy records its own measurements.
+
+An optional ``feature_head`` section adds step 7 (after step 6): fit the packed model's feature
+head (``engines.features``: a ridge per modality on classical statistics of the network input,
+fitted on ``fit_split``, blend weights chosen on ``choose_split`` against the model's ``--tta
+auto`` scores) and write it into the card, as ``mediqa train feature-head`` does. Keys:
+``fit_split`` (train), ``choose_split`` (val), ``penalty`` (1.0), ``min_studies`` (20),
+``min_sources`` (2).
 """
 
 from __future__ import annotations
@@ -54,11 +61,12 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier",
-            "base", "tta_policy")
+            "base", "tta_policy", "feature_head")
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
 SYNTH_KEYS = ("size", "seed", "workers")   # and every generator option (``_synth_keys``)
 TTA_POLICY_KEYS = ("split", "modes", "min_gain", "min_studies")
+FEATURE_HEAD_KEYS = ("fit_split", "choose_split", "penalty", "min_studies", "min_sources")
 
 
 def _check_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -79,6 +87,8 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
         merge_config(TrainConfig(), d.get(stage) or {})   # raises on unknown keys / bad values
     if "tta_policy" in d:
         _tta_policy_options(d["tta_policy"])
+    if "feature_head" in d:
+        _feature_head_options(d["feature_head"])
     if "base" in d:
         base = d["base"] or {}
         _check_keys(base, BASE_KEYS, "base")
@@ -113,6 +123,27 @@ def _tta_policy_options(section: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"tta_policy: min_gain must be a number and min_studies an integer ({exc})") from None
     return {"split": split, "modes": tuple(modes), "min_gain": min_gain, "min_studies": min_studies}
+
+
+def _feature_head_options(section: Any) -> dict[str, Any]:
+    """The validated ``feature_head`` section as ``fit_feature_head_for`` keywords."""
+    sec = section or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"feature_head must be a mapping ({', '.join(FEATURE_HEAD_KEYS)})")
+    _check_keys(sec, FEATURE_HEAD_KEYS, "feature_head")
+    fit, choose = str(sec.get("fit_split", "train")), str(sec.get("choose_split", "val"))
+    if fit not in ("train", "val", "test") or choose not in ("val", "test") or fit == choose:
+        raise ConfigError(f"feature_head: fit_split and choose_split must be two splits, choose_split held out "
+                          f"(val or test); got {fit!r} / {choose!r}")
+    try:
+        opts = {"penalty": float(sec.get("penalty", 1.0)), "min_studies": int(sec.get("min_studies", 20)),
+                "min_sources": int(sec.get("min_sources", 2))}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"feature_head: penalty must be a number, min_studies / min_sources integers ({exc})") \
+            from None
+    if opts["penalty"] <= 0 or opts["min_studies"] < 1 or opts["min_sources"] < 1:
+        raise ConfigError("feature_head: penalty must be > 0, min_studies and min_sources >= 1")
+    return {"fit_split": fit, "choose_split": choose, **opts}
 
 
 def ensure_base(recipe_path: str | Path, base: dict[str, Any]) -> Path:
@@ -343,7 +374,8 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
         data_summary=data_summary, metrics={}, training=training)
     save_artifact(out_path, modules, card, dtype="fp16")
     return _test_and_record(out_path, modules, card, manifest, work, outcomes, ft_cfg.device,
-                            ft_cfg.batch_size, ft_cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY))
+                            ft_cfg.batch_size, ft_cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY),
+                            recipe.get("feature_head", _NO_POLICY))
 
 
 def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
@@ -371,10 +403,11 @@ _NO_POLICY = object()   # the recipe has no tta_policy section (an empty section
 
 def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
                      outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
-                     progress: bool, tta_section: Any = _NO_POLICY) -> dict[str, Any]:
+                     progress: bool, tta_section: Any = _NO_POLICY,
+                     feature_section: Any = _NO_POLICY) -> dict[str, Any]:
     """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
     write the metrics into its card and ``<work>/recipe_summary.json``; then step 6 when the
-    recipe has a ``tta_policy`` section."""
+    recipe has a ``tta_policy`` section and step 7 when it has a ``feature_head`` section."""
     from engines.artifact import save_artifact  # noqa: PLC0415
     from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
@@ -396,6 +429,14 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     if tta_section is not _NO_POLICY:
         summary["tta_policy"] = _choose_policy(out_path, manifest, work, tta_section, device, batch_size,
                                                workers, progress)
+    if feature_section is not _NO_POLICY:
+        from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
+
+        head = fit_feature_head_for(out_path, manifest, device=device, batch_size=batch_size, workers=workers,
+                                    progress=progress, **_feature_head_options(feature_section))
+        write_feature_head(out_path, head)
+        summary["feature_head"] = head.to_dict()
+        logger.info("feature head: blend %s", {m: h.blend for m, h in sorted(head.heads.items())})
     (work / "recipe_summary.json").write_text(json.dumps(jsonable(summary), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
     return {**summary, "artifact": out_path}
@@ -458,4 +499,5 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
     out_path = Path(output) if output else artifact
     cfg = _stage_config(recipe, "finetune", "finetune", work / "runs" / "finetune", work / "cache", device, progress)
     return _test_and_record(out_path, modules, card, manifest, work, outcomes, cfg.device,
-                            cfg.batch_size, cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY))
+                            cfg.batch_size, cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY),
+                            recipe.get("feature_head", _NO_POLICY))

@@ -125,6 +125,9 @@ def model_summary(path: str) -> dict[str, Any]:
         "tta_auto": TTAPolicy.from_dict(card.tta_policy).describe(),
         "tta_auto_chosen_on": ({k: card.tta_policy.get("selection", {}).get(k) for k in ("data", "split")}
                                if card.tta_policy else None),
+        # classical statistics blended into the score per modality (`mediqa train feature-head`)
+        "feature_blend": ({mod: h.get("blend") for mod, h in (card.feature_head.get("heads") or {}).items()}
+                          if card.feature_head else None),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
         "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in
