@@ -405,15 +405,18 @@ class _Prepared:
     thumbs: list[bytes] | None
     elapsed_s: float = 0.0          # time the worker spent on this study
     pixel_mm: tuple[float, float] | None = None   # in-plane spacing (``in_plane_spacing``)
+    stats: np.ndarray | None = None  # ``engines.features.input_statistics`` of ``images`` (when asked)
 
 
 def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: float = 0.05,
-                  thumbnails: bool = False, compact_grey: bool = False) -> _Prepared:
+                  thumbnails: bool = False, compact_grey: bool = False, statistics: bool = False) -> _Prepared:
     """Read one study lazily, choose its salient slices and preprocess them (runs in a worker).
 
     ``compact_grey``: a grey study's images are (n, 1, S, S) (``preprocess_slice``'s
     ``compact_grey``): a third of the bytes to pickle and pipe, and no repeated channels to
-    compute; the main process restores the three with the zero-copy ``grey_channels``."""
+    compute; the main process restores the three with the zero-copy ``grey_channels``.
+    ``statistics``: also measure the feature head's input statistics of the images (in the
+    worker, off the engine's thread)."""
     from engines.prompts import prompts_from_tags
     from engines.slices import select_salient_slices
 
@@ -449,11 +452,13 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
     undecided_ct = (modality == "ct" and not ptype)
     thumbs = ([thumbnail_png(np.asarray(s), modality, ptype, cfg, wt, pixel_mm=pix) for s in slices]
               if thumbnails else None)
-    return _Prepared(images=images.astype(np.float32, copy=False), indices=indices,
+    images = images.astype(np.float32, copy=False)
+    return _Prepared(images=images, indices=indices,
                      n_total=n_total, n_decoded=n_decoded, tag_prompts=tags, meta=meta,
                      flags=flags, ptype_used=ptype,
                      raw=[np.asarray(s, dtype=np.float32) for s in slices] if undecided_ct else None,
-                     thumbs=thumbs, elapsed_s=time.perf_counter() - t0, pixel_mm=pix)
+                     thumbs=thumbs, elapsed_s=time.perf_counter() - t0, pixel_mm=pix,
+                     stats=input_statistics(images, cfg.mean, cfg.std) if statistics else None)
 
 
 def _lower_priority(nice: int) -> None:
@@ -589,16 +594,21 @@ class _RefSource:
         self.conn.close()
 
 
-def _warm_imports() -> None:
+def _warm_imports(statistics: bool = False) -> None:
     """Import what nearly every study needs before the first one arrives: a fresh reader spends
     ~0.4 core-s importing pydicom and Pillow, and it would otherwise do so on the first study,
     while the engine waits (the header scanner is busy with the first series meanwhile).
     Imported when first used instead: nibabel (NIfTI) and scikit-image's Otsu threshold (only
     non-CT volumes need it; importing it, with SciPy's ndimage, costs each reader another ~0.4
-    core-s, taken from the engine on a busy machine, for CT-only or 2D-only archives for nothing)."""
+    core-s, taken from the engine on a busy machine, for CT-only or 2D-only archives for nothing).
+    ``statistics``: the readers measure the feature head's statistics of every study, so its
+    modules (SciPy's ndimage, scikit-image's wavelet noise estimate) are needed anyway."""
     import importlib
 
-    for name in ("pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"):
+    names = ["pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"]
+    if statistics:
+        names += ["scipy.ndimage", "skimage.restoration"]
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a missing optional module is imported (and reported) when used
@@ -606,13 +616,14 @@ def _warm_imports() -> None:
 
 
 def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
-                 min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0) -> None:
+                 min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0,
+                 statistics: bool = False) -> None:
     """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
     _lower_priority(nice)
     _quiet_child(log_level)
     cfg = PreprocessConfig.from_dict(cfg_dict)
     run_plugins(plugins)
-    _warm_imports()
+    _warm_imports(statistics)
     try:
         conn.send(_READY)   # the study clock starts now, not at spawn (see _Worker.deadline)
     except (EOFError, OSError, BrokenPipeError):
@@ -627,7 +638,7 @@ def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict,
         seq, ref = msg
         try:
             prep = prepare_study(ref, cfg, k, min_fraction=min_fraction, thumbnails=thumbnails,
-                                 compact_grey=True)
+                                 compact_grey=True, statistics=statistics)
             out: tuple = (seq, True, prep)
         except BaseException as exc:  # noqa: BLE001 - per-study boundary
             out = (seq, False, (error_code(exc), safe_error_message(exc, ref)))
@@ -943,7 +954,7 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
     state: dict[int, _Study] = {}
     next_emit = 0
     worker_args = (tuple(config.plugins), pcfg.to_dict(), k, config.min_fraction,
-                   config.thumbnails, log_level, config.reader_nice)
+                   config.thumbnails, log_level, config.reader_nice, head is not None)
     feeder = _Feeder(root, config, worker_args, lambda: next_emit, reuse, log_level)
     items: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()   # (seq, slice i, image, prompt)
     to_classify: deque[int] = deque()
@@ -998,7 +1009,9 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
                                for r in p.raw])
         prompt = encode_prompt(Prompt(**values), vocab)
         if head is not None and head.blend_for(values["modality"]) > 0:
-            st.stats = input_statistics(images, pcfg.mean, pcfg.std)
+            # measured by the reader on the images it sent; again here only after a re-window
+            st.stats = p.stats if images is p.images and p.stats is not None \
+                else input_statistics(images, pcfg.mean, pcfg.std)
         st.scores = np.zeros(len(images), np.float64)
         st.logits = np.zeros(len(images), np.float64)
         st.remaining = len(images)
