@@ -237,7 +237,8 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
         "rule": (f"largest validation SRCC among the blend weights whose paired {confidence:.0%} bootstrap "
                  f"interval against the network lies above 0 and that lose in no source; needs "
                  f">= {min_groups} sources of >= {min_studies} studies"),
-        "grid": list(grid), "modalities": {}}
+        "grid": list(grid), "confidence": confidence, "min_studies": min_studies, "min_sources": min_groups,
+        "modalities": {}}
     for m, h in sorted(heads.items()):
         sel = mods == m
         names, counts = np.unique(grp[sel & (grp != "")], return_counts=True)

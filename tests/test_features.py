@@ -181,8 +181,9 @@ def _noise_corpus(root: Path) -> Path:
 
 def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path, tmp_path: Path) -> None:
     """``mediqa train feature-head`` on a noise series the random test network cannot rank: CT
-    blends; ``mediqa evaluate`` and ``mediqa score`` then give, study by study, (1 − α) · the
-    network's score + α · the ridge's, and ``--no-features`` gives the network's own score."""
+    blends; ``mediqa evaluate`` and ``mediqa score`` (torch, and onnxruntime on the exported
+    model) then give, study by study, (1 − α) · the network's score + α · the ridge's, and
+    ``--no-features`` gives the network's own score."""
     from engines.artifact import load_card
     from engines.features import FeatureHead
 
@@ -231,3 +232,37 @@ def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path
         for k in keys:
             assert float(rows[k]["score"]) == pytest.approx(reps[flag][k], abs=1e-4), (flag, k)
             assert rows[k]["model"].endswith("+no-features") == (flag == "--no-features")
+    # the ONNX export carries the card, so onnxruntime applies the same head
+    code, _, stderr = _run(["export", str(out), "-o", str(tmp_path / "onnx"), "--exporter", "torchscript",
+                            "--samples", "4"])
+    assert code == 0, stderr
+    onnx_model = tmp_path / "onnx" / "model.onnx"
+    assert load_card(onnx_model).feature_head == load_card(out).feature_head
+    code, _, stderr = _run(["score", str(val_dir), "--model", str(onnx_model), "-o", str(tmp_path / "onnx.csv"),
+                            "--tta", "none", "--workers", "1", "-q", "--header-cache", "off"])
+    assert code == 0, stderr
+    for r in csv.DictReader((tmp_path / "onnx.csv").open()):
+        assert float(r["score"]) == pytest.approx(reps["--features"][r["path"].split("/")[0]], abs=1e-4)
+
+
+def test_bundled_models_feature_head_was_chosen_on_validation_data() -> None:
+    """The bundled card's feature head: ridges fitted on the training split, blend weights chosen
+    on the validation split (never the test split the README reports) against ``--tta auto``,
+    and each weight is exactly what the recorded measurements and the rule give."""
+    from engines.artifact import bundled_model_path, load_card
+    from engines.features import FeatureHead
+
+    head = FeatureHead.from_dict(load_card(bundled_model_path()).feature_head)
+    sel = head.selection
+    assert sel["fit_split"] == "train" and sel["choose_split"] == "val" and sel["tta"] == "auto"
+    assert head.active and set(sel["modalities"]) == set(head.heads)
+    for m, row in sel["modalities"].items():
+        assert row["blend"] == head.blend_for(m)
+        if len(row["sources"]) < sel["min_sources"]:
+            assert row["blend"] == 0.0
+            continue
+        base, per0 = row["srcc"]["0"], row["per_source"]["0"]
+        eligible = [a for a, (lo, _) in row["interval"].items()
+                    if lo > 0 and row["srcc"][a] > base and all(row["per_source"][a][u] >= per0[u] for u in row["sources"])]
+        want = float(max(eligible, key=lambda a: row["srcc"][a])) if eligible else 0.0
+        assert row["blend"] == want, m
