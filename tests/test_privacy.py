@@ -161,6 +161,9 @@ def test_scrub_filter_on_log_records_and_exceptions():
 
 
 def test_install_log_scrubber_catches_pydicom_warnings():
+    # start without warning capture: a CLI run earlier in the session (`mediqa score` installs the
+    # scrubber) leaves it on, and captureWarnings(True) then keeps pytest's own recorder in place
+    logging.captureWarnings(False)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()
