@@ -70,6 +70,11 @@ def build_scored_corpus(root: Path, retina_path: Path, *, with_3d: bool = True) 
             _write_ct_series(root / f"ct3d_{lvl}", [2.5 * i for i in range(len(vols))], hu=lambda i, v=vols: v[i],
                              extra=lambda i, ds: setattr(ds, "Exposure", 300))
             rows.append((f"ct3d_{lvl}", 1 - lvl / 3, "ct", "chest", "soft", "train", f"ct3d{lvl}"))
+    return write_manifest(root, rows)
+
+
+def write_manifest(root: Path, rows: list[tuple]) -> Path:
+    """``root/manifest.csv`` with the columns path, score, modality, region, type, split, source_id."""
     manifest = root / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         w = csv.writer(fh)

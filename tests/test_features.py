@@ -159,6 +159,7 @@ def _noise_corpus(root: Path) -> Path:
     with Gaussian noise of known strength, score = 5 − 4σ / 200 (the test model's 1–5 scale); train 24 studies, val 2 × 8, one
     DICOM file each."""
     from tests.conftest import _testdata, _write_ct_series, ct_small_hu
+    from tests.test_datasets import write_manifest
 
     base = ct_small_hu(_testdata("CT_small.dcm"))
     rng = np.random.default_rng(0)
@@ -171,12 +172,7 @@ def _noise_corpus(root: Path) -> Path:
         noisy = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
         _write_ct_series(root / f"s{i:02d}", [0.0], hu=lambda _, a=noisy: a)
         rows.append((f"s{i:02d}", f"{5 - 4 * sigma / 200:.4f}", "ct", "chest", "soft", split, src))
-    manifest = root / "manifest.csv"
-    with manifest.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "score", "modality", "region", "type", "split", "source_id"])
-        w.writerows(rows)
-    return manifest
+    return write_manifest(root, rows)
 
 
 def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path, tmp_path: Path) -> None:
@@ -266,3 +262,13 @@ def test_bundled_models_feature_head_was_chosen_on_validation_data() -> None:
                     if lo > 0 and row["srcc"][a] > base and all(row["per_source"][a][u] >= per0[u] for u in row["sources"])]
         want = float(max(eligible, key=lambda a: row["srcc"][a])) if eligible else 0.0
         assert row["blend"] == want, m
+
+
+def test_feature_head_cli_refuses_bad_requests(artifact: Path, tmp_path: Path) -> None:
+    from tests.test_datasets import write_manifest
+
+    manifest = write_manifest(tmp_path, [])
+    code, _, stderr = _run(["train", "feature-head", str(artifact), str(manifest), "--fit-split", "val"])
+    assert code == 1 and "two different splits" in stderr
+    code, _, stderr = _run(["train", "feature-head", str(artifact), str(manifest), "--output", str(tmp_path / "m.onnx")])
+    assert code == 2 and "the head is written into a .safetensors artifact" in stderr

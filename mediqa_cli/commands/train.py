@@ -6,10 +6,11 @@ command line (flags win). Unknown YAML keys fail with a "did you mean" suggestio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -164,6 +165,25 @@ def recipe(config: str, device: str | None, work_dir: str | None, output: str | 
     click.echo(f"wrote {Path(result['artifact'])}")
 
 
+@contextlib.contextmanager
+def _click_errors(*also: type[Exception]) -> Iterator[None]:
+    """MediqaError → ClickException "[code] message"; the ``also`` exception types → their text."""
+    from engines.errors import MediqaError  # noqa: PLC0415
+
+    try:
+        yield
+    except MediqaError as exc:
+        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
+    except also as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _card_target(model: str, output: str | None, dry_run: bool, what: str) -> None:
+    """UsageError unless the card rewrite goes to a .safetensors artifact (or nothing is written)."""
+    if not dry_run and Path(output or model).suffix.lower() != ".safetensors":
+        raise click.UsageError(f"{what} is written into a .safetensors artifact (export to ONNX afterwards)")
+
+
 @train.command("feature-head")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data", type=click.Path(exists=True))
@@ -191,19 +211,13 @@ def feature_head(model: str, data: str, fit_split: str, choose_split: str, penal
     the validation split with a paired bootstrap interval above 0 and loses in none of at least
     two validation sources; the measurements are recorded in the card. `mediqa score` and
     `mediqa evaluate` apply it (`--no-features`: the network alone)."""
-    from engines.errors import MediqaError  # noqa: PLC0415
     from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
 
-    if not dry_run and Path(output or model).suffix.lower() != ".safetensors":
-        raise click.UsageError("the head is written into a .safetensors artifact (export to ONNX afterwards)")
-    try:
+    _card_target(model, output, dry_run, "the head")
+    with _click_errors(ValueError):
         head = fit_feature_head_for(model, data, fit_split=fit_split, choose_split=choose_split, penalty=penalty,
                                     min_studies=min_studies, min_sources=min_sources, device=device,
                                     batch_size=batch_size, workers=workers, progress=progress)
-    except MediqaError as exc:
-        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
     for modality, row in head.selection.get("modalities", {}).items():
         tried = ", ".join(f"{a}: {row['srcc'][a]:.3f} CI [{row['interval'][a][0]:.3f}, {row['interval'][a][1]:.3f}]"
                           for a in row.get("interval", {}))
@@ -244,7 +258,6 @@ def tta_policy(model: str, data: str, split: str, modes: str, min_gain: float, m
     transform run once); per prompt modality keeps the mode whose SRCC gain is shown by a paired
     bootstrap interval (best SRCC wins), else none; records the policy and the measurements in
     the model card (.safetensors)."""
-    from engines.errors import MediqaError  # noqa: PLC0415
     from engines.tta import TTA_MODES  # noqa: PLC0415
     from training.tta_policy import choose_tta_policy, write_policy  # noqa: PLC0415
 
@@ -252,14 +265,11 @@ def tta_policy(model: str, data: str, split: str, modes: str, min_gain: float, m
     bad = [m for m in candidates if m not in TTA_MODES or m == "none"]
     if bad or not candidates:
         raise click.UsageError(f"--modes: expected some of flip, d4; got {modes!r}")
-    if not dry_run and Path(output or model).suffix.lower() != ".safetensors":
-        raise click.UsageError("the policy is written into a .safetensors artifact (export to ONNX afterwards)")
-    try:
+    _card_target(model, output, dry_run, "the policy")
+    with _click_errors():
         policy = choose_tta_policy(model, data, split=split, modes=candidates, device=device,
                                    batch_size=batch_size, workers=workers, progress=progress,
                                    reports_dir=reports_dir, min_gain=min_gain, min_studies=min_studies)
-    except MediqaError as exc:
-        raise click.ClickException(f"[{exc.code}] {exc.message}") from None
     for modality, row in policy.selection["modalities"].items():
         gains = ", ".join(f"{m} {row['srcc'][m]} (gain CI {row['gain_ci'][m]})" for m in row["gain_ci"])
         click.echo(f"{modality:8s} n={row['n']:4d}  none {row['srcc']['none']}  {gains}  -> {row['chosen']}")
