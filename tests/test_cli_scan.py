@@ -263,6 +263,9 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
         assert m["base"]["sha256"] == card.training["base"]["sha256"] and len(m["base"]["sha256"]) == 64
     assert set(m["test_srcc_by_prompt_modality"]) <= {"ct", "mr", "xr", "fundus", "us", "other"}
     assert m["card"] == json.loads(json.dumps(card.to_dict()))
+    # the feature head's blend weight per modality (README: X-ray only, 0.75)
+    assert m["feature_blend"] == {mod: h["blend"] for mod, h in card.feature_head["heads"].items()}
+    assert m["feature_blend"]["xr"] == 0.75 and m["feature_blend"]["ct"] == 0.0
     table = runner.invoke(cli, ["info", "--model", str(path)])
     assert table.exit_code == 0 and "model card" in table.stdout and "recipe_sha256" in table.stdout
     bad = tmp_path / "x.safetensors"
