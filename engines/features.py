@@ -11,13 +11,13 @@ the network sees at the same scale whatever the file's size, and scoring, evalua
 fitting get the same numbers from the same arrays.
 
 The **feature head** is one ridge regression per modality on those statistics and their
-squares, fitted on the training split to the (label-scaled) target, and a blend weight α per
-modality: a study's score is ``(1 − α) · q + α · clip(ridge, 0, 1)`` with q the network's
-(fused) score, both on the model's [0, 1] scale. α is chosen on the validation split
-(``choose_blend``): the α of the grid with the highest validation SRCC among those that beat
-the network with a paired bootstrap interval above 0 and lose in none of the modality's (at
-least two) validation sources; none → α = 0 (the network alone). The head is
-stored in the model card (``ModelCard.feature_head``) and applied by ``mediqa score`` and
+squares, fitted on the training split to the (label-scaled) target (inputs clipped to the
+training studies' range of each statistic), and a blend weight α per modality: a study's score
+is ``(1 − α) · q + α · clip(ridge, 0, 1)`` with q the network's (fused) score, both on the
+model's [0, 1] scale. α is chosen on the validation split (``choose_blend``): the α of the grid
+with the highest validation SRCC among those that beat the network with a paired bootstrap
+interval above 0 and lose in none of the modality's (at least two) validation sources; none →
+α = 0 (the network alone). The head is stored in the model card (``ModelCard.feature_head``) and applied by ``mediqa score`` and
 ``mediqa evaluate`` unless ``--no-features``.
 
 Why: on the synthetic corpus the network ranks X-ray blur, noise and JPEG worse than these eight
@@ -101,6 +101,8 @@ class RidgeHead:
     coef: tuple[float, ...]          # intercept, 8 linear, 8 squared terms
     blend: float = 0.0               # α: 0 = the network alone
     n_train: int = 0
+    lo: tuple[float, ...] = ()       # the training studies' range of each statistic: inputs are
+    hi: tuple[float, ...] = ()       # clipped to it, so the squares never extrapolate (() = no clip)
 
     def __post_init__(self) -> None:
         n = len(FEATURE_NAMES)
@@ -110,10 +112,18 @@ class RidgeHead:
             raise ValueError(f"blend weight must be in [0, 1], got {self.blend}")
         if not all(np.isfinite(v) for v in (*self.mean, *self.std, *self.coef)) or min(self.std) <= 0:
             raise ValueError("a ridge head's numbers must be finite (std > 0)")
+        if (self.lo or self.hi) and not (len(self.lo) == len(self.hi) == n
+                                         and all(a <= b for a, b in zip(self.lo, self.hi))):
+            raise ValueError(f"a ridge head's range needs {n} lows <= {n} highs")
 
     def predict(self, stats: np.ndarray) -> np.ndarray:
-        """Ridge predictions on the model's [0, 1] scale, clipped to it; stats (8,) or (n, 8)."""
-        x = _design(np.asarray(stats, dtype=np.float64), np.asarray(self.mean), np.asarray(self.std))
+        """Ridge predictions on the model's [0, 1] scale, clipped to it; stats (8,) or (n, 8),
+        each clipped to the training range first (an image unlike every training study gets the
+        prediction of the nearest edge of that range, not a quadratic extrapolation)."""
+        f = np.asarray(stats, dtype=np.float64)
+        if self.lo:
+            f = np.clip(f, np.asarray(self.lo), np.asarray(self.hi))
+        x = _design(f, np.asarray(self.mean), np.asarray(self.std))
         return np.clip(x @ np.asarray(self.coef), 0.0, 1.0)
 
 
@@ -165,7 +175,8 @@ class FeatureHead:
             try:
                 heads[str(m)] = RidgeHead(mean=tuple(map(float, h["mean"])), std=tuple(map(float, h["std"])),
                                           coef=tuple(map(float, h["coef"])), blend=float(h.get("blend", 0.0)),
-                                          n_train=int(h.get("n_train", 0)))
+                                          n_train=int(h.get("n_train", 0)), lo=tuple(map(float, h.get("lo", ()))),
+                                          hi=tuple(map(float, h.get("hi", ()))))
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"feature_head for {m!r} is incomplete: {exc}") from None
         return cls(heads=heads, penalty=float(d.get("penalty", 1.0)), version=version,
@@ -203,7 +214,8 @@ def fit_feature_head(stats: np.ndarray, targets: np.ndarray, modalities: Sequenc
         reg = penalty * np.eye(x.shape[1])
         reg[0, 0] = 0.0   # the intercept is not shrunk
         coef = np.linalg.solve(x.T @ x + reg, x.T @ t[sel])
-        heads[m] = RidgeHead(mean=tuple(mu), std=tuple(sd), coef=tuple(coef), n_train=int(sel.sum()))
+        heads[m] = RidgeHead(mean=tuple(mu), std=tuple(sd), coef=tuple(coef), n_train=int(sel.sum()),
+                             lo=tuple(f[sel].min(axis=0)), hi=tuple(f[sel].max(axis=0)))
     return FeatureHead(heads=heads, penalty=penalty)
 
 

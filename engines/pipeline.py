@@ -458,7 +458,18 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
                      flags=flags, ptype_used=ptype,
                      raw=[np.asarray(s, dtype=np.float32) for s in slices] if undecided_ct else None,
                      thumbs=thumbs, elapsed_s=time.perf_counter() - t0, pixel_mm=pix,
-                     stats=input_statistics(images, cfg.mean, cfg.std) if statistics else None)
+                     stats=_statistics_or_none(images, cfg) if statistics else None)
+
+
+def _statistics_or_none(images: np.ndarray, cfg: PreprocessConfig) -> np.ndarray | None:
+    """``input_statistics`` of a study's images, or None when they cannot be measured: the study
+    is then scored by the network alone (flag ``features_unavailable``), never lost."""
+    try:
+        stats = input_statistics(images, cfg.mean, cfg.std)
+    except Exception:  # noqa: BLE001 - a statistic must never cost a study its score
+        logger.warning("input statistics failed; the network's score is used", exc_info=True)
+        return None
+    return stats if np.isfinite(stats).all() else None
 
 
 def _lower_priority(nice: int) -> None:
@@ -1009,9 +1020,12 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
                                for r in p.raw])
         prompt = encode_prompt(Prompt(**values), vocab)
         if head is not None and head.blend_for(values["modality"]) > 0:
-            # measured by the reader on the images it sent; again here only after a re-window
+            # measured by the reader on the images it sent; again here after a re-window (or if
+            # the reader could not); still none: the network's score alone, flagged
             st.stats = p.stats if images is p.images and p.stats is not None \
-                else input_statistics(images, pcfg.mean, pcfg.std)
+                else _statistics_or_none(images, pcfg)
+            if st.stats is None:
+                st.record.flags.append("features_unavailable")
         st.scores = np.zeros(len(images), np.float64)
         st.logits = np.zeros(len(images), np.float64)
         st.remaining = len(images)

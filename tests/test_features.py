@@ -103,6 +103,16 @@ def test_ridge_fits_per_modality_and_blend_applies_the_weight() -> None:
     with pytest.raises(ValueError, match="needs the study's input statistics"):
         h1.apply(0.3, None, "xr")
     assert FeatureHead.from_dict(json.loads(json.dumps(h1.to_dict()))) == dataclasses.replace(h1, selection={})
+    # a study outside the training range is predicted as at the range's edge, not extrapolated
+    h = head.heads["xr"]
+    far = f2[0].copy()
+    far[0] = h.hi[0] + 50.0
+    edge = f2[0].copy()
+    edge[0] = h.hi[0]
+    assert h.predict(far) == pytest.approx(h.predict(edge))
+    assert dataclasses.replace(h, lo=(), hi=()).predict(far)[0] in (0.0, 1.0)   # unclipped: saturates
+    with pytest.raises(ValueError, match="lows <= 8 highs"):
+        dataclasses.replace(h, lo=h.hi, hi=h.lo)
     # too few studies of a modality: no ridge for it
     assert fit_feature_head(f[:10], t[:10], ["mr"] * 10).heads == {}
 
@@ -272,3 +282,31 @@ def test_feature_head_cli_refuses_bad_requests(artifact: Path, tmp_path: Path) -
     assert code == 1 and "two different splits" in stderr
     code, _, stderr = _run(["train", "feature-head", str(artifact), str(manifest), "--output", str(tmp_path / "m.onnx")])
     assert code == 2 and "the head is written into a .safetensors artifact" in stderr
+
+
+def test_statistics_that_cannot_be_measured_never_cost_a_study_its_score(monkeypatch, retina_path: Path,
+                                                                         tmp_path: Path) -> None:
+    """The reader measures the statistics with the images; a failure (or a non-finite value)
+    leaves them None — the study is then scored by the network alone, flagged — instead of
+    failing the study."""
+    from PIL import Image
+
+    from engines import pipeline
+    from engines.io.discover import discover_studies
+    from engines.preprocess import PreprocessConfig
+
+    Image.open(retina_path).convert("L").resize((96, 96)).save(tmp_path / "a.png")
+    ref = next(iter(discover_studies(tmp_path)))
+    cfg = PreprocessConfig(image_size=64)
+    good = pipeline.prepare_study(ref, cfg, 7, statistics=True)
+    assert good.stats is not None and good.stats.shape == (8,)
+    assert pipeline.prepare_study(ref, cfg, 7).stats is None          # not asked for: not measured
+
+    def broken(*a, **k):
+        raise FloatingPointError("boom")
+
+    monkeypatch.setattr(pipeline, "input_statistics", broken)
+    bad = pipeline.prepare_study(ref, cfg, 7, statistics=True)
+    assert bad.stats is None and np.array_equal(bad.images, good.images)
+    monkeypatch.setattr(pipeline, "input_statistics", lambda *a, **k: np.full(8, np.nan))
+    assert pipeline._statistics_or_none(good.images, cfg) is None

@@ -150,10 +150,10 @@ def _prepared_items(samples: Sequence[Any], card: Any, loaded: Any, vocab: Any, 
     return items, cache, classifier
 
 
-def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray:
+def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray | None:
     """``engines.features.input_statistics`` of a prepared study: over its distinct salient
     slices (a short series is padded to K with repeats for batching; scoring sees each once)."""
-    from engines.features import input_statistics  # noqa: PLC0415
+    from engines.pipeline import _statistics_or_none  # noqa: PLC0415
 
     prep = cache.get(item.key)
     images = np.asarray(prep.images)
@@ -162,7 +162,7 @@ def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray:
         for j, idx in enumerate(prep.indices):
             first.setdefault(int(idx), j)
         images = images[sorted(first.values())]
-    return input_statistics(images, pcfg.mean, pcfg.std)
+    return _statistics_or_none(images, pcfg)
 
 
 def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[str], split: str = "all",
@@ -237,7 +237,9 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
     for col, mode in enumerate(modes):
         qc = q[:, col].astype(np.float64)
         if head is not None:
-            qc = np.array([head.apply(float(v), st, m) for v, st, m in zip(qc, stats, mods)])
+            # a study without statistics keeps the network's score, as in scoring
+            qc = np.array([head.apply(float(v), st, m) if st is not None else float(v)
+                           for v, st, m in zip(qc, stats, mods)])
         pred = lo + qc * (hi - lo)
         policy = policies[mode]
         out: dict[str, Any] = {
@@ -253,7 +255,8 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
             "predictions": [{"path": it.sample.path, "target": float(t), "prediction": float(p),
                              **{g: it.prompt_values.get(g) for g in GROUP_KEYS},
                              "prompt_source": it.prompt_sources, "degradation": it.sample.extra.get("degradation"),
-                             **({"statistics": [float(v) for v in st], "source": it.sample.extra.get("source_id")}
+                             **({"statistics": None if st is None else [float(v) for v in st],
+                                 "source": it.sample.extra.get("source_id")}
                                 if statistics else {})}
                             for it, t, p, st in zip(ordered, target, pred, stats)],
         }

@@ -37,9 +37,11 @@ def train_statistics(model_path: str | Path, data: str | Path, *, split: str = "
     if not items:
         raise ValueError(f"no study of the {split} split of {data} could be prepared: {report.summary()}")
     lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
-    stats = np.stack([item_statistics(it, cache, pcfg) for it in items])
-    targets = (np.array([it.target for it in items], dtype=np.float64) - lo) / (hi - lo)
-    return stats, targets, [it.prompt_values.get("modality") for it in items]
+    rows = [(item_statistics(it, cache, pcfg), it) for it in items]
+    rows = [(st, it) for st, it in rows if st is not None]
+    stats = np.stack([st for st, _ in rows])
+    targets = (np.array([it.target for _, it in rows], dtype=np.float64) - lo) / (hi - lo)
+    return stats, targets, [it.prompt_values.get("modality") for _, it in rows]
 
 
 def fit_feature_head_for(model_path: str | Path, data: str | Path, *, fit_split: str = "train",
@@ -61,7 +63,7 @@ def fit_feature_head_for(model_path: str | Path, data: str | Path, *, fit_split:
                          statistics=True)["auto"]
     card = load_card(model_path)
     lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
-    rows = rep["predictions"]
+    rows = [r for r in rep["predictions"] if r["statistics"] is not None]
     q = (np.array([r["prediction"] for r in rows]) - lo) / (hi - lo)
     t = (np.array([r["target"] for r in rows]) - lo) / (hi - lo)
     head = choose_blend(head, np.array([r["statistics"] for r in rows]), q, t,
