@@ -202,6 +202,16 @@ def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path
     a = head.blend_for("ct")
     assert a > 0 and "-> blend" in stdout and head.selection["fit_split"] == "train"
     assert load_card(artifact).feature_head == {}                  # the input artifact is untouched
+    # the same head from already-measured network scores (what a recipe reuses from its TTA step)
+    from engines.tta import TTAPolicy
+    from training.evaluate import evaluate_modes
+    from training.feature_head import fit_feature_head_for
+    from training.tta_policy import auto_predictions
+
+    plain = evaluate_modes(artifact, manifest, modes=("none",), split="val", progress=False, features=False)
+    reused = fit_feature_head_for(artifact, manifest, min_studies=8, progress=False,
+                                  network=auto_predictions(TTAPolicy(), plain))
+    assert reused.heads == head.heads and reused.selection["modalities"] == head.selection["modalities"]
     reps = {}
     for flag in ("--features", "--no-features"):
         js = tmp_path / f"eval{flag}.json"
@@ -210,11 +220,13 @@ def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path
         assert code == 0, stderr
         reps[flag] = {p["path"]: p["prediction"] for p in json.loads(js.read_text())["predictions"]}
     assert set(reps["--features"]) == {f"s{i:02d}" for i in range(24, 40)}
-    from training.feature_head import train_statistics
+    from training.feature_head import split_rows
 
-    stats, _, _ = train_statistics(out, manifest, split="val", progress=False)
-    ridge = head.heads["ct"].predict(stats)
-    for (path, plain), r in zip(sorted(reps["--no-features"].items()), ridge):
+    rows = split_rows(out, manifest, split="val", progress=False)
+    ridge = dict(zip([r["path"] for r in rows], head.heads["ct"].predict(np.stack([r["statistics"] for r in rows]))))
+    assert set(ridge) == set(reps["--no-features"])
+    for path, plain in reps["--no-features"].items():
+        r = ridge[path]
         q = (plain - 1.0) / 4.0                                    # the model's [0, 1] scale
         assert reps["--features"][path] == pytest.approx(1.0 + 4.0 * ((1 - a) * q + a * r), abs=1e-5)
     from scipy.stats import spearmanr

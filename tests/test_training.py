@@ -559,8 +559,8 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
                  + "tta_policy: {split: test, modes: flip, min_studies: 1}\n"
                  + "feature_head: {choose_split: test, min_studies: 1, min_sources: 1}\n")
     res = recipe.run_recipe(y, progress=False)
-    # the record, the TTA choice (one pass), then the feature head's blend on the model with its policy
-    assert calls == ["test:none", "test:none,flip", "test:auto"]
+    # the record and the TTA choice (one pass); the feature head reuses the choice's evaluations
+    assert calls == ["test:none", "test:none,flip"]
     groups, card = load_tensors(out)
     pol = card.tta_policy
     sel = pol["selection"]
@@ -590,7 +590,7 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
     cut = tmp_path / "cut.safetensors"
     save_artifact(cut, groups, dataclasses.replace(card, metrics={}, tta_policy={}, feature_head={}), dtype="fp16")
     recipe.finish_recipe(y, cut, progress=False)
-    assert calls == ["test:none", "test:auto"]
+    assert calls == ["test:none"]
     groups2, card2 = load_tensors(cut)
     assert card2.tta_policy == pol and card2.metrics == card.metrics
     assert card2.feature_head["heads"] == fh["heads"]

@@ -334,3 +334,17 @@ def test_bundled_models_policy_was_chosen_on_validation_data() -> None:
             assert pol.modes[modality] == row["chosen"] and row["gain_ci"][row["chosen"]][0] > sel["min_gain"]
             assert row["srcc"][row["chosen"]] == max(row["srcc"][m] for m in row["gain_ci"]
                                                      if row["gain_ci"][m][0] > sel["min_gain"])
+
+
+def test_auto_predictions_take_each_studys_mode_from_the_reports() -> None:
+    from engines.tta import TTAPolicy
+    from training.tta_policy import auto_predictions
+
+    def rep(vals: dict[str, float]) -> dict:
+        return {"predictions": [{"path": p, "modality": p.split("/")[0], "prediction": v} for p, v in vals.items()]}
+
+    reports = {"none": rep({"xr/a": 0.1, "ct/b": 0.2}), "d4": rep({"xr/a": 0.3, "ct/b": 0.4})}
+    auto = auto_predictions(TTAPolicy(modes={"xr": "d4"}), reports)
+    assert auto == {"xr/a": (0.3, "xr"), "ct/b": (0.2, "ct")}
+    with pytest.raises(ValueError, match="TTA flip, which the reports lack"):
+        auto_predictions(TTAPolicy(modes={"ct": "flip"}), reports)

@@ -41,7 +41,8 @@ head (``engines.features``: a ridge per modality on classical statistics of the 
 fitted on ``fit_split``, blend weights chosen on ``choose_split`` against the model's ``--tta
 auto`` scores) and write it into the card, as ``mediqa train feature-head`` does. Keys:
 ``fit_split`` (train), ``choose_split`` (val), ``penalty`` (1.0), ``min_studies`` (20),
-``min_sources`` (2).
+``min_sources`` (2). When step 6 chose the policy on the same split, its kept evaluations give
+the ``--tta auto`` scores (no second pass over the split).
 """
 
 from __future__ import annotations
@@ -432,8 +433,19 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     if feature_section is not _NO_POLICY:
         from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
 
+        opts = _feature_head_options(feature_section)
+        network = None
+        pol = summary.get("tta_policy")
+        if pol and pol["selection"]["split"] == opts["choose_split"]:
+            # step 6 has just scored that split in every mode: its --tta auto scores, not a new pass
+            from engines.tta import TTAPolicy  # noqa: PLC0415
+            from training.tta_policy import auto_predictions, kept_reports  # noqa: PLC0415
+
+            reports = kept_reports(work / "tta-policy", pol["selection"]["model_sha256"], manifest,
+                                   opts["choose_split"])
+            network = auto_predictions(TTAPolicy.from_dict(pol), reports)
         head = fit_feature_head_for(out_path, manifest, device=device, batch_size=batch_size, workers=workers,
-                                    progress=progress, **_feature_head_options(feature_section))
+                                    progress=progress, network=network, **opts)
         write_feature_head(out_path, head)
         summary["feature_head"] = head.to_dict()
         logger.info("feature head: blend %s", {m: h.blend for m, h in sorted(head.heads.items())})

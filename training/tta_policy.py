@@ -121,7 +121,7 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
         log.warning("choosing the TTA policy on every study of %s: right only if the model never trained on it", data)
     evaluate = evaluate or evaluate_modes
     sha = file_sha256(model_path)
-    key = {"model_sha256": sha, "data": str(Path(data).resolve()), "split": split}
+    key = _report_key(sha, data, split)
     reports: dict[str, dict[str, Any]] = {}
     wanted = tuple(dict.fromkeys(("none", *modes)))
     kept = {mode: Path(reports_dir) / f"tta-{mode}.json" for mode in wanted} if reports_dir else {}
@@ -145,6 +145,37 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
     policy = select_policy(reports, **rule)
     selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
     return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)
+
+
+def _report_key(model_sha256: str, data: str | Path, split: str) -> dict[str, str]:
+    """What a kept report must match to be reused: the model's sha256, the data and the split."""
+    return {"model_sha256": model_sha256, "data": str(Path(data).resolve()), "split": split}
+
+
+def auto_predictions(policy: TTAPolicy, reports: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[float, str | None]]:
+    """What ``--tta auto`` scores under ``policy`` from the chooser's per-mode ``reports``: study
+    path → (the prediction of the mode its prompt modality gets, that modality). Every mode the
+    policy uses must be among the reports."""
+    rows = {mode: {r["path"]: r for r in rep["predictions"]} for mode, rep in reports.items()}
+    out: dict[str, tuple[float, str | None]] = {}
+    for path, r in rows["none"].items():
+        mode = policy.modes.get(r.get("modality") or "", policy.fallback)
+        if mode not in rows:
+            raise ValueError(f"the policy gives {r.get('modality')} TTA {mode}, which the reports lack")
+        out[path] = (float(rows[mode][path]["prediction"]), r.get("modality"))
+    return out
+
+
+def kept_reports(reports_dir: str | Path, model_sha256: str, data: str | Path,
+                 split: str) -> dict[str, dict[str, Any]]:
+    """The per-mode reports ``choose_tta_policy`` kept in ``reports_dir`` for this model, data and split."""
+    key = _report_key(model_sha256, data, split)
+    out = {}
+    for f in sorted(Path(reports_dir).glob("tta-*.json")):
+        saved = json.loads(f.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            out[f.stem[len("tta-"):]] = saved["report"]
+    return out
 
 
 def write_policy(model_path: str | Path, policy: TTAPolicy, output: str | Path | None = None) -> Path:
