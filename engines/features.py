@@ -155,6 +155,11 @@ class FeatureHead:
         out = (1.0 - a) * np.asarray(q, dtype=np.float64) + a * (r if np.ndim(q) else float(r[0]))
         return float(out) if np.ndim(q) == 0 else out
 
+    def describe(self) -> str:
+        """"xr 0.75" — the modalities that blend and their weights; "none" when none does."""
+        parts = [f"{m} {h.blend:g}" for m, h in sorted(self.heads.items()) if h.blend > 0]
+        return ", ".join(parts) if parts else "none"
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "penalty": self.penalty, "features": list(FEATURE_NAMES),
                 "heads": {m: {k: (list(v) if isinstance(v, tuple) else v)

@@ -253,7 +253,7 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
     from engines.errors import MediqaError
     from engines.pipeline import ScoreConfig, file_sha256, score_studies
     from engines.privacy import study_key
-    from engines.features import features_suffix
+    from engines.features import card_feature_head, features_suffix
     from engines.tta import effective_mode, tta_suffix
     from mediqa_cli.reports.writer import ReportLock, ReportLocked, ReportWriter
 
@@ -302,8 +302,11 @@ def run_score(*, root: Path, output: Path, model: Path | None, backend: str = "a
         thumbs: dict[str, Any] = {}
         thumb_heap: list[tuple[float, int, str]] = []
         prog = _Progress(root, quiet, log_every)
-        logger.info("scoring %s with %s (%s, TTA %s, %d workers, batch %d)", "<root>" if hide_paths else root,
-                    model_path.name, backend, tta, n_workers, batch_size)
+        head = card_feature_head(card, features)
+        logger.info("scoring %s with %s (%s, TTA %s, feature head %s, %d workers, batch %d)",
+                    "<root>" if hide_paths else root, model_path.name, backend, tta,
+                    head.describe() if head is not None else ("off" if card.feature_head else "none"),
+                    n_workers, batch_size)
         for i, rec in enumerate(score_studies(root, model_path, cfg, reuse=reuse, model_hash=model_hash)):
             if min_score is not None and rec.score is not None and rec.score < min_score \
                     and "low_score" not in rec.flags:
