@@ -380,7 +380,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     from training.synth.corpus import GENERATOR_OPTIONS, generator_options
 
     names = [o.name for o in GENERATOR_OPTIONS]
-    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr"]
+    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with
@@ -397,6 +397,34 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     opt = {o.name: o for o in GENERATOR_OPTIONS}
     assert opt["dose_label"].cli_args("noise") == ["--dose-label", "noise"] and opt["dose_label"].cli_args("mas") == []
     assert opt["train_warp_2d"].cli_args(True) == ["--train-warp-2d"]
+
+
+def test_val_sources_two_moves_one_ct_and_one_mr_source_to_validation() -> None:
+    """``val_sources="two"``: validation holds two CT and two MR sources (each with studies), the
+    moved sources leave training entirely, test keeps its held-out sources; X-ray / fundus units
+    are unchanged; "one" is the plan as before (the shipped corpora keep their identity)."""
+    from training.recipe import corpus_identity
+    from training.synth.corpus import VAL_MOVES
+
+    one, two = plan_corpus(3, "medium"), plan_corpus(3, "medium", val_sources="two")
+
+    def sources(specs, split):
+        return {(s.modality, s.unit.source) for s in specs if s.split == split}
+
+    assert len(one) == len(two)
+    for mod in ("ct", "mr"):
+        val = {src for m, src in sources(two, "val") if m == mod}
+        assert len(val) == 2 and len({src for m, src in sources(one, "val") if m == mod}) == 1
+        assert val & set(VAL_MOVES["two"]) and not val & {src for m, src in sources(two, "train") if m == mod}
+    assert sources(one, "test") == sources(two, "test")                 # the held-out sources stay
+    assert {u for m, u in sources(two, "train") if m in ("xr", "fundus")} == \
+        {u for m, u in sources(one, "train") if m in ("xr", "fundus")}
+    assert all(s.split == "val" for s in two if s.unit.source in VAL_MOVES["two"])
+    assert plan_corpus(3, "medium", val_sources="one") == one
+    assert "val_sources" not in corpus_identity("medium", 3, val_sources="one")
+    assert corpus_identity("medium", 3, val_sources="two")["val_sources"] == "two"
+    with pytest.raises(ValueError, match="val_sources must be one of"):
+        plan_corpus(3, "tiny", val_sources="three")
 
 
 def test_dose_label_noise_changes_only_the_ct_scores(tiny_corpus: Path, tmp_path: Path) -> None:

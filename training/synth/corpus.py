@@ -45,6 +45,7 @@ MR, empty otherwise), ``format`` (dicom / nifti / png / jpeg), ``n_slices``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -168,6 +169,14 @@ TONE_LOG_GAMMA = 0.36
 # training sources are five contrasts. Drawn from a generator of its own (see ``_tone_rng``).
 
 DOSE_LABELS = ("mas", "noise")
+# ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
+# that validation holds two sources of each (CT_small + the skull-base CT; the 3 T head T1 + the
+# shoulder T1) — the rules that choose on validation (a TTA mode, a feature-head blend, the best
+# epoch) then see how a model places one source against another, which one source cannot show.
+# Training keeps two CT (head, abdomen) and four MR sources (head T1 ×2, DWI, abdomen). A new
+# corpus: the plan changes everywhere, not only for the moved sources.
+VAL_MOVES: dict[str, tuple[str, ...]] = {"one": (), "two": ("ct-head2", "mr-shoulder")}
+VAL_SOURCES = tuple(VAL_MOVES)
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,10 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_tone_mr", False, "MR training studies get a random tone curve (gamma "
                     "0.7-1.43) on their clean anatomy before they are degraded; val/test and the "
                     "other modalities are unchanged."),
+    GeneratorOption("val_sources", "one", "How many sources of CT and of MR the validation split holds: "
+                    "one (CT_small; the 3 T head T1), or two (one training source of each moved to "
+                    "validation: the skull-base CT, the shoulder MR). Changes the whole corpus.",
+                    choices=VAL_SOURCES),
 )
 
 
@@ -329,8 +342,8 @@ def severities_of(modality: str, params: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
-    units = all_units(modality)
+def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...] = ()) -> Unit:
+    units = [dataclasses.replace(u, split="val") if u.source in to_val else u for u in all_units(modality)]
     present = [s for s in SPLIT_PROBS if any(u.split == s for u in units)]
     probs = np.array([SPLIT_PROBS[s] for s in present])
     split = present[int(rng.choice(len(present), p=probs / probs.sum()))]
@@ -340,7 +353,8 @@ def _choose_unit(modality: str, rng: np.random.Generator) -> Unit:
 
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
                 dose_label: str = "mas", train_warp: bool = False,
-                train_warp_2d: bool = False, train_tone_mr: bool = False) -> list[StudySpec]:
+                train_warp_2d: bool = False, train_tone_mr: bool = False,
+                val_sources: str = "one") -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -359,9 +373,15 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_tone_mr``: MR training studies' clean anatomy gets a random tone curve (after the
     warp, if any); the plan, the parameters and every other study are the same either way.
+
+    ``val_sources``: ``"two"`` moves the sources of ``VAL_MOVES`` from training to validation
+    (a different corpus throughout).
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
+    if val_sources not in VAL_MOVES:
+        raise ValueError(f"val_sources must be one of {VAL_SOURCES}, got {val_sources!r}")
+    to_val = VAL_MOVES[val_sources]
     cfg = SIZES[size] if isinstance(size, str) else size
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     buckets: list[tuple[str, str, str, int]] = []  # modality, dimension, format hint, count
@@ -377,7 +397,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
         kinds = sorted(KINDS[mod])
         for _ in range(count):
             index = len(specs)
-            unit = _choose_unit(mod, rng)
+            unit = _choose_unit(mod, rng, to_val)
             src = source_by_name(unit.source)
             if rng.uniform() < MIXED_FRACTION:
                 pair = rng.choice(len(kinds), size=2, replace=False)
