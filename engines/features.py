@@ -87,6 +87,17 @@ def input_statistics(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
     return np.mean([slice_statistics(g) for g in grey], axis=0)
 
 
+def statistics_or_none(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray | None:
+    """``input_statistics``, or None when they cannot be measured (an exception, a non-finite
+    value): the study is then scored by the network alone, never lost."""
+    try:
+        stats = input_statistics(images, mean, std)
+    except Exception:  # noqa: BLE001 - a statistic must never cost a study its score
+        logger.warning("input statistics failed; the network's score is used", exc_info=True)
+        return None
+    return stats if np.isfinite(stats).all() else None
+
+
 def _design(f: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
     z = (np.atleast_2d(f) - mu) / sd
     return np.concatenate([np.ones((len(z), 1)), z, z ** 2], axis=1)

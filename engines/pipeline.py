@@ -51,13 +51,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
 from engines.errors import MediqaError, StudyTimeout, error_code
 from engines.fusion import fuse_slice_scores
-from engines.features import card_feature_head, features_suffix, input_statistics
+from engines.features import card_feature_head, features_suffix, statistics_or_none
 from engines.tta import effective_mode, tta_suffix, with_tta
 from engines.preprocess import (PreprocessConfig, grey_channels, preprocess_slice, to_network_size, to_unit_range,
                                 usable_pixel_mm)
@@ -409,14 +409,16 @@ class _Prepared:
 
 
 def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: float = 0.05,
-                  thumbnails: bool = False, compact_grey: bool = False, statistics: bool = False) -> _Prepared:
+                  thumbnails: bool = False, compact_grey: bool = False,
+                  statistics: Collection[str] = ()) -> _Prepared:
     """Read one study lazily, choose its salient slices and preprocess them (runs in a worker).
 
     ``compact_grey``: a grey study's images are (n, 1, S, S) (``preprocess_slice``'s
     ``compact_grey``): a third of the bytes to pickle and pipe, and no repeated channels to
     compute; the main process restores the three with the zero-copy ``grey_channels``.
-    ``statistics``: also measure the feature head's input statistics of the images (in the
-    worker, off the engine's thread)."""
+    ``statistics``: the modalities whose feature head blends: a study of one of them, or one whose
+    modality the tags leave open (the classifier decides later), also gets the input statistics
+    of its images, measured here in the worker, off the engine's thread."""
     from engines.prompts import prompts_from_tags
     from engines.slices import select_salient_slices
 
@@ -458,18 +460,9 @@ def prepare_study(ref: Any, cfg: PreprocessConfig, k: int, *, min_fraction: floa
                      flags=flags, ptype_used=ptype,
                      raw=[np.asarray(s, dtype=np.float32) for s in slices] if undecided_ct else None,
                      thumbs=thumbs, elapsed_s=time.perf_counter() - t0, pixel_mm=pix,
-                     stats=_statistics_or_none(images, cfg) if statistics else None)
-
-
-def _statistics_or_none(images: np.ndarray, cfg: PreprocessConfig) -> np.ndarray | None:
-    """``input_statistics`` of a study's images, or None when they cannot be measured: the study
-    is then scored by the network alone (flag ``features_unavailable``), never lost."""
-    try:
-        stats = input_statistics(images, cfg.mean, cfg.std)
-    except Exception:  # noqa: BLE001 - a statistic must never cost a study its score
-        logger.warning("input statistics failed; the network's score is used", exc_info=True)
-        return None
-    return stats if np.isfinite(stats).all() else None
+                     stats=(statistics_or_none(images, cfg.mean, cfg.std)
+                            if statistics and (tags.get("modality") is None or tags["modality"] in statistics)
+                            else None))
 
 
 def _lower_priority(nice: int) -> None:
@@ -612,8 +605,8 @@ def _warm_imports(statistics: bool = False) -> None:
     Imported when first used instead: nibabel (NIfTI) and scikit-image's Otsu threshold (only
     non-CT volumes need it; importing it, with SciPy's ndimage, costs each reader another ~0.4
     core-s, taken from the engine on a busy machine, for CT-only or 2D-only archives for nothing).
-    ``statistics``: the readers measure the feature head's statistics of every study, so its
-    modules (SciPy's ndimage, scikit-image's wavelet noise estimate) are needed anyway."""
+    ``statistics``: the readers measure the feature head's statistics, so its modules (SciPy's
+    ndimage, scikit-image's wavelet noise estimate) are needed anyway."""
     import importlib
 
     names = ["pydicom", "pydicom.pixels", "PIL.Image", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"]
@@ -628,13 +621,13 @@ def _warm_imports(statistics: bool = False) -> None:
 
 def _worker_main(conn: mpc.Connection, plugins: tuple[str, ...], cfg_dict: dict, k: int,
                  min_fraction: float, thumbnails: bool, log_level: int, nice: int = 0,
-                 statistics: bool = False) -> None:
+                 statistics: tuple[str, ...] = ()) -> None:
     """Worker process loop: receive (seq, ref), send (seq, ok, payload)."""
     _lower_priority(nice)
     _quiet_child(log_level)
     cfg = PreprocessConfig.from_dict(cfg_dict)
     run_plugins(plugins)
-    _warm_imports(statistics)
+    _warm_imports(bool(statistics))
     try:
         conn.send(_READY)   # the study clock starts now, not at spawn (see _Worker.deadline)
     except (EOFError, OSError, BrokenPipeError):
@@ -965,7 +958,8 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
     state: dict[int, _Study] = {}
     next_emit = 0
     worker_args = (tuple(config.plugins), pcfg.to_dict(), k, config.min_fraction,
-                   config.thumbnails, log_level, config.reader_nice, head is not None)
+                   config.thumbnails, log_level, config.reader_nice,
+                   tuple(sorted(m for m, h in head.heads.items() if h.blend > 0)) if head is not None else ())
     feeder = _Feeder(root, config, worker_args, lambda: next_emit, reuse, log_level)
     items: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()   # (seq, slice i, image, prompt)
     to_classify: deque[int] = deque()
@@ -1023,7 +1017,7 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
             # measured by the reader on the images it sent; again here after a re-window (or if
             # the reader could not); still none: the network's score alone, flagged
             st.stats = p.stats if images is p.images and p.stats is not None \
-                else _statistics_or_none(images, pcfg)
+                else statistics_or_none(images, pcfg.mean, pcfg.std)
             if st.stats is None:
                 st.record.flags.append("features_unavailable")
         st.scores = np.zeros(len(images), np.float64)

@@ -304,22 +304,38 @@ def test_statistics_that_cannot_be_measured_never_cost_a_study_its_score(monkeyp
     failing the study."""
     from PIL import Image
 
-    from engines import pipeline
+    from engines import features, pipeline
     from engines.io.discover import discover_studies
     from engines.preprocess import PreprocessConfig
 
     Image.open(retina_path).convert("L").resize((96, 96)).save(tmp_path / "a.png")
     ref = next(iter(discover_studies(tmp_path)))
     cfg = PreprocessConfig(image_size=64)
-    good = pipeline.prepare_study(ref, cfg, 7, statistics=True)
+    # a PNG has no modality tag: the classifier decides later, so the reader measures it
+    good = pipeline.prepare_study(ref, cfg, 7, statistics=("xr",))
     assert good.stats is not None and good.stats.shape == (8,)
     assert pipeline.prepare_study(ref, cfg, 7).stats is None          # not asked for: not measured
 
     def broken(*a, **k):
         raise FloatingPointError("boom")
 
-    monkeypatch.setattr(pipeline, "input_statistics", broken)
-    bad = pipeline.prepare_study(ref, cfg, 7, statistics=True)
+    monkeypatch.setattr(features, "input_statistics", broken)
+    bad = pipeline.prepare_study(ref, cfg, 7, statistics=("xr",))
     assert bad.stats is None and np.array_equal(bad.images, good.images)
-    monkeypatch.setattr(pipeline, "input_statistics", lambda *a, **k: np.full(8, np.nan))
-    assert pipeline._statistics_or_none(good.images, cfg) is None
+    monkeypatch.setattr(features, "input_statistics", lambda *a, **k: np.full(8, np.nan))
+    assert features.statistics_or_none(good.images, cfg.mean, cfg.std) is None
+
+
+def test_readers_measure_only_studies_whose_modality_can_blend(tmp_path: Path) -> None:
+    """A study whose tags name a modality without a blend (CT here) gets no statistics in the
+    reader — that modality keeps the network's score, so they would be work for nothing."""
+    from engines import pipeline
+    from engines.io.discover import discover_studies
+    from engines.preprocess import PreprocessConfig
+    from tests.conftest import _write_ct_series
+
+    _write_ct_series(tmp_path / "ct", [0.0])
+    ref = next(iter(discover_studies(tmp_path)))
+    cfg = PreprocessConfig(image_size=64)
+    assert pipeline.prepare_study(ref, cfg, 7, statistics=("xr",)).stats is None
+    assert pipeline.prepare_study(ref, cfg, 7, statistics=("ct", "xr")).stats.shape == (8,)

@@ -153,7 +153,7 @@ def _prepared_items(samples: Sequence[Any], card: Any, loaded: Any, vocab: Any, 
 def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray | None:
     """``engines.features.input_statistics`` of a prepared study: over its distinct salient
     slices (a short series is padded to K with repeats for batching; scoring sees each once)."""
-    from engines.pipeline import _statistics_or_none  # noqa: PLC0415
+    from engines.features import statistics_or_none  # noqa: PLC0415
 
     prep = cache.get(item.key)
     images = np.asarray(prep.images)
@@ -162,7 +162,7 @@ def item_statistics(item: Any, cache: Any, pcfg: Any) -> np.ndarray | None:
         for j, idx in enumerate(prep.indices):
             first.setdefault(int(idx), j)
         images = images[sorted(first.values())]
-    return _statistics_or_none(images, pcfg)
+    return statistics_or_none(images, pcfg.mean, pcfg.std)
 
 
 def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[str], split: str = "all",
