@@ -175,7 +175,7 @@ class FeatureHead:
         return {"version": self.version, "penalty": self.penalty, "features": list(FEATURE_NAMES),
                 "heads": {m: {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in dataclasses.asdict(h).items()} for m, h in sorted(self.heads.items())},
-                "selection": json_safe(self.selection)}
+                "selection": dict(self.selection)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FeatureHead":
@@ -197,16 +197,6 @@ class FeatureHead:
                 raise ValueError(f"feature_head for {m!r} is incomplete: {exc}") from None
         return cls(heads=heads, penalty=float(d.get("penalty", 1.0)), version=version,
                    selection=dict(d.get("selection", {})))
-
-
-def json_safe(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
 
 
 def fit_feature_head(stats: np.ndarray, targets: np.ndarray, modalities: Sequence[str | None], *,
