@@ -121,16 +121,9 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
         log.warning("choosing the TTA policy on every study of %s: right only if the model never trained on it", data)
     evaluate = evaluate or evaluate_modes
     sha = file_sha256(model_path)
-    key = _report_key(sha, data, split)
-    reports: dict[str, dict[str, Any]] = {}
     wanted = tuple(dict.fromkeys(("none", *modes)))
-    kept = {mode: Path(reports_dir) / f"tta-{mode}.json" for mode in wanted} if reports_dir else {}
-    for mode, cached in kept.items():
-        if cached.is_file():
-            saved = json.loads(cached.read_text())
-            if all(saved.get(k) == v for k, v in key.items()):
-                log.info("reusing %s", cached)
-                reports[mode] = saved["report"]
+    reports = ({m: r for m, r in kept_reports(reports_dir, sha, data, split).items() if m in wanted}
+               if reports_dir else {})
     missing = tuple(m for m in wanted if m not in reports)
     if missing:
         log.info("evaluating %s on the %s split with TTA %s (one pass)", Path(model_path).name, split,
@@ -139,9 +132,10 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
                          workers=workers, progress=progress)
         for mode in missing:
             reports[mode] = jsonable(fresh[mode])
-            if mode in kept:
-                kept[mode].parent.mkdir(parents=True, exist_ok=True)
-                kept[mode].write_text(json.dumps({**key, "report": reports[mode]}))
+            if reports_dir:
+                cached = Path(reports_dir) / f"tta-{mode}.json"
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({**_report_key(sha, data, split), "report": reports[mode]}))
     policy = select_policy(reports, **rule)
     selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
     return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)
@@ -174,6 +168,7 @@ def kept_reports(reports_dir: str | Path, model_sha256: str, data: str | Path,
     for f in sorted(Path(reports_dir).glob("tta-*.json")):
         saved = json.loads(f.read_text())
         if all(saved.get(k) == v for k, v in key.items()):
+            log.info("reusing %s", f)
             out[f.stem[len("tta-"):]] = saved["report"]
     return out
 
