@@ -168,8 +168,7 @@ class FeatureHead:
 
     def describe(self) -> str:
         """"xr 0.75" — the modalities that blend and their weights; "none" when none does."""
-        parts = [f"{m} {h.blend:g}" for m, h in sorted(self.heads.items()) if h.blend > 0]
-        return ", ".join(parts) if parts else "none"
+        return describe_blends({m: h.blend for m, h in self.heads.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "penalty": self.penalty, "features": list(FEATURE_NAMES),
@@ -197,6 +196,12 @@ class FeatureHead:
                 raise ValueError(f"feature_head for {m!r} is incomplete: {exc}") from None
         return cls(heads=heads, penalty=float(d.get("penalty", 1.0)), version=version,
                    selection=dict(d.get("selection", {})))
+
+
+def describe_blends(blends: Mapping[str, float]) -> str:
+    """``{"xr": 0.75, "ct": 0.0}`` → ``"xr 0.75"``: the modalities that blend, by name; "none"."""
+    parts = [f"{m} {a:g}" for m, a in sorted(blends.items()) if a > 0]
+    return ", ".join(parts) if parts else "none"
 
 
 def fit_feature_head(stats: np.ndarray, targets: np.ndarray, modalities: Sequence[str | None], *,

@@ -75,9 +75,10 @@ def evaluate(args: tuple[str, ...], split: str, device: str, batch_size: int, wo
 
     policy = TTAPolicy.from_dict(rep["tta_policy"])   # the TTA actually applied
     shown = "" if policy.is_plain else f", TTA {tta}" + (f": {policy.describe()}" if tta == "auto" else "")
-    blends = {m: a for m, a in (rep.get("feature_head") or {}).items() if a > 0}
-    if blends:
-        shown += ", features " + ", ".join(f"{m} {a:g}" for m, a in blends.items())
+    if rep.get("feature_head") and any(a > 0 for a in rep["feature_head"].values()):
+        from engines.features import describe_blends  # noqa: PLC0415
+
+        shown += ", features " + describe_blends(rep["feature_head"])
     table = Table(title=f"{model.name} on {data} ({split}{shown})")
     for col in ("group", "value", "n", "SRCC", "PLCC", "KROCC", "RMSE"):
         table.add_column(col, justify="left" if col in ("group", "value") else "right")
