@@ -110,6 +110,11 @@ class ModelCard:
             except ValueError as exc:
                 raise UnsupportedArtifact(f"model card feature_head: {exc}") from None
 
+    def label_range(self) -> tuple[float, float]:
+        """``(lo, hi)`` of ``label_scale`` (default 0, 1): a model output q maps to ``lo + q · (hi − lo)``."""
+        scale = self.label_scale or {}
+        return float(scale.get("min", 0.0)), float(scale.get("max", 1.0))
+
     def to_dict(self) -> dict[str, Any]:
         """The card as JSON-able dict; an empty ``tta_policy`` / ``feature_head`` is left out, so
         cards without one stay byte-identical to (and readable by) versions that predate the field."""

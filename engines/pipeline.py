@@ -937,8 +937,7 @@ def score_studies(root: str | os.PathLike[str], backend_or_model_path: Any,
         pcfg = PreprocessConfig.from_dict(card.preprocess) if card.preprocess else PreprocessConfig()
         vocab = PromptVocab.from_dict(card.prompt_vocab) if card.prompt_vocab else PromptVocab()
         k = int(getattr(card, "n_slices", 7) or 7)
-        scale = dict(card.label_scale or {})
-        lo, hi = float(scale.get("min", 0.0)), float(scale.get("max", 1.0))
+        lo, hi = card.label_range()
         yield from _run(root, get_backend, config, reuse, make_study_id, pcfg, vocab,
                         k, lo, hi, model_label, head,
                         logging.getLogger().getEffectiveLevel() if log_level is None else log_level)

@@ -48,6 +48,12 @@ def net():
     return create_model("mediqa-test", P).eval()
 
 
+def test_card_label_range_reads_the_scale_with_defaults() -> None:
+    assert _card().label_range() == (0.0, 4.0)
+    assert _card(label_scale={"name": "unnamed"}).label_range() == (0.0, 1.0)
+    assert _card(label_scale={"min": 1, "max": 5}).label_range() == (1.0, 5.0)
+
+
 def test_card_json_round_trip_and_unknown_keys() -> None:
     card = _card(classifier_preset="mediqa-test", data_summary={"n": 3})
     again = ModelCard.from_json(card.to_json())

@@ -221,7 +221,7 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
                         collate_fn=collate_studies)
     q, target, index = predict_all(iqa, IQATask(), loader, dev, amp)
     q = q.reshape(len(q), -1)                 # one column per mode
-    lo, hi = float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
+    lo, hi = card.label_range()
     ordered = [items[i] for i in index]
     labels: dict[str, list[str | None]] = {g: [it.prompt_values.get(g) for it in ordered] for g in GROUP_KEYS}
     if any("degradation" in it.sample.extra for it in ordered):

@@ -39,7 +39,7 @@ def split_rows(model_path: str | Path, data: str | Path, *, split: str = "train"
                                       report, workers=workers, progress=progress, device=None)
     if not items:
         raise ValueError(f"no study of the {split} split of {data} could be prepared: {report.summary()}")
-    lo, hi = _scale(card)
+    lo, hi = card.label_range()
     rows = []
     for it in items:
         st = item_statistics(it, cache, pcfg)
@@ -47,10 +47,6 @@ def split_rows(model_path: str | Path, data: str | Path, *, split: str = "train"
             rows.append({"path": it.sample.path, "statistics": st, "target": (it.target - lo) / (hi - lo),
                          "modality": it.prompt_values.get("modality"), "source": it.sample.extra.get("source_id")})
     return rows
-
-
-def _scale(card: Any) -> tuple[float, float]:
-    return float(card.label_scale.get("min", 0.0)), float(card.label_scale.get("max", 1.0))
 
 
 def fit_feature_head_for(model_path: str | Path, data: str | Path, *, fit_split: str = "train",
@@ -72,7 +68,7 @@ def fit_feature_head_for(model_path: str | Path, data: str | Path, *, fit_split:
     head = fit_feature_head(np.stack([r["statistics"] for r in fit_rows]), np.array([r["target"] for r in fit_rows]),
                             [r["modality"] for r in fit_rows], penalty=penalty, min_studies=min_studies)
     logger.info("feature head: ridges for %s from %d %s studies", sorted(head.heads), len(fit_rows), fit_split)
-    lo, hi = _scale(load_card(model_path))
+    lo, hi = load_card(model_path).label_range()
     if network is None:
         rep = evaluate_modes(model_path, data, modes=("auto",), split=choose_split, device=device,
                              batch_size=batch_size, workers=workers, progress=progress, features=False,
