@@ -148,8 +148,18 @@ class FeatureHead:
     selection: Mapping[str, Any] = field(default_factory=dict)   # how the α were chosen (report)
 
     @property
+    def blends(self) -> dict[str, float]:
+        """Blend weight α per modality with a ridge, by name."""
+        return {m: float(h.blend) for m, h in sorted(self.heads.items())}
+
+    @property
+    def blending(self) -> tuple[str, ...]:
+        """The modalities whose α > 0 (their studies need the input statistics), by name."""
+        return tuple(m for m, a in self.blends.items() if a > 0)
+
+    @property
     def active(self) -> bool:
-        return any(h.blend > 0 for h in self.heads.values())
+        return bool(self.blending)
 
     def blend_for(self, modality: str | None) -> float:
         h = self.heads.get(modality or "")
@@ -168,7 +178,7 @@ class FeatureHead:
 
     def describe(self) -> str:
         """"xr 0.75" — the modalities that blend and their weights; "none" when none does."""
-        return describe_blends({m: h.blend for m, h in self.heads.items()})
+        return describe_blends(self.blends)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "penalty": self.penalty, "features": list(FEATURE_NAMES),

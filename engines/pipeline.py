@@ -958,7 +958,7 @@ def _run(root: Path, get_backend: Callable[[], Any], config: ScoreConfig, reuse:
     next_emit = 0
     worker_args = (tuple(config.plugins), pcfg.to_dict(), k, config.min_fraction,
                    config.thumbnails, log_level, config.reader_nice,
-                   tuple(sorted(m for m, h in head.heads.items() if h.blend > 0)) if head is not None else ())
+                   head.blending if head is not None else ())
     feeder = _Feeder(root, config, worker_args, lambda: next_emit, reuse, log_level)
     items: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()   # (seq, slice i, image, prompt)
     to_classify: deque[int] = deque()

@@ -100,6 +100,7 @@ def test_ridge_fits_per_modality_and_blend_applies_the_weight() -> None:
     h1 = dataclasses.replace(head, heads={"xr": dataclasses.replace(head.heads["xr"], blend=0.25)})
     assert h1.active and h1.apply(0.3, f2[0], "xr") == pytest.approx(0.75 * 0.3 + 0.25 * r[0])
     assert h1.describe() == "xr 0.25" and head.describe() == "none"
+    assert h1.blends == {"xr": 0.25} and h1.blending == ("xr",) and head.blending == ()
     assert h1.apply(0.3, None, "ct") == 0.3                          # no ridge for CT
     with pytest.raises(ValueError, match="needs the study's input statistics"):
         h1.apply(0.3, None, "xr")

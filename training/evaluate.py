@@ -245,7 +245,7 @@ def evaluate_modes(model_path: str | Path, data: str | Path, *, modes: Sequence[
         out: dict[str, Any] = {
             "model": str(model_path), "data": str(data), "split": split, "tta": mode,
             "tta_policy": {"modes": dict(policy.modes), "fallback": policy.fallback},
-            "feature_head": ({m: h.blend for m, h in sorted(head.heads.items())} if head is not None else None),
+            "feature_head": head.blends if head is not None else None,
             "label_scale": card.label_scale,
             # dataset: the whole manifest / folder as read; in_split / evaluated: the studies of
             # ``split`` and those of them that could be prepared (the metrics' n)

@@ -448,7 +448,7 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
                                     progress=progress, network=network, **opts)
         write_feature_head(out_path, head)
         summary["feature_head"] = head.to_dict()
-        logger.info("feature head: blend %s", {m: h.blend for m, h in sorted(head.heads.items())})
+        logger.info("feature head: blend %s", head.blends)
     (work / "recipe_summary.json").write_text(json.dumps(jsonable(summary), indent=1))
     logger.info("recipe done: %s (test SRCC %.4f)", out_path, rep["overall"]["srcc"])
     return {**summary, "artifact": out_path}
