@@ -16,8 +16,9 @@ training studies' range of each statistic), and a blend weight α per modality: 
 is ``(1 − α) · q + α · clip(ridge, 0, 1)`` with q the network's (fused) score, both on the
 model's [0, 1] scale. α is chosen on the validation split (``choose_blend``): the α of the grid
 with the highest validation SRCC among those that beat the network with a paired bootstrap
-interval above 0 and lose in none of the modality's (at least two) validation sources; none →
-α = 0 (the network alone). The head is stored in the model card (``ModelCard.feature_head``) and applied by ``mediqa score`` and
+interval above 0 and lose in none of the modality's (at least two) validation sources, the gain
+measured without the sources the network cannot rank (SRCC ≤ 0) when it ranks others; none → α = 0
+(the network alone). The head is stored in the model card (``ModelCard.feature_head``) and applied by ``mediqa score`` and
 ``mediqa evaluate`` unless ``--no-features``.
 
 Why: on the synthetic corpus the network ranks X-ray blur, noise and JPEG worse than these eight
@@ -255,7 +256,14 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
     wins; none → 0. (2) alone is not enough: a validation split holding one image of a modality
     tells about that image — on the 2026-12-05 corpus it picked α = 0.5 for CT from one CT
     source the network could not rank (−0.04), and the held-out CT source lost 0.25.
-    The returned head's ``selection`` records every number the choice looked at."""
+    When the network ranks some of the sources (SRCC > 0), the others are left out of (1) and of
+    the pooled SRCC and interval of (2), though not of (3): where the network ranks nothing, any
+    statistic that tracks the degradation "gains", and that says nothing about the blend where
+    the network works (when it ranks no source at all, every source counts). Twice on the two-source validation split (val2 lineage, 2026-12-05) such a source
+    (``CT_small``, network −0.17 / −0.27) carried a CT blend whose pooled interval lay above 0
+    (without it: [−0.018, +0.073] and [−0.014, +0.069]); on the held-out CT both blends lost
+    (0.650 vs 0.659, 0.550 vs 0.565). The returned head's ``selection`` records every number
+    the choice looked at (``srcc`` / ``interval`` over the ``n_gain`` studies, ``left_out``)."""
     from engines.metrics import srcc, srcc_ci  # noqa: PLC0415
 
     f = np.asarray(stats, dtype=np.float64)
@@ -269,7 +277,8 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
     selection: dict[str, Any] = {
         "rule": (f"largest validation SRCC among the blend weights whose paired {confidence:.0%} bootstrap "
                  f"interval against the network lies above 0 and that lose in no source; needs "
-                 f">= {min_groups} sources of >= {min_studies} studies"),
+                 f">= {min_groups} sources of >= {min_studies} studies; SRCC and interval without the "
+                 f"sources the network ranks <= 0 when it ranks others"),
         "grid": list(grid), "confidence": confidence, "min_studies": min_studies, "min_sources": min_groups,
         "modalities": {}}
     for m, h in sorted(heads.items()):
@@ -279,17 +288,25 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
         sources = [str(n) for n, c in zip(names, counts) if c >= max(min_studies, 3)]
         rec: dict[str, Any] = {"n": int(sel.sum()), "sources": sources}
         best = 0.0
-        if len(sources) >= min_groups:
+        qs, ts, gs = qq[sel], t[sel], grp[sel]
+        per_base = {u: srcc(qs[gs == u], ts[gs == u]) for u in sources}
+        # sources the network ranks at SRCC <= 0 (NaN: a constant score) show no gain when it
+        # ranks others; when it ranks none, every source is evidence that the head does better
+        ranked = [u for u in sources if per_base[u] > 0]
+        left_out = [u for u in sources if u not in ranked] if ranked else []
+        if left_out:
+            rec["left_out"] = left_out
+        if len(sources) - len(left_out) >= min_groups:
             ridge_all = h.predict(f[sel]) if sel.any() else np.zeros(0)
-            qs, ts, gs = qq[sel], t[sel], grp[sel]
-            base = srcc(qs, ts)
-            per_base = {u: srcc(qs[gs == u], ts[gs == u]) for u in sources}
+            ev = ~np.isin(gs, left_out)                      # the studies that can show a gain
+            base = srcc(qs[ev], ts[ev])
+            rec["n_gain"] = int(ev.sum())
             rec["srcc"], rec["interval"], rec["per_source"] = {"0": base}, {}, {"0": per_base}
             best_srcc = base
             for a in grid:
                 mix = (1.0 - a) * qs + a * ridge_all
-                s = srcc(mix, ts)
-                lo, hi = srcc_ci(mix, ts, compare=qs, confidence=confidence, seed=seed)
+                s = srcc(mix[ev], ts[ev])
+                lo, hi = srcc_ci(mix[ev], ts[ev], compare=qs[ev], confidence=confidence, seed=seed)
                 per = {u: srcc(mix[gs == u], ts[gs == u]) for u in sources}
                 rec["srcc"][str(a)], rec["interval"][str(a)], rec["per_source"][str(a)] = s, [lo, hi], per
                 holds = all(per[u] >= per_base[u] for u in sources)
@@ -298,7 +315,8 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
         rec["blend"] = best
         selection["modalities"][m] = rec
         heads[m] = dataclasses.replace(h, blend=best)
-        logger.info("feature head: %s blend %.2f over %d studies from %d sources", m, best, rec["n"], len(sources))
+        logger.info("feature head: %s blend %.2f over %d studies from %d sources%s", m, best, rec["n"], len(sources),
+                    f" ({', '.join(left_out)} not ranked by the network: left out of the gain)" if left_out else "")
     return dataclasses.replace(head, heads=heads, selection=selection)
 
 def card_feature_head(card: Any, use: bool = True) -> FeatureHead | None:

@@ -188,8 +188,8 @@ def _noise_corpus(root: Path) -> Path:
 
 
 def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path, tmp_path: Path) -> None:
-    """``mediqa train feature-head`` on a noise series the random test network cannot rank: CT
-    blends; ``mediqa evaluate`` and ``mediqa score`` (torch, and onnxruntime on the exported
+    """``mediqa train feature-head`` on a noise series the random test network cannot rank (in no
+    source, so every source is evidence): CT blends; ``mediqa evaluate`` and ``mediqa score`` (torch, and onnxruntime on the exported
     model) then give, study by study, (1 − α) · the network's score + α · the ridge's, and
     ``--no-features`` gives the network's own score."""
     from engines.artifact import load_card
@@ -265,6 +265,47 @@ def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path
         assert float(r["score"]) == pytest.approx(reps["--features"][r["path"].split("/")[0]], abs=1e-4)
 
 
+def test_a_source_the_network_cannot_rank_shows_no_gain() -> None:
+    """A validation source the network ranks at SRCC <= 0 does not count towards the blend's gain:
+    where the network ranks nothing, any informative statistic "gains" (the val2 lineage's CT
+    blends, chosen that way from ``CT_small``, lost on the held-out CT)."""
+    from engines.features import choose_blend, fit_feature_head
+    from engines.metrics import srcc, srcc_ci
+
+    f, t, _, _ = _toy(60, 4)
+    head = fit_feature_head(f, t, ["ct"] * len(t))
+    fv0, tv, _, gv = _toy(30, 5, sources=("a", "b", "c"))
+    fv, g = fv0.copy(), np.array(gv)
+    rng = np.random.default_rng(6)
+    qv = tv + rng.normal(0, 0.15, len(tv))        # a and b: the network ranks them well
+    qv[g == "c"] = 1.0 - tv[g == "c"]             # c: it ranks them backwards
+    fv[g != "c"] = f.mean(axis=0)                 # the ridge says nothing about a and b (one value)
+    mix = 0.5 * qv + 0.5 * head.heads["ct"].predict(fv)
+    assert srcc_ci(mix, tv, compare=qv)[0] > 0    # pooled over all three sources the blend "wins"
+    assert srcc(mix[g == "c"], tv[g == "c"]) > srcc(qv[g == "c"], tv[g == "c"])
+    chosen = choose_blend(head, fv, qv, tv, ["ct"] * len(tv), gv)
+    rec = chosen.selection["modalities"]["ct"]
+    assert rec["left_out"] == ["c"] and rec["n_gain"] == 60 and chosen.heads["ct"].blend == 0.0
+    assert rec["srcc"]["0.5"] == pytest.approx(rec["srcc"]["0"])      # a and b: ranking unchanged
+    assert not any(lo > 0 for lo, _ in rec["interval"].values())   # NaN at α 1: the ridge is one value
+    # control: the same studies with c ranked (poorly, but above 0) count, and its gain wins
+    q2 = qv.copy()
+    q2[g == "c"] = tv[g == "c"] + rng.normal(0, 0.3, 30)
+    assert srcc(q2[g == "c"], tv[g == "c"]) > 0
+    chosen2 = choose_blend(head, fv, q2, tv, ["ct"] * len(tv), gv)
+    rec2 = chosen2.selection["modalities"]["ct"]
+    assert "left_out" not in rec2 and rec2["n_gain"] == 90 and chosen2.heads["ct"].blend > 0
+    # a network that ranks no source at all: every source is evidence that the ridge does better
+    back = choose_blend(head, fv0, 1.0 - tv + rng.normal(0, 0.05, len(tv)), tv, ["ct"] * len(tv), gv)
+    rec3 = back.selection["modalities"]["ct"]
+    assert back.heads["ct"].blend > 0 and "left_out" not in rec3 and rec3["n_gain"] == 90
+    # two sources, one unranked: one source cannot show a gain, no SRCC is even recorded
+    two = g != "b"
+    one = choose_blend(head, fv[two], qv[two], tv[two], ["ct"] * int(two.sum()), list(g[two]))
+    assert one.heads["ct"].blend == 0.0 and "srcc" not in one.selection["modalities"]["ct"]
+    assert one.selection["modalities"]["ct"]["left_out"] == ["c"]
+
+
 def test_bundled_models_feature_head_was_chosen_on_validation_data() -> None:
     """The bundled card's feature head: ridges fitted on the training split, blend weights chosen
     on the validation split (never the test split the README reports) against ``--tta auto``,
@@ -282,6 +323,8 @@ def test_bundled_models_feature_head_was_chosen_on_validation_data() -> None:
             assert row["blend"] == 0.0
             continue
         base, per0 = row["srcc"]["0"], row["per_source"]["0"]
+        ranked = [u for u in row["sources"] if per0[u] > 0]    # the rule's gain leaves the others out
+        assert row.get("left_out", []) == ([u for u in row["sources"] if u not in ranked] if ranked else [])
         eligible = [a for a, (lo, _) in row["interval"].items()
                     if lo > 0 and row["srcc"][a] > base and all(row["per_source"][a][u] >= per0[u] for u in row["sources"])]
         want = float(max(eligible, key=lambda a: row["srcc"][a])) if eligible else 0.0

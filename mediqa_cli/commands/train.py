@@ -209,7 +209,8 @@ def feature_head(model: str, data: str, fit_split: str, choose_split: str, penal
 
     A modality blends (weight 0.25 / 0.5 / 0.75 / 1) only when the blend beats the network on
     the validation split with a paired bootstrap interval above 0 and loses in none of at least
-    two validation sources; the measurements are recorded in the card. `mediqa score` and
+    two validation sources (the gain measured without the sources the network ranks at SRCC <= 0,
+    when it ranks others); the measurements are recorded in the card. `mediqa score` and
     `mediqa evaluate` apply it (`--no-features`: the network alone)."""
     from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
 
@@ -222,7 +223,8 @@ def feature_head(model: str, data: str, fit_split: str, choose_split: str, penal
         tried = ", ".join(f"{a}: {row['srcc'][a]:.3f} CI [{row['interval'][a][0]:.3f}, {row['interval'][a][1]:.3f}]"
                           for a in row.get("interval", {}))
         base = row.get("srcc", {}).get("0")
-        click.echo(f"{modality:8s} n={row['n']:4d} sources={len(row['sources'])}  network "
+        left = f" (gain without {', '.join(row['left_out'])}: not ranked by the network)" if row.get("left_out") else ""
+        click.echo(f"{modality:8s} n={row['n']:4d} sources={len(row['sources'])}{left}  network "
                    f"{'-' if base is None else f'{base:.3f}'}  {tried}  -> blend {row['blend']}")
     if not dry_run:
         click.echo(f"wrote {write_feature_head(model, head, output)}")
