@@ -259,10 +259,11 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
     When the network ranks some of the sources (SRCC > 0), the others are left out of (1) and of
     the pooled SRCC and interval of (2), though not of (3): where the network ranks nothing, any
     statistic that tracks the degradation "gains", and that says nothing about the blend where
-    the network works (when it ranks no source at all, every source counts). Twice on the two-source validation split (val2 lineage, 2026-12-05) such a source
-    (``CT_small``, network −0.17 / −0.27) carried a CT blend whose pooled interval lay above 0
-    (without it: [−0.018, +0.073] and [−0.014, +0.069]); on the held-out CT both blends lost
-    (0.650 vs 0.659, 0.550 vs 0.565). The returned head's ``selection`` records every number
+    the network works (when it ranks no source at all, every source counts). Twice on the
+    two-source validation split (val2 lineage, 2026-12-05) such a source (``CT_small``, network
+    −0.17 / −0.27) carried a CT blend whose pooled interval lay above 0 (without it:
+    [−0.018, +0.073] and [−0.014, +0.069]); on the held-out CT both blends lost (0.650 vs 0.659,
+    0.550 vs 0.565). The returned head's ``selection`` records every number
     the choice looked at (``srcc`` / ``interval`` over the ``n_gain`` studies, ``left_out``)."""
     from engines.metrics import srcc, srcc_ci  # noqa: PLC0415
 
@@ -318,6 +319,7 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
         logger.info("feature head: %s blend %.2f over %d studies from %d sources%s", m, best, rec["n"], len(sources),
                     f" ({', '.join(left_out)} not ranked by the network: left out of the gain)" if left_out else "")
     return dataclasses.replace(head, heads=heads, selection=selection)
+
 
 def card_feature_head(card: Any, use: bool = True) -> FeatureHead | None:
     """The card's feature head when ``use`` and it blends any modality, else None."""
