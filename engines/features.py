@@ -17,9 +17,9 @@ is ``(1 − α) · q + α · clip(ridge, 0, 1)`` with q the network's (fused) sc
 model's [0, 1] scale. α is chosen on the validation split (``choose_blend``): the α of the grid
 with the highest validation SRCC among those that beat the network with a paired bootstrap
 interval above 0 and lose in none of the modality's (at least two) validation sources, the gain
-measured without the sources the network cannot rank (SRCC ≤ 0) when it ranks others; none → α = 0
-(the network alone). The head is stored in the model card (``ModelCard.feature_head``) and applied by ``mediqa score`` and
-``mediqa evaluate`` unless ``--no-features``.
+measured without the sources the network cannot rank (SRCC ≤ 0) when it ranks others; none →
+α = 0 (the network alone). The head is stored in the model card (``ModelCard.feature_head``)
+and applied by ``mediqa score`` and ``mediqa evaluate`` unless ``--no-features``.
 
 Why: on the synthetic corpus the network ranks X-ray blur, noise and JPEG worse than these eight
 numbers do (held-out tiles, 2026-12-05: network 0.60, ridge 0.77 within X-ray), while it is

@@ -189,9 +189,9 @@ def _noise_corpus(root: Path) -> Path:
 
 def test_fit_then_evaluate_and_score_give_the_same_blended_scores(artifact: Path, tmp_path: Path) -> None:
     """``mediqa train feature-head`` on a noise series the random test network cannot rank (in no
-    source, so every source is evidence): CT blends; ``mediqa evaluate`` and ``mediqa score`` (torch, and onnxruntime on the exported
-    model) then give, study by study, (1 − α) · the network's score + α · the ridge's, and
-    ``--no-features`` gives the network's own score."""
+    source, so every source is evidence): CT blends; ``mediqa evaluate`` and ``mediqa score``
+    (torch, and onnxruntime on the exported model) then give, study by study, (1 − α) · the
+    network's score + α · the ridge's, and ``--no-features`` gives the network's own score."""
     from engines.artifact import load_card
     from engines.features import FeatureHead
 
