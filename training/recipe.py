@@ -215,7 +215,8 @@ def corpus_identity(size: str, seed: int, **options: Any) -> dict[str, Any]:
     option existed keep their identity."""
     from training.synth.sources import sources_fingerprint
 
-    return {"size": size, "seed": seed, "sources": sources_fingerprint(), **_non_default(options)}
+    return {"size": size, "seed": seed, "sources": sources_fingerprint(bool(options.get("train_extra_mr"))),
+            **_non_default(options)}
 
 
 def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -168,6 +168,12 @@ TONE_LOG_GAMMA = 0.36
 # unit: scanners, coils and sequences weight the same tissue differently, and the five MR
 # training sources are five contrasts. Drawn from a generator of its own (see ``_tone_rng``).
 
+# ``train_extra_mr``: two more MR training sources (``training.synth.sources.EXTRA_MR``: a 3 T BOLD
+# EPI and a multiband DWI b0 volume of two further subjects, from heudiconv's test data). The MR
+# studies whose split draw is "train" now pick among seven training sources instead of five; the
+# plan draws the same random numbers either way, so every other study (CT, X-ray, fundus, all of
+# validation and test) is planned and rendered identically (tested).
+
 DOSE_LABELS = ("mas", "noise")
 # ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
 # that validation holds two sources of each (CT_small + the skull-base CT; the 3 T head T1 + the
@@ -232,6 +238,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
                     "one (CT_small; the 3 T head T1), or two (one training source of each moved to "
                     "validation: the skull-base CT, the shoulder MR). Changes the whole corpus.",
                     choices=VAL_SOURCES),
+    GeneratorOption("train_extra_mr", False, "Two more MR training sources (a 3 T BOLD EPI and a "
+                    "multiband DWI b0 volume shipped in heudiconv; pip install --no-deps heudiconv); "
+                    "val/test and the other modalities are unchanged."),
 )
 
 
@@ -342,8 +351,10 @@ def severities_of(modality: str, params: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...] = ()) -> Unit:
-    units = [dataclasses.replace(u, split="val") if u.source in to_val else u for u in all_units(modality)]
+def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...] = (),
+                 extra_mr: bool = False) -> Unit:
+    units = [dataclasses.replace(u, split="val") if u.source in to_val else u
+             for u in all_units(modality, extra_mr=extra_mr)]
     present = [s for s in SPLIT_PROBS if any(u.split == s for u in units)]
     probs = np.array([SPLIT_PROBS[s] for s in present])
     split = present[int(rng.choice(len(present), p=probs / probs.sum()))]
@@ -354,7 +365,7 @@ def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
                 dose_label: str = "mas", train_warp: bool = False,
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
-                val_sources: str = "one") -> list[StudySpec]:
+                val_sources: str = "one", train_extra_mr: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -376,6 +387,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``val_sources``: ``"two"`` moves the sources of ``VAL_MOVES`` from training to validation
     (a different corpus throughout).
+
+    ``train_extra_mr``: MR training studies also draw from ``EXTRA_MR``; every study that is not
+    an MR training study is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -397,7 +411,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
         kinds = sorted(KINDS[mod])
         for _ in range(count):
             index = len(specs)
-            unit = _choose_unit(mod, rng, to_val)
+            unit = _choose_unit(mod, rng, to_val, train_extra_mr)
             src = source_by_name(unit.source)
             if rng.uniform() < MIXED_FRACTION:
                 pair = rng.choice(len(kinds), size=2, replace=False)

@@ -13,6 +13,11 @@ assigned to a split:
   CT_small chest, test the Siemens neck CT ``bad_sequence``. (``eCT_Supplemental`` is not used: a
   processed, skull-stripped map with air holes, not an acquired image.) MR train has five sources (shoulder, abdomen, three heads of which two ship in
   dipy: a DWI b0 volume and a T1 coronal slice); val and test keep their own subjects.
+  ``EXTRA_MR`` (used only with the generator option ``train_extra_mr``) holds two more MR
+  training sources, two further subjects, from heudiconv's test data: a Siemens 3 T BOLD EPI
+  volume and a multiband DWI b0 volume, both stored as Siemens mosaics (one 2D image of tiled
+  slices) and cut back into slices here. heudiconv is installed without its dependencies (only
+  its data files are read; the package is never imported).
 * X-ray and fundus: only two real photographs / radiographs of each kind ship in packages, so
   those images are cut into non-overlapping tiles and the tiles are the units; the val and test
   tiles are image regions never seen in training. This is weaker than a held-out patient and is
@@ -151,26 +156,42 @@ SOURCES: tuple[SourceSpec, ...] = (
 )
 
 
-def sources_fingerprint() -> str:
-    """12 hex digits that change whenever the table of sources, their labels or splits change.
+# More MR training sources (generator option ``train_extra_mr``), two subjects that ship in
+# heudiconv's test data; training only, so validation and test are the same with or without them.
+EXTRA_MR: tuple[SourceSpec, ...] = (
+    SourceSpec("mr-bold", "mr", "head", "other", "mosaic", "axasc35.dcm", "heudiconv", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 3000.0, "EchoTime": 30.0,
+                       "SeriesDescription": "EPI BOLD"}),
+    SourceSpec("mr-dwi-mb", "mr", "head", "dwi", "mosaic", "b0dwiForFmap/b0dwi_for_fmap+00001.dcm",
+               "heudiconv", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 4150.0, "EchoTime": 85.2,
+                       "SeriesDescription": "DWI b0 MB3"}),
+)
+
+
+def sources_fingerprint(extra_mr: bool = False) -> str:
+    """12 hex digits that change whenever the table of sources, their labels or splits change
+    (with ``extra_mr``, the ``EXTRA_MR`` rows too; without it the value is what it always was).
 
     Recorded next to a generated corpus so that a recipe never reuses a corpus made from another
     table (see ``training.recipe.ensure_corpus``)."""
     rows = [[s.name, s.modality, s.region, s.type, s.loader, s.arg, list(s.splits), list(s.grid),
-             list(s.crop_x)] for s in SOURCES]
+             list(s.crop_x)] for s in SOURCES + (EXTRA_MR if extra_mr else ())]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def source_by_name(name: str) -> SourceSpec:
-    for s in SOURCES:
+    for s in SOURCES + EXTRA_MR:
         if s.name == name:
             return s
     raise KeyError(f"unknown synthetic source {name!r}")
 
 
-def all_units(modality: str | None = None) -> list[Unit]:
-    """Units of every source (optionally one modality), in table order."""
-    return [u for s in SOURCES if modality in (None, s.modality) for u in s.units()]
+def all_units(modality: str | None = None, extra_mr: bool = False) -> list[Unit]:
+    """Units of every source (optionally one modality), in table order; ``extra_mr`` appends the
+    ``EXTRA_MR`` sources."""
+    table = SOURCES + (EXTRA_MR if extra_mr else ())
+    return [u for s in table if modality in (None, s.modality) for u in s.units()]
 
 
 def _dicom_path(name: str) -> str:
@@ -253,6 +274,47 @@ def _load_dipy_npy(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     return np.clip(arr, 0.0, None)[None], (1.0, 1.0), 1.0
 
 
+def _heudiconv_file(name: str) -> Any:
+    """A file of heudiconv's test data, located without importing heudiconv (it is installed
+    with ``--no-deps``; its own imports would need nipype)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("heudiconv")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name} ships in heudiconv: pip install --no-deps heudiconv")
+    path = Path(list(spec.submodule_search_locations)[0]) / "tests" / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed heudiconv")
+    return path
+
+
+def _load_mosaic(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    """A Siemens mosaic (one 2D image holding a volume's slices as a square grid of tiles,
+    row-major; the slice count in the private tag (0019,100A) NumberOfImagesInMosaic) → (Z, H, W)."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(_heudiconv_file(name)))
+    img = ds.pixel_array.astype(np.float32)
+    elem = ds.get((0x0019, 0x100A))
+    if elem is None:
+        raise ValueError(f"{name}: no NumberOfImagesInMosaic (0019,100A): not a Siemens mosaic")
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):   # implicit VR: raw little-endian US
+        value = int.from_bytes(bytes(value[:2]), "little")
+    n = int(value)
+    grid = int(np.ceil(np.sqrt(n)))
+    th, tw = img.shape[0] // grid, img.shape[1] // grid
+    if n < 1 or th < 8 or tw < 8:
+        raise ValueError(f"{name}: {n} slices do not tile a {img.shape} mosaic")
+    vol = np.stack([img[(k // grid) * th:(k // grid + 1) * th, (k % grid) * tw:(k % grid + 1) * tw]
+                    for k in range(n)])
+    ps = ds.get("PixelSpacing")
+    pixel = (float(ps[0]), float(ps[1])) if ps else (1.0, 1.0)
+    thick = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 3.0)
+    return np.clip(vol, 0.0, None), pixel, thick
+
+
 def _load_skimage(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     ref = resources.files("skimage") / "data" / name
     with resources.as_file(ref) as p:
@@ -267,6 +329,7 @@ _LOADERS: dict[str, Callable[[str], tuple[np.ndarray, tuple[float, float], float
     "skimage": _load_skimage,
     "dipy_nifti": _load_dipy_nifti,
     "dipy_npy": _load_dipy_npy,
+    "mosaic": _load_mosaic,
 }
 
 
@@ -322,10 +385,10 @@ def split_region(unit: Unit) -> np.ndarray:
     return _tiles(spec, _load_source(unit.source)[0], (r0, r1), (c0, c1))
 
 
-def check_sources() -> dict[str, str]:
+def check_sources(extra_mr: bool = False) -> dict[str, str]:
     """Which sources can be loaded here: name → "ok" or the error message."""
     out: dict[str, str] = {}
-    for s in SOURCES:
+    for s in SOURCES + (EXTRA_MR if extra_mr else ()):
         try:
             _load_source(s.name)
             out[s.name] = "ok"
