@@ -6,10 +6,13 @@ SAMPLE ?= sample
 
 .PHONY: install demo test test-fast bench clean
 
-$(BIN)/mediqa: pyproject.toml
+# heudiconv: only its test data is read (two MR sources of `mediqa synth --train-extra-mr`); the
+# package is never imported, so it is installed without its dependencies (nipype and more).
+$(BIN)/mediqa: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps 'heudiconv>=1.3'
 	touch $(BIN)/mediqa
 
 install: $(BIN)/mediqa

@@ -380,7 +380,8 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     from training.synth.corpus import GENERATOR_OPTIONS, generator_options
 
     names = [o.name for o in GENERATOR_OPTIONS]
-    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources"]
+    assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
+                     "train_extra_mr"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with
@@ -567,3 +568,99 @@ def test_cli_synth_tiny(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["synth", str(tmp_path / "other"), "--size", "tiny", "--force",
                               "--no-progress"])
     assert res.exit_code != 0 and (tmp_path / "other" / "keep.txt").exists()
+
+
+# --- train_extra_mr: two more MR training subjects from heudiconv's test data ----------------
+
+def _needs_heudiconv() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("heudiconv") is None:
+        pytest.skip("heudiconv is not installed (make install adds it: pip install --no-deps heudiconv)")
+
+
+def test_extra_mr_mosaics_are_cut_back_into_their_slices() -> None:
+    """The two Siemens mosaics become volumes of their NumberOfImagesInMosaic slices at the tile
+    size, with the DICOM pixel spacing; anatomy sits in the middle slices, and slices differ."""
+    _needs_heudiconv()
+    from training.synth.sources import EXTRA_MR, _load_source
+
+    shapes = {"mr-bold": ((35, 64, 64), 3.25), "mr-dwi-mb": ((81, 152, 150), 1.5)}
+    assert {s.name for s in EXTRA_MR} == set(shapes)
+    for name, (shape, mm) in shapes.items():
+        vol, pixel, thick = _load_source(name)
+        assert vol.shape == shape and vol.dtype == np.float32 and vol.min() >= 0.0
+        assert pixel == pytest.approx((mm, mm)) and 1.0 < thick < 5.0
+        z = shape[0]
+        mid = vol[z // 2]
+        # the brain fills the middle tile; the mosaic's empty padding tiles were not taken as slices
+        assert (mid > 0.2 * np.percentile(vol, 99)).mean() > 0.15
+        assert all(vol[k].max() > 0 for k in range(z))
+        assert not np.array_equal(vol[z // 2], vol[z // 2 + 1])
+        assert source_by_name(name).splits == ("train",)
+
+
+def test_mosaic_loader_refuses_a_dicom_that_is_not_a_mosaic(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom.data import get_testdata_file
+
+    from training.synth import sources
+
+    monkeypatch.setattr(sources, "_heudiconv_file", lambda name: Path(get_testdata_file("MR_small.dcm")))
+    with pytest.raises(ValueError, match="not a Siemens mosaic"):
+        sources._load_mosaic("MR_small.dcm")
+    import importlib.util
+
+    monkeypatch.undo()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps heudiconv"):
+        sources._heudiconv_file("axasc35.dcm")
+
+
+def test_train_extra_mr_changes_only_mr_training_studies() -> None:
+    """With the option, MR training studies draw from seven sources instead of five; every other
+    study (all of validation and test, every CT / X-ray / fundus study) is planned identically,
+    and the corpus identity (sources fingerprint) changes only when the option is on."""
+    from training.recipe import corpus_identity
+    from training.synth.sources import EXTRA_MR, sources_fingerprint
+
+    base, extra = plan_corpus(5, "medium"), plan_corpus(5, "medium", train_extra_mr=True)
+    assert len(base) == len(extra)
+    changed = [(a, b) for a, b in zip(base, extra) if a != b]
+    assert changed
+    assert all(a.modality == b.modality == "mr" and a.split == b.split == "train" for a, b in changed)
+    new = {s.unit.source for s in extra if s.unit.source in {e.name for e in EXTRA_MR}}
+    assert new == {e.name for e in EXTRA_MR}
+    assert not {s.unit.source for s in base} & new
+    # only the unit (and the labels that come with it) differs: the degradations are the same
+    assert all(a.params == b.params and a.degradation == b.degradation for a, b in changed)
+    assert {b.split for b in extra if b.unit.source in new} == {"train"}
+    assert sources_fingerprint(False) == corpus_identity("medium", 5)["sources"]
+    ident = corpus_identity("medium", 5, train_extra_mr=True)
+    assert ident["train_extra_mr"] is True and ident["sources"] == sources_fingerprint(True) != sources_fingerprint()
+
+
+def test_extra_mr_studies_render_and_read_back(tmp_path: Path) -> None:
+    """A 2D and a 3D study of each new source render through the usual MR path and read back
+    through engines.io with the simulated field strength and the source's labels."""
+    _needs_heudiconv()
+    from engines.io import discover_studies, read_study
+    from training.synth.corpus import SizeConfig, render_study
+
+    small_mr = SizeConfig({"mr": 40}, {"mr-dicom": 10, "mr-nifti": 10}, image_size=64,
+                          anat_slices=(6, 6), air_slices=(2, 2))
+    plan = plan_corpus(5, small_mr, train_extra_mr=True)
+    picked = []
+    for name in ("mr-bold", "mr-dwi-mb"):
+        mine = [s for s in plan if s.unit.source == name]
+        picked += [next(s for s in mine if s.dimension == "2d"), next(s for s in mine if s.dimension == "3d")]
+    rows = {s.relpath: (s, render_study(s, tmp_path)) for s in picked}
+    studies = {ref.rel_path: ref for ref in discover_studies(tmp_path)}
+    assert set(studies) == set(rows)
+    for rel, (spec, row) in rows.items():
+        vol = read_study(studies[rel])
+        assert row["source_id"] == spec.unit.source and row["region"] == "head"
+        assert row["type"] == source_by_name(spec.unit.source).type
+        assert float(row["physical"]) == pytest.approx(spec.params["tesla"])
+        assert vol.n_slices == int(row["n_slices"]) and (vol.n_slices > 1) == (spec.dimension == "3d")
+        if spec.fmt == "dicom":
+            assert vol.meta.get("MagneticFieldStrength") == pytest.approx(spec.params["tesla"])
