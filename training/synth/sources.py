@@ -41,12 +41,14 @@ spacing (nominal for single slices).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -277,9 +279,6 @@ def _load_dipy_npy(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
 def _heudiconv_file(name: str) -> Any:
     """A file of heudiconv's test data, located without importing heudiconv (it is installed
     with ``--no-deps``; its own imports would need nipype)."""
-    import importlib.util
-    from pathlib import Path
-
     spec = importlib.util.find_spec("heudiconv")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{name} ships in heudiconv: pip install --no-deps heudiconv")
