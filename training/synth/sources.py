@@ -171,6 +171,10 @@ EXTRA_MR: tuple[SourceSpec, ...] = (
 )
 
 
+def _source_table(extra_mr: bool) -> tuple[SourceSpec, ...]:
+    return SOURCES + (EXTRA_MR if extra_mr else ())
+
+
 def sources_fingerprint(extra_mr: bool = False) -> str:
     """12 hex digits that change whenever the table of sources, their labels or splits change
     (with ``extra_mr``, the ``EXTRA_MR`` rows too; without it the value is what it always was).
@@ -178,12 +182,12 @@ def sources_fingerprint(extra_mr: bool = False) -> str:
     Recorded next to a generated corpus so that a recipe never reuses a corpus made from another
     table (see ``training.recipe.ensure_corpus``)."""
     rows = [[s.name, s.modality, s.region, s.type, s.loader, s.arg, list(s.splits), list(s.grid),
-             list(s.crop_x)] for s in SOURCES + (EXTRA_MR if extra_mr else ())]
+             list(s.crop_x)] for s in _source_table(extra_mr)]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def source_by_name(name: str) -> SourceSpec:
-    for s in SOURCES + EXTRA_MR:
+    for s in _source_table(True):
         if s.name == name:
             return s
     raise KeyError(f"unknown synthetic source {name!r}")
@@ -192,8 +196,7 @@ def source_by_name(name: str) -> SourceSpec:
 def all_units(modality: str | None = None, extra_mr: bool = False) -> list[Unit]:
     """Units of every source (optionally one modality), in table order; ``extra_mr`` appends the
     ``EXTRA_MR`` sources."""
-    table = SOURCES + (EXTRA_MR if extra_mr else ())
-    return [u for s in table if modality in (None, s.modality) for u in s.units()]
+    return [u for s in _source_table(extra_mr) if modality in (None, s.modality) for u in s.units()]
 
 
 def _dicom_path(name: str) -> str:
@@ -208,9 +211,15 @@ def _dicom_path(name: str) -> str:
 
 
 def _load_dicom(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
+    return _read_dicom(_dicom_path(name))[1:]
+
+
+def _read_dicom(path: str) -> tuple[Any, np.ndarray, tuple[float, float], float]:
+    """(dataset, float32 (Z, H, W) in HU for CT / stored values otherwise with MONOCHROME1
+    inverted, pixel mm, slice mm) of one DICOM file."""
     import pydicom
 
-    ds = pydicom.dcmread(_dicom_path(name))
+    ds = pydicom.dcmread(path)
     arr = ds.pixel_array.astype(np.float32)
     if arr.ndim == 2:
         arr = arr[None]
@@ -232,8 +241,8 @@ def _load_dicom(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
             pixel = (float(pm.PixelSpacing[0]), float(pm.PixelSpacing[1]))
             thick = float(pm.SliceThickness)
         except (AttributeError, IndexError, TypeError):
-            log.debug("no shared pixel measures in %s", name)
-    return arr, pixel, thick
+            log.debug("no shared pixel measures in %s", path)
+    return ds, arr, pixel, thick
 
 
 def _read_nifti(ref: Any, max_slice_mm: float | None = None) -> tuple[np.ndarray, tuple[float, float], float]:
@@ -291,10 +300,8 @@ def _heudiconv_file(name: str) -> Any:
 def _load_mosaic(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
     """A Siemens mosaic (one 2D image holding a volume's slices as a square grid of tiles,
     row-major; the slice count in the private tag (0019,100A) NumberOfImagesInMosaic) → (Z, H, W)."""
-    import pydicom
-
-    ds = pydicom.dcmread(str(_heudiconv_file(name)))
-    img = ds.pixel_array.astype(np.float32)
+    ds, arr, pixel, thick = _read_dicom(str(_heudiconv_file(name)))
+    img = arr[0]
     elem = ds.get((0x0019, 0x100A))
     if elem is None:
         raise ValueError(f"{name}: no NumberOfImagesInMosaic (0019,100A): not a Siemens mosaic")
@@ -308,9 +315,7 @@ def _load_mosaic(name: str) -> tuple[np.ndarray, tuple[float, float], float]:
         raise ValueError(f"{name}: {n} slices do not tile a {img.shape} mosaic")
     vol = np.stack([img[(k // grid) * th:(k // grid + 1) * th, (k % grid) * tw:(k % grid + 1) * tw]
                     for k in range(n)])
-    ps = ds.get("PixelSpacing")
-    pixel = (float(ps[0]), float(ps[1])) if ps else (1.0, 1.0)
-    thick = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 3.0)
+    thick = float(ds.get("SpacingBetweenSlices") or thick)   # a mosaic's slices may have gaps
     return np.clip(vol, 0.0, None), pixel, thick
 
 
@@ -387,7 +392,7 @@ def split_region(unit: Unit) -> np.ndarray:
 def check_sources(extra_mr: bool = False) -> dict[str, str]:
     """Which sources can be loaded here: name → "ok" or the error message."""
     out: dict[str, str] = {}
-    for s in SOURCES + (EXTRA_MR if extra_mr else ()):
+    for s in _source_table(extra_mr):
         try:
             _load_source(s.name)
             out[s.name] = "ok"
