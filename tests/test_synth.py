@@ -616,6 +616,52 @@ def test_mosaic_loader_refuses_a_dicom_that_is_not_a_mosaic(monkeypatch: pytest.
         sources._heudiconv_file("axasc35.dcm")
 
 
+def test_mosaic_loader_reads_an_implicit_vr_slice_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In implicit VR without a private creator, pydicom hands NumberOfImagesInMosaic back as raw
+    little-endian bytes: the loader must decode them, cut a 2 × 2 grid into 3 tiles in row-major
+    order (the fourth, empty tile dropped), and take SpacingBetweenSlices as the slice spacing."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+    from training.synth import sources
+
+    tile = 16
+    img = np.zeros((2 * tile, 2 * tile), np.uint16)
+    for k, v in enumerate((100, 200, 300, 0)):
+        img[(k // 2) * tile:(k // 2 + 1) * tile, (k % 2) * tile:(k % 2 + 1) * tile] = v
+    img[0, 0] = 150   # marks tile 0's top-left corner: the tiles must not be flipped or transposed
+
+    def write(path: Path, syntax: str) -> Path:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = syntax
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "MR"
+        ds.Rows, ds.Columns = img.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [2.0, 2.0], 3.0, 3.5
+        ds.PixelData = img.tobytes()
+        ds.add_new((0x0019, 0x100A), "US", 3)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    implicit = write(tmp_path / "implicit.dcm", ImplicitVRLittleEndian)
+    raw = pydicom.dcmread(implicit)[(0x0019, 0x100A)].value
+    assert isinstance(raw, bytes), "the bytes branch is what this test is for"
+    explicit = write(tmp_path / "explicit.dcm", ExplicitVRLittleEndian)
+    for path in (implicit, explicit):
+        monkeypatch.setattr(sources, "_heudiconv_file", lambda name, p=path: p)
+        vol, pixel, thick = sources._load_mosaic(path.name)
+        assert vol.shape == (3, tile, tile)
+        assert [float(np.median(s)) for s in vol] == [100.0, 200.0, 300.0]
+        assert vol[0, 0, 0] == 150 and vol[1, 0, 0] == 200
+        assert pixel == (2.0, 2.0) and thick == 3.5
+
+
 def test_train_extra_mr_changes_only_mr_training_studies() -> None:
     """With the option, MR training studies draw from seven sources instead of five; every other
     study (all of validation and test, every CT / X-ray / fundus study) is planned identically,
