@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (python3.12 + torch CUDA + timm + onnx, no pydicom, no network):
-#   1. unpack the carried packages: .whl/site312.tar.xz (pydicom, pydicom-data, nibabel, dipy,
+#   1. unpack the carried packages: .whl/site312.tar.xz (pydicom, pydicom-data, nibabel, dipy, heudiconv,
 #      pylibjpeg*, PyWavelets for Python 3.12, trimmed to the files mediqa synth reads; built by
 #      scripts/device_site.sh) or, without it, install the wheels in .whl/
 #   2. train the bundled default model: mediqa train recipe $RECIPE --device cuda
