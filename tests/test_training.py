@@ -673,6 +673,81 @@ def test_continuation_recipe_fine_tunes_the_base_and_keeps_its_classifier(tmp_pa
                                              "git": "HEAD:missing.safetensors"})
 
 
+SOUP = """\
+preset: mediqa-test
+device: cpu
+output: {out}
+work_dir: {work}
+soup:
+  members:
+{members}
+synth: {{size: tiny, seed: 24}}
+common: {{batch_size: 4, workers: 0}}
+"""
+
+
+def test_soup_recipe_averages_sibling_networks_and_refuses_what_cannot_share_a_card(tmp_path: Path) -> None:
+    """A ``soup`` recipe: members checked by sha256, the IQA network the mean of the members'
+    (fp16 of the float32 mean), their common classifier kept bit for bit, provenance of each
+    member and a validation metric in the card that re-evaluating the artifact reproduces; a
+    member with another classifier, fewer than two members, or training sections are refused."""
+    from engines.pipeline import file_sha256
+    from training import recipe
+    from training.evaluate import evaluate_model
+
+    base = tmp_path / "base.safetensors"
+    y0 = tmp_path / "recipe.yaml"
+    y0.write_text(RECIPE.format(out=base, work=tmp_path / "work0", ft_epochs=1))
+    recipe.run_recipe(y0, progress=False)
+    kids = []
+    for seed in (1, 2):                                   # two siblings of one base (another shuffle)
+        y = tmp_path / f"kid{seed}.yaml"
+        kid = tmp_path / f"kid{seed}.safetensors"
+        y.write_text(CONTINUE.format(out=kid, work=tmp_path / "work0", base=base, sha=file_sha256(base))
+                     .replace("seed: 1,", f"seed: {seed},").replace("work_dir: " + str(tmp_path / "work0"),
+                                                                    "work_dir: " + str(tmp_path / f"w{seed}")))
+        recipe.run_recipe(y, progress=False)
+        kids.append(kid)
+    (a, ca), (b, cb) = load_tensors(kids[0]), load_tensors(kids[1])
+    assert any(not torch.equal(a["iqa"][k], b["iqa"][k]) for k in a["iqa"])   # the seeds did differ
+
+    def members(paths: list[Path]) -> str:
+        return "\n".join(f"  - {{artifact: {p}, sha256: {file_sha256(p)}}}" for p in paths)
+
+    out, work = tmp_path / "soup.safetensors", tmp_path / "wsoup"
+    y = tmp_path / "soup.yaml"
+    y.write_text(SOUP.format(out=out, work=work, members=members(kids)))
+    recipe.run_recipe(y, progress=False)
+    groups, card = load_tensors(out)
+    for k, t in groups["iqa"].items():
+        if t.is_floating_point():
+            mean = ((a["iqa"][k].float() + b["iqa"][k].float()) / 2).half()
+            assert torch.equal(t, mean), k
+    assert all(torch.equal(groups["classifier"][k], a["classifier"][k]) for k in a["classifier"])
+    assert [m["sha256"] for m in card.training["soup"]] == [file_sha256(p) for p in kids]
+    assert card.training["soup"][0]["base"]["sha256"] == file_sha256(base)
+    assert card.data_summary["members"] == [ca.data_summary, cb.data_summary]
+    val = evaluate_model(out, work / "corpus" / "manifest.csv", split="val", tta="none", progress=False)
+    assert card.metrics["val"]["srcc"] == pytest.approx(val["overall"]["srcc"])
+    assert card.metrics["test"]["overall"]["n"] >= 2
+    with pytest.raises(ConfigError, match="soup recipe"):
+        recipe.finish_recipe(y, out, progress=False)
+
+    other = tmp_path / "other.safetensors"
+    y1 = tmp_path / "other.yaml"
+    y1.write_text(RECIPE.format(out=other, work=tmp_path / "work1", ft_epochs=1).replace("seed: 0,", "seed: 5,"))
+    recipe.run_recipe(y1, progress=False)
+    y.write_text(SOUP.format(out=out, work=work, members=members([kids[0], other])))
+    with pytest.raises(ConfigError, match="different classifier weights"):
+        recipe.run_recipe(y, progress=False)
+    y.write_text(SOUP.format(out=out, work=work, members=members([kids[0]])))
+    with pytest.raises(ConfigError, match="at least two"):
+        recipe.load_recipe(y)
+    y.write_text(SOUP.format(out=out, work=work, members=members(kids)) + "finetune: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match="trains nothing"):
+        recipe.load_recipe(y)
+
+
 # ------------------------------------------------------------------------------ loader workers
 
 def test_loader_workers_every_study_once_augmented_and_reproducible(corpus: Path, tmp_path: Path) -> None:

@@ -28,6 +28,14 @@ Steps 2 and 4 are then skipped: step 3 fine-tunes from the base (``finetune.rein
 its score head) and step 5 packs the result with the base's classifier unchanged. The card
 records the base's sha256, recipe and data summary.
 
+A *soup* recipe has a ``soup`` section instead of ``base`` and the training sections:
+``members``, a list of at least two mappings like ``base`` (``artifact``, ``sha256``, ``git``).
+Nothing is trained: the members' IQA networks are averaged uniformly (``training.soup``; they
+must share their card's preset, prompts, preprocessing and label scale and carry the same
+classifier, as siblings continued from one base do), packed with that classifier, scored on the
+validation split without TTA (the card's ``val`` metric), then step 5's test evaluation and
+steps 6 / 7 as below. The card lists each member's sha256, recipe and fine-tune configuration.
+
 An optional ``tta_policy`` section adds step 6: choose the packed model's per-modality test-time
 augmentation on a held-out split of the corpus and write it into the card, exactly as
 ``mediqa train tta-policy`` does (``training.tta_policy``). Keys: ``split`` (``val``, the
@@ -62,7 +70,8 @@ from training.config import TrainConfig, did_you_mean, load_config, merge_config
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier",
-            "base", "tta_policy", "feature_head")
+            "base", "tta_policy", "feature_head", "soup")
+SOUP_KEYS = ("members",)
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
 SYNTH_KEYS = ("size", "seed", "workers")   # and every generator option (``_synth_keys``)
@@ -98,7 +107,30 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
         extra = [k for k in ("pretrain", "classifier") if k in d]
         if extra:
             raise ConfigError(f"a recipe with a base fine-tunes it and keeps its classifier; remove {extra}")
+    if "soup" in d:
+        _soup_members(d)
     return d, hashlib.sha256(raw).hexdigest()
+
+
+def _soup_members(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The validated ``soup.members`` list (each a mapping like ``base``)."""
+    sec = recipe["soup"]
+    if not isinstance(sec, dict):
+        raise ConfigError("soup must be a mapping with 'members' (a list of artifact / sha256 / git)")
+    _check_keys(sec, SOUP_KEYS, "soup")
+    extra = [k for k in ("base", "pretrain", "finetune", "classifier") if k in recipe]
+    if extra:
+        raise ConfigError(f"a soup recipe averages finished artifacts and trains nothing; remove {extra}")
+    members = sec.get("members")
+    if not isinstance(members, list) or len(members) < 2:
+        raise ConfigError("soup.members must list at least two artifacts")
+    for m in members:
+        if not isinstance(m, dict):
+            raise ConfigError(f"each soup member is a mapping (artifact, sha256, git), got {m!r}")
+        _check_keys(m, BASE_KEYS, "soup member")
+        if not m.get("artifact") or not m.get("sha256"):
+            raise ConfigError("each soup member needs 'artifact' (path) and 'sha256'")
+    return members
 
 
 def _tta_policy_options(section: Any) -> dict[str, Any]:
@@ -327,6 +359,8 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
     from training.tasks import run_classifier, run_finetune, run_pretrain  # noqa: PLC0415
 
     recipe, sha = load_recipe(path)
+    if "soup" in recipe:
+        return _run_soup(path, recipe, sha, device, work_dir, output, progress)
     base_path = ensure_base(path, recipe["base"]) if "base" in recipe else None
     work, out_path, manifest, corpus_id = _prepare(path, recipe, work_dir, output, progress)
     cache = work / "cache"
@@ -380,6 +414,44 @@ def run_recipe(path: str | Path, *, device: str | None = None, work_dir: str | P
                             recipe.get("feature_head", _NO_POLICY))
 
 
+def _run_soup(path: str | Path, recipe: dict[str, Any], sha: str, device: str | None,
+              work_dir: str | Path | None, output: str | Path | None, progress: bool) -> dict[str, Any]:
+    """A soup recipe: check and extract the members (as ``base``), average their IQA networks
+    (``training.soup``), pack them with the members' common classifier, score the validation split
+    plain (the card's ``val`` metric, which a soup has no training run to give), then step 5's
+    test evaluation and steps 6 / 7 as for any recipe."""
+    from engines.artifact import ModelCard, save_artifact  # noqa: PLC0415
+    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.soup import average_iqa  # noqa: PLC0415
+
+    members = _soup_members(recipe)
+    paths = [ensure_base(path, m) for m in members]
+    work, out_path, manifest, _ = _prepare(path, recipe, work_dir, output, progress)
+    cfg = _stage_config(recipe, "common", "finetune", work / "runs" / "soup", work / "cache", device, progress)
+    modules, cards = average_iqa(paths)
+    first = cards[0]
+    soup = []
+    for m, c in zip(members, cards):
+        tr = c.training or {}
+        soup.append({"sha256": str(m["sha256"]).lower(), "git": m.get("git"), "recipe": tr.get("recipe"),
+                     "recipe_sha256": tr.get("recipe_sha256"), "finetune": tr.get("finetune"),
+                     "base": tr.get("base")})
+    training: dict[str, Any] = {"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
+                                "soup": soup, "classifier": (first.training or {}).get("classifier")}
+    card = ModelCard(
+        task=first.task, preset=first.preset, prompt_vocab=first.prompt_vocab, preprocess=first.preprocess,
+        label_scale=first.label_scale, n_slices=first.n_slices, classifier_preset=first.classifier_preset,
+        ensemble_size=first.ensemble_size, metrics={}, training=training,
+        data_summary={"corpus": _corpus_summary(recipe), "members": [c.data_summary for c in cards]})
+    save_artifact(out_path, modules, card, dtype="fp16")
+    val = evaluate_model(out_path, manifest, split="val", device=cfg.device, batch_size=cfg.batch_size,
+                         workers=cfg.workers, progress=progress, tta="none")["overall"]
+    logger.info("soup of %d members: validation SRCC %.4f", len(paths), val["srcc"])
+    return _test_and_record(out_path, modules, card, manifest, work, {}, cfg.device, cfg.batch_size,
+                            cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY),
+                            recipe.get("feature_head", _NO_POLICY), val=val)
+
+
 def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
              progress: bool) -> tuple[Path, Path, Path, dict[str, Any]]:
     """Work dir, output path, the corpus' manifest (generated unless already there) and its identity."""
@@ -406,10 +478,11 @@ _NO_POLICY = object()   # the recipe has no tta_policy section (an empty section
 def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
                      outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
                      progress: bool, tta_section: Any = _NO_POLICY,
-                     feature_section: Any = _NO_POLICY) -> dict[str, Any]:
+                     feature_section: Any = _NO_POLICY, val: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
     write the metrics into its card and ``<work>/recipe_summary.json``; then step 6 when the
-    recipe has a ``tta_policy`` section and step 7 when it has a ``feature_head`` section."""
+    recipe has a ``tta_policy`` section and step 7 when it has a ``feature_head`` section.
+    ``val``: the validation metrics for the card (default: the fine-tune stage's)."""
     from engines.artifact import save_artifact  # noqa: PLC0415
     from training.evaluate import evaluate_model  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
@@ -420,7 +493,7 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
                          workers=workers, progress=progress, tta="none")
     stages = {name: {"metrics": o.metrics, "data": o.data_summary, "images_per_s": o.images_per_s}
               for name, o in outcomes.items()}
-    metrics = {"val": outcomes["finetune"].metrics.get("val"),
+    metrics = {"val": val if val is not None else outcomes["finetune"].metrics.get("val"),
                "test": {k: rep[k] for k in ("overall", "groups")},
                "test_classifier": rep.get("classifier"),
                "pretrain_test": outcomes["pretrain"].metrics.get("test") if "pretrain" in outcomes else None,
@@ -486,6 +559,9 @@ def finish_recipe(path: str | Path, artifact: str | Path, *, device: str | None 
     from training.tasks import TrainOutcome  # noqa: PLC0415
 
     recipe, sha = load_recipe(path)
+    if "soup" in recipe:
+        raise ConfigError(f"{Path(path).name} is a soup recipe: it trains nothing, so there is nothing to "
+                          "finish; run it again (mediqa train recipe)")
     artifact = Path(artifact)
     modules, card = load_tensors(artifact)
     tr = card.training or {}

@@ -146,7 +146,9 @@ def recipe(config: str, device: str | None, work_dir: str | None, output: str | 
     """Run a whole recipe: synth corpus → pretrain → finetune → classifier → test → packed artifact.
 
     A recipe with a ``base`` section continues a packed artifact instead: synth corpus → finetune
-    from the base → test → packed with the base's classifier."""
+    from the base → test → packed with the base's classifier. A recipe with a ``soup`` section
+    averages two or more finished sibling artifacts (same base, same classifier) into one network
+    and evaluates it on validation and test; it trains nothing."""
     from engines.errors import ConfigError, MediqaError  # noqa: PLC0415
     from training.recipe import finish_recipe, run_recipe  # noqa: PLC0415
 
