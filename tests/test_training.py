@@ -876,3 +876,33 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
     assert _corpus_summary(d) == load_card(bundled_model_path()).data_summary["corpus"]
     if len(chain) > 1:   # a continuation: its recipe's base is the base the card records
         assert d["base"]["sha256"] == training["base"]["sha256"]
+
+
+def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> None:
+    """``average_iqa`` on hand-made members: floating tensors (fp16 stored) are averaged in float32,
+    a batch-norm counter takes the largest value, any other integer tensor must agree, and card
+    fields that one card cannot hold twice are refused by name."""
+    import dataclasses
+
+    from engines.artifact import save_artifact
+    from training.soup import average_iqa
+
+    card = ModelCard(task="iqa", preset="mediqa-test", prompt_vocab={}, preprocess={}, label_scale={})
+    cls = {"w": torch.ones(2)}
+
+    def member(name: str, w: list[float], count: int, index: list[int], c: ModelCard = card) -> Path:
+        iqa = {"w": torch.tensor(w), "bn.num_batches_tracked": torch.tensor(count), "rel_index": torch.tensor(index)}
+        return save_artifact(tmp_path / f"{name}.safetensors", {"iqa": iqa, "classifier": cls}, c, dtype="fp16")
+
+    a, b = member("a", [1.0, 3.0], 10, [0, 1]), member("b", [2.0, 0.5], 30, [0, 1])
+    modules, cards = average_iqa([a, b])
+    assert modules["iqa"]["w"].dtype == torch.float32
+    assert torch.allclose(modules["iqa"]["w"], torch.tensor([1.5, 1.75]))
+    assert int(modules["iqa"]["bn.num_batches_tracked"]) == 30
+    assert torch.equal(modules["iqa"]["rel_index"], torch.tensor([0, 1])) and len(cards) == 2
+    with pytest.raises(ConfigError, match="rel_index differs"):
+        average_iqa([a, member("c", [0.0, 0.0], 1, [1, 0])])
+    with pytest.raises(ConfigError, match="label_scale"):
+        average_iqa([a, member("d", [0.0, 0.0], 1, [0, 1], dataclasses.replace(card, label_scale={"max": 5}))])
+    with pytest.raises(ConfigError, match="at least two"):
+        average_iqa([a])

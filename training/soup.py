@@ -27,8 +27,10 @@ SHARED_FIELDS = ("task", "preset", "prompt_vocab", "preprocess", "label_scale", 
 def average_iqa(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[Any]]:
     """({"iqa": mean state dict (float32), "classifier": the members' common classifier}, member
     cards). Floating tensors are averaged in float32 (the members may be fp16); integer tensors
-    (e.g. relative-position indices) must be equal and are kept. ConfigError on members that
-    cannot share one card or one classifier, or fewer than two members."""
+    (e.g. relative-position indices) must be equal and are kept, except batch-norm counters
+    (``num_batches_tracked``: the largest). Batch-norm running statistics are averaged like
+    weights. ConfigError on members that cannot share one card or one classifier, or fewer than
+    two members."""
     import torch
 
     from engines.artifact import load_tensors  # noqa: PLC0415
@@ -57,6 +59,9 @@ def average_iqa(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[Any]
     for key, t0 in first_mods["iqa"].items():
         if t0.is_floating_point():
             iqa[key] = torch.stack([m["iqa"][key].float() for m, _ in loaded]).mean(0)
+        elif key.endswith("num_batches_tracked"):
+            # a batch-norm counter (runs of other lengths differ); evaluation never reads it: the largest
+            iqa[key] = torch.stack([m["iqa"][key] for m, _ in loaded]).max()
         else:
             if not all(torch.equal(m["iqa"][key], t0) for m, _ in loaded[1:]):
                 raise ConfigError(f"the members' integer tensor iqa.{key} differs: not one architecture")
