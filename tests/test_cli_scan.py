@@ -261,6 +261,9 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
     assert m["val"]["srcc"] == card.metrics["val"]["srcc"]
     if "base" in card.training:   # a continuation recipe's output names its base
         assert m["base"]["sha256"] == card.training["base"]["sha256"] and len(m["base"]["sha256"]) == 64
+    if "soup" in card.training:   # a soup recipe's output names its members
+        assert [x["sha256"] for x in m["soup"]] == [x["sha256"] for x in card.training["soup"]]
+        assert len(m["soup"]) >= 2 and all(len(x["sha256"]) == 64 and x["recipe"] for x in m["soup"])
     assert set(m["test_srcc_by_prompt_modality"]) <= {"ct", "mr", "xr", "fundus", "us", "other"}
     assert m["card"] == json.loads(json.dumps(card.to_dict()))
     # the feature head's blend weight per modality (README: X-ray only, 0.75)

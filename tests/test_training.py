@@ -849,8 +849,8 @@ def test_batch_group_modality_gives_single_modality_training_batches(corpus: Pat
 
 def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte() -> None:
     """Every recipe in training/recipes parses (keys, values, base section), and the bundled
-    model's card names a recipe there whose bytes still hash to the card's sha256 (and so does its
-    base's recipe): editing a shipped recipe breaks `mediqa train recipe --finish` and the model's
+    model's card names a recipe there whose bytes still hash to the card's sha256 (and so do its
+    base's recipe, or its soup members' recipes and their bases'): editing a shipped recipe breaks `mediqa train recipe --finish` and the model's
     provenance, and this test says so."""
     import hashlib
 
@@ -866,6 +866,8 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
         assert d.get("preset")
     training = load_card(bundled_model_path()).training
     chain = [training] + ([training["base"]] if isinstance(training.get("base"), dict) else [])
+    for member in training.get("soup") or []:   # a soup: each member's recipe and that recipe's base
+        chain += [member] + ([member["base"]] if isinstance(member.get("base"), dict) else [])
     for link in chain:
         p = recipes / link["recipe"]
         assert p.is_file(), f"the bundled card names {link['recipe']}, not in training/recipes"
@@ -874,8 +876,10 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
     # the card's corpus summary is what its recipe gives today (the generator options' table
     # keeps the summaries of models made before an option existed)
     assert _corpus_summary(d) == load_card(bundled_model_path()).data_summary["corpus"]
-    if len(chain) > 1:   # a continuation: its recipe's base is the base the card records
+    if "base" in training:   # a continuation: its recipe's base is the base the card records
         assert d["base"]["sha256"] == training["base"]["sha256"]
+    if "soup" in training:   # a soup: its recipe's members are the members the card records
+        assert [m["sha256"] for m in d["soup"]["members"]] == [m["sha256"] for m in training["soup"]]
 
 
 def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> None:

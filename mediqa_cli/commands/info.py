@@ -116,6 +116,8 @@ def model_summary(path: str) -> dict[str, Any]:
         "recipe": tr.get("recipe"), "recipe_sha256": tr.get("recipe_sha256"),
         # a continuation recipe's base artifact (sha256, git reference, the recipe that made it)
         "base": {k: (tr.get("base") or {}).get(k) for k in ("sha256", "git", "recipe")} if tr.get("base") else None,
+        # a soup recipe's members, averaged uniformly (sha256, git reference, the recipe that made each)
+        "soup": [{k: mem.get(k) for k in ("sha256", "git", "recipe")} for mem in tr["soup"]] if tr.get("soup") else None,
         "corpus": (card.data_summary or {}).get("corpus"),
         # CT inputs resampled to this pixel size (mm) before the network; None: plain resize
         "ct_pixel_mm": (card.preprocess or {}).get("ct_pixel_mm"),
