@@ -910,3 +910,6 @@ def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> N
         average_iqa([a, member("d", [0.0, 0.0], 1, [0, 1], dataclasses.replace(card, label_scale={"max": 5}))])
     with pytest.raises(ConfigError, match="at least two"):
         average_iqa([a])
+    cls = {"w": torch.ones(2), "b": torch.zeros(1)}                   # a classifier with another layout
+    with pytest.raises(ConfigError, match="different classifier tensors"):
+        average_iqa([a, member("e", [0.0, 0.0], 1, [0, 1])])

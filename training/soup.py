@@ -51,6 +51,9 @@ def average_iqa(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[Any]
         if mods["iqa"].keys() != first_mods["iqa"].keys():
             raise ConfigError(f"{p.name} and {paths[0].name} hold different IQA tensors")
         for other in (m for m in mods if m != "iqa"):
+            if mods[other].keys() != first_mods[other].keys():
+                raise ConfigError(f"{p.name} and {paths[0].name} hold different {other} tensors: "
+                                  "a soup keeps one classifier")
             for key, t in mods[other].items():
                 if not torch.equal(t, first_mods[other][key]):
                     raise ConfigError(f"{p.name} and {paths[0].name} carry different {other} weights "
