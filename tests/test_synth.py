@@ -662,6 +662,43 @@ def test_mosaic_loader_reads_an_implicit_vr_slice_count(tmp_path: Path, monkeypa
         assert pixel == (2.0, 2.0) and thick == 3.5
 
 
+def test_synth_refuses_before_writing_when_a_base_image_cannot_be_loaded(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing package (here heudiconv, for ``--train-extra-mr``) fails in about a second with
+    every unloadable source and its install line named, before OUT_DIR is touched: ``--force``
+    does not delete the previous corpus, and the library call writes nothing either."""
+    from engines.errors import DatasetError
+    from training.synth import sources
+    from training.synth.corpus import MANIFEST_COLUMNS, MANIFEST_NAME, generate_corpus
+
+    def no_heudiconv(name: str) -> Path:
+        raise FileNotFoundError(f"{name} ships in heudiconv: pip install --no-deps heudiconv")
+
+    monkeypatch.setattr(sources, "_heudiconv_file", no_heudiconv)
+    sources._load_source.cache_clear()
+    try:
+        old = tmp_path / "old"
+        (old / "train").mkdir(parents=True)
+        (old / MANIFEST_NAME).write_text(",".join(MANIFEST_COLUMNS) + "\n")
+        (old / "train" / "kept.dcm").write_bytes(b"x")
+        res = CliRunner().invoke(synth_command, [str(old), "--size", "small", "--train-extra-mr", "--force",
+                                                 "--no-progress", "--workers", "1"])
+        assert res.exit_code != 0
+        assert "mr-bold" in res.output and "mr-dwi-mb" in res.output and "pip install --no-deps heudiconv" in res.output
+        assert "mr-small" not in res.output                       # the loadable sources are not listed
+        assert (old / "train" / "kept.dcm").read_bytes() == b"x"  # the previous corpus is intact
+        fresh = tmp_path / "fresh"
+        with pytest.raises(DatasetError, match="nothing was written") as err:
+            generate_corpus(fresh, seed=0, size="tiny", train_extra_mr=True)
+        assert not fresh.exists()
+        assert "mr-bold" in err.value.message and "mr-dwi-mb" not in err.value.message   # tiny uses one of them
+        # without the option the same machine renders: only the sources a plan uses are required
+        generate_corpus(fresh, seed=0, size="tiny")
+        assert (fresh / MANIFEST_NAME).is_file()
+    finally:
+        sources._load_source.cache_clear()   # no failed or patched load leaks into other tests
+
+
 def test_train_extra_mr_changes_only_mr_training_studies() -> None:
     """With the option, MR training studies draw from seven sources instead of five; every other
     study (all of validation and test, every CT / X-ray / fundus study) is planned identically,

@@ -79,13 +79,19 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
     score in [0, 1], prompts, split, degradation parameters). Scores are synthetic: they are
     computed from the simulation parameters, not rated by readers.
     """
-    from training.synth.corpus import generate_corpus, plan_corpus
+    from engines.errors import DatasetError
+    from training.synth.corpus import generate_corpus, plan_corpus, require_sources
 
-    _prepare_out_dir(out_dir, force)
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n_workers < 1:
         raise click.BadParameter("must be ≥ 1", param_hint="--workers")
-    total = len(plan_corpus(seed, size))
+    specs = plan_corpus(seed, size, **options)
+    try:   # before OUT_DIR is touched: --force must not delete a corpus that cannot be rebuilt here
+        require_sources(specs, bool(options.get("train_extra_mr")))
+    except DatasetError as exc:
+        raise click.ClickException(exc.message) from None
+    _prepare_out_dir(out_dir, force)
+    total = len(specs)
     t0 = time.perf_counter()
     if progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

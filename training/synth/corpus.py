@@ -61,8 +61,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
+from engines.errors import DatasetError
 from training.synth import degrade
-from training.synth.sources import BaseImage, Unit, all_units, load_unit, split_region
+from training.synth.sources import BaseImage, Unit, all_units, check_sources, load_unit, split_region
 from training.synth.writers import (
     hu_to_stored, to_uint16, write_dicom_image, write_dicom_series, write_jpeg, write_nifti,
     write_png,
@@ -793,6 +794,18 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
+def require_sources(specs: list[StudySpec], extra_mr: bool = False) -> None:
+    """Load every base image the plan uses (about 1 s; cached, so forked render workers inherit
+    them). DatasetError naming each one that cannot be loaded and why (e.g. a missing package
+    and its install line), so that a corpus fails before anything is written or replaced, not
+    minutes into the render in a worker."""
+    used = {s.unit.source for s in specs}
+    missing = {n: msg for n, msg in check_sources(extra_mr, used).items() if msg != "ok"}
+    if missing:
+        raise DatasetError("base images of the synthetic corpus cannot be loaded, nothing was written: "
+                           + "; ".join(f"{n}: {msg}" for n, msg in sorted(missing.items())))
+
+
 def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfig = "small",
                     workers: int = 1, on_progress: Callable[[int, int], None] | None = None,
                     **options: bool | str) -> Path:
@@ -801,12 +814,16 @@ def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfi
     ``options``: the generator options (``GENERATOR_OPTIONS``), see ``plan_corpus``; unknown
     names raise TypeError.
 
+    Every base image the plan uses is loaded first (``check_sources``); DatasetError, before
+    anything is written, names each one that cannot be loaded and why (e.g. a missing package).
+
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = plan_corpus(seed, size, **options)
+    require_sources(specs, bool(options.get("train_extra_mr")))
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
     total = len(specs)

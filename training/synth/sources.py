@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 from PIL import Image
@@ -389,10 +389,13 @@ def split_region(unit: Unit) -> np.ndarray:
     return _tiles(spec, _load_source(unit.source)[0], (r0, r1), (c0, c1))
 
 
-def check_sources(extra_mr: bool = False) -> dict[str, str]:
-    """Which sources can be loaded here: name → "ok" or the error message."""
+def check_sources(extra_mr: bool = False, names: Collection[str] | None = None) -> dict[str, str]:
+    """Which sources can be loaded here: name → "ok" or the error message (``names``: only those).
+    A loaded source stays in this process' cache, so forked render workers inherit it."""
     out: dict[str, str] = {}
     for s in _source_table(extra_mr):
+        if names is not None and s.name not in names:
+            continue
         try:
             _load_source(s.name)
             out[s.name] = "ok"
