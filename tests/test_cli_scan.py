@@ -271,6 +271,7 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
     assert m["feature_blend"]["xr"] == 0.75 and m["feature_blend"]["ct"] == 0.0
     table = runner.invoke(cli, ["info", "--model", str(path)])
     assert table.exit_code == 0 and "model card" in table.stdout and "recipe_sha256" in table.stdout
+    assert "[{" not in table.stdout and "{'" not in table.stdout   # lists / mappings as text, not Python repr
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"not a safetensors file")
     result = runner.invoke(cli, ["info", "--model", str(bad)])

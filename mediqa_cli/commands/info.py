@@ -144,6 +144,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4f}"
     if isinstance(v, dict):
         return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items() if x is not None)
+    if isinstance(v, list):   # e.g. a soup's members: one per line
+        return "\n".join(_fmt(x) for x in v)
     return "-" if v is None else str(v)
 
 
