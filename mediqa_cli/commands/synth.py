@@ -87,7 +87,7 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
         raise click.BadParameter("must be ≥ 1", param_hint="--workers")
     specs = plan_corpus(seed, size, **options)
     try:   # before OUT_DIR is touched: --force must not delete a corpus that cannot be rebuilt here
-        require_sources(specs, bool(options.get("train_extra_mr")))
+        require_sources(specs)
     except DatasetError as exc:
         raise click.ClickException(exc.message) from None
     _prepare_out_dir(out_dir, force)

@@ -794,13 +794,14 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
-def require_sources(specs: list[StudySpec], extra_mr: bool = False) -> None:
+def require_sources(specs: list[StudySpec]) -> None:
     """Load every base image the plan uses (about 1 s; cached, so forked render workers inherit
     them). DatasetError naming each one that cannot be loaded and why (e.g. a missing package
     and its install line), so that a corpus fails before anything is written or replaced, not
-    minutes into the render in a worker."""
+    minutes into the render in a worker. The plan's own source names decide what is checked
+    (looked up in the whole table, ``EXTRA_MR`` included)."""
     used = {s.unit.source for s in specs}
-    missing = {n: msg for n, msg in check_sources(extra_mr, used).items() if msg != "ok"}
+    missing = {n: msg for n, msg in check_sources(True, used).items() if msg != "ok"}
     if missing:
         raise DatasetError("base images of the synthetic corpus cannot be loaded, nothing was written: "
                            + "; ".join(f"{n}: {msg}" for n, msg in sorted(missing.items())))
@@ -822,7 +823,7 @@ def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfi
     """
     out = Path(out_dir)
     specs = plan_corpus(seed, size, **options)
-    require_sources(specs, bool(options.get("train_extra_mr")))
+    require_sources(specs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
