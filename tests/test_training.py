@@ -703,9 +703,8 @@ def test_soup_recipe_averages_sibling_networks_and_refuses_what_cannot_share_a_c
     for seed in (1, 2):                                   # two siblings of one base (another shuffle)
         y = tmp_path / f"kid{seed}.yaml"
         kid = tmp_path / f"kid{seed}.safetensors"
-        y.write_text(CONTINUE.format(out=kid, work=tmp_path / "work0", base=base, sha=file_sha256(base))
-                     .replace("seed: 1,", f"seed: {seed},").replace("work_dir: " + str(tmp_path / "work0"),
-                                                                    "work_dir: " + str(tmp_path / f"w{seed}")))
+        y.write_text(CONTINUE.format(out=kid, work=tmp_path / f"w{seed}", base=base, sha=file_sha256(base))
+                     .replace("seed: 1,", f"seed: {seed},"))
         recipe.run_recipe(y, progress=False)
         kids.append(kid)
     (a, ca), (b, cb) = load_tensors(kids[0]), load_tensors(kids[1])
