@@ -7,6 +7,7 @@ nibabel and scikit-image; the 3D series are built from real slices (see training
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -353,6 +354,45 @@ def test_train_tone_mr_changes_mr_training_studies_only(tiny_corpus: Path, tmp_p
     assert np.all(y[1:100] > x[1:100]) or np.all(y[1:100] < x[1:100])
 
 
+def test_train_ct_windows_change_the_window_tags_and_type_of_ct_training_studies_only(
+        tiny_corpus: Path, tmp_path: Path) -> None:
+    from engines.prompts import prompts_from_tags
+    from training.synth.corpus import CT_TRAIN_WINDOWS, CT_WINDOWS, render_study
+
+    # the whole tiny corpus: the manifest moves only in the type of CT training studies (never
+    # the score), and only a study whose type moved has other bytes
+    rows, changed = _regenerate(tiny_corpus, tmp_path / "ctw", train_ct_windows=True)
+    before = {r["path"]: r for r in _rows(tiny_corpus)}
+    ct_train = {p for p, r in rows.items() if r["split"] == "train" and r["modality"] == "ct"}
+    assert ct_train
+    for p, r in rows.items():
+        assert {k: v for k, v in r.items() if k != "type"} == {k: v for k, v in before[p].items() if k != "type"}
+        assert r["type"] in CT_TRAIN_WINDOWS if p in ct_train else r["type"] == before[p]["type"]
+        assert any(changed[p]) == (r["type"] != before[p]["type"]), p
+    # a larger plan: all three windows, about equally, on CT training studies only; the rest of
+    # the plan is the same
+    plan = plan_corpus(0, "small", train_ct_windows=True)
+    base = plan_corpus(0, "small")
+    counts = {t: sum(1 for s in plan if s.modality == "ct" and s.split == "train" and s.type == t)
+              for t in CT_TRAIN_WINDOWS}
+    assert min(counts.values()) >= 0.2 * sum(counts.values()), counts
+    assert [dataclasses.replace(s, type="") for s in plan] == [dataclasses.replace(s, type="") for s in base]
+    assert all(a.type == b.type for a, b in zip(plan, base) if not (a.modality == "ct" and a.split == "train"))
+    # a lung- and a bone-window study: the same HU as without the option, the window in the tags,
+    # and the scorer reads the manifest's type back from them
+    for want in ("lung", "bone"):
+        i = next(k for k, s in enumerate(plan) if s.modality == "ct" and s.dimension == "2d" and s.type == want)
+        row = render_study(plan[i], tmp_path / want)
+        assert row["type"] == want and row["score"] == render_study(base[i], tmp_path / "soft")["score"]
+        new = pydicom.dcmread(tmp_path / want / plan[i].relpath)
+        old = pydicom.dcmread(tmp_path / "soft" / base[i].relpath)
+        assert np.array_equal(new.pixel_array, old.pixel_array)
+        centre, width = CT_WINDOWS[want]
+        assert (float(new.WindowCenter), float(new.WindowWidth)) == (centre, width)
+        meta = {k: new.get(k) for k in ("Modality", "WindowCenter", "WindowWidth", "ConvolutionKernel")}
+        assert prompts_from_tags(meta, "2d")["type"] == want
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -381,7 +421,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
 
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
-                     "train_extra_mr"]
+                     "train_extra_mr", "train_ct_windows"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

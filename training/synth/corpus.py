@@ -175,6 +175,15 @@ TONE_LOG_GAMMA = 0.36
 # plan draws the same random numbers either way, so every other study (CT, X-ray, fundus, all of
 # validation and test) is planned and rendered identically (tested).
 
+# ``train_ct_windows``: a CT training study is displayed in a random CT window (soft, lung or bone,
+# equally likely): its WindowCenter / WindowWidth tags and its type prompt say which. The CT
+# training sources are a head, an abdomen and a skull base, so without it every CT training study
+# is a soft-tissue window, while chest CT is read in a lung window as often as not (the validation
+# source is: half of its studies are). Only the tags and the prompt change: the HU pixels, the
+# physics, the scores and every other study are the same either way (the choice comes from a
+# generator of its own, see ``_ct_window_rng``).
+CT_TRAIN_WINDOWS = ("soft", "lung", "bone")
+
 DOSE_LABELS = ("mas", "noise")
 # ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
 # that validation holds two sources of each (CT_small + the skull-base CT; the 3 T head T1 + the
@@ -242,6 +251,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_extra_mr", False, "Two more MR training sources (a 3 T BOLD EPI and a "
                     "multiband DWI b0 volume shipped in heudiconv; pip install --no-deps heudiconv); "
                     "val/test and the other modalities are unchanged."),
+    GeneratorOption("train_ct_windows", False, "CT training studies are displayed in a random window "
+                    "(soft, lung or bone) named by their WindowCenter / WindowWidth tags and type "
+                    "prompt; HU pixels, scores, val/test and the other modalities are unchanged."),
 )
 
 
@@ -366,7 +378,8 @@ def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...
 def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: bool = False,
                 dose_label: str = "mas", train_warp: bool = False,
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
-                val_sources: str = "one", train_extra_mr: bool = False) -> list[StudySpec]:
+                val_sources: str = "one", train_extra_mr: bool = False,
+                train_ct_windows: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -391,6 +404,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_extra_mr``: MR training studies also draw from ``EXTRA_MR``; every study that is not
     an MR training study is the same either way.
+
+    ``train_ct_windows``: a CT training study's type (its display window) is drawn from
+    ``CT_TRAIN_WINDOWS`` on a generator of its own; everything else is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -424,6 +440,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
             ptype = src.type
             if mod == "ct" and src.region == "chest":
                 ptype = "lung" if rng.uniform() < 0.5 else "soft"
+            if train_ct_windows and mod == "ct" and unit.split == "train":
+                wrng = _ct_window_rng(int(seed), index)
+                ptype = CT_TRAIN_WINDOWS[int(wrng.integers(len(CT_TRAIN_WINDOWS)))]
             if fmt_hint:
                 fmt = fmt_hint
             elif mod in ("ct", "mr"):
@@ -541,6 +560,11 @@ def _warp_rng(spec: "StudySpec") -> np.random.Generator:
     """The warp's own generator: the study's main stream stays as without ``train_warp`` /
     ``train_warp_2d``."""
     return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+
+
+def _ct_window_rng(seed: int, index: int) -> np.random.Generator:
+    """``train_ct_windows``' own generator (the plan's stream is unchanged)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xC7F1]))
 
 
 def _tone_rng(spec: "StudySpec") -> np.random.Generator:
