@@ -381,7 +381,9 @@ def test_train_ct_windows_change_the_window_tags_and_type_of_ct_training_studies
     # a lung- and a bone-window study: the same HU as without the option, the window in the tags,
     # and the scorer reads the manifest's type back from them
     for want in ("lung", "bone"):
-        i = next(k for k, s in enumerate(plan) if s.modality == "ct" and s.dimension == "2d" and s.type == want)
+        i = next(k for k, s in enumerate(plan)
+                 if s.modality == "ct" and s.split == "train" and s.dimension == "2d" and s.type == want)
+        assert base[i].type == "soft"          # the option moved it (validation chest CT is lung too)
         row = render_study(plan[i], tmp_path / want)
         assert row["type"] == want and row["score"] == render_study(base[i], tmp_path / "soft")["score"]
         new = pydicom.dcmread(tmp_path / want / plan[i].relpath)
