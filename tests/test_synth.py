@@ -395,6 +395,81 @@ def test_train_ct_windows_change_the_window_tags_and_type_of_ct_training_studies
         assert prompts_from_tags(meta, "2d")["type"] == want
 
 
+def _mr_grid_slice(name: str, size: int = 256) -> np.ndarray:
+    """The middle slice of an MR source on the ``size`` grid, as the renderer makes it (long side
+    resized, 99th percentile at 1)."""
+    from training.synth.corpus import _resize_long_side
+
+    arr = load_unit(source_by_name(name).units()[0]).array
+    img = _resize_long_side(arr[arr.shape[0] // 2], size)[0]
+    return img / float(np.percentile(img, 99.0))
+
+
+def test_mr_band_zero_fills_beyond_the_acquired_matrix_and_keeps_a_fraction_of_it() -> None:
+    """``band``: a 64-matrix scan on the 256 grid is reconstructed with k-space zero beyond its
+    own 64 lines, and a kept fraction is a fraction of those lines. Without it a 128-matrix
+    source (the test split's EPI head) barely changes until more than half of the grid's k-space
+    is cut — the ringing label then names a change the image does not show — while with it the
+    same kept fraction changes it about as much as it changes a source acquired at 256."""
+    from training.synth.corpus import mr_band
+
+    rng = np.random.default_rng
+    small = _mr_grid_slice("mr-small")                       # 64 × 64 matrix
+    assert mr_band((64, 64), 256) == 0.25 and mr_band((96, 128), 256) == 0.5 and mr_band((1024, 1024), 256) == 1.0
+    assert np.array_equal(degrade.mr_acquire(small, rng(0)), small.astype(np.float32))   # band 1, keep 1: as is
+    def outside(img: np.ndarray, lines: int) -> float:
+        """Share of the image's spectral energy beyond the central ``lines`` × ``lines`` of k-space."""
+        k = np.abs(np.fft.fftshift(np.fft.fft2(img))) ** 2
+        c0 = (k.shape[0] - lines) // 2
+        return 1.0 - float(k[c0:c0 + lines, c0:c0 + lines].sum() / k.sum())
+
+    full = degrade.mr_acquire(small, rng(0), band=0.25)
+    # bilinear interpolation leaves energy beyond the acquired 64 lines; zero filling does not
+    # (what is left comes from taking the magnitude of the complex image)
+    assert outside(small, 64) > 2e-3 and outside(full, 64) < 1e-4
+    assert np.abs(full - small).mean() > 1e-3
+    half = degrade.mr_acquire(small, rng(0), keep_fraction=0.5, band=0.25)
+    assert outside(half, 32) < 5e-4 < 5e-3 < outside(degrade.mr_acquire(small, rng(0), keep_fraction=0.5), 32)
+    with pytest.raises(ValueError, match="band"):
+        degrade.mr_acquire(small, rng(0), band=0.0)
+
+    def change(img: np.ndarray, keep: float, band: float) -> float:
+        ref = degrade.mr_acquire(img, rng(0), band=band)
+        return float(np.sqrt(((degrade.mr_acquire(img, rng(0), keep_fraction=keep, band=band) - ref) ** 2).mean()))
+
+    epi, t1 = _mr_grid_slice("mr-epi"), _mr_grid_slice("mr-t1cor")   # 96 × 128 and 256 × 256 matrices
+    for keep in (0.7, 0.5):
+        ref = change(t1, keep, 1.0)
+        assert change(epi, keep, 1.0) < 0.5 * ref, keep         # the grid fraction: hardly visible
+        assert 0.6 * ref < change(epi, keep, 0.5) < 3.0 * ref, keep   # the acquired matrix's fraction
+
+
+def test_mr_native_kspace_changes_only_the_mr_images_of_coarse_sources(tmp_path: Path) -> None:
+    """The option leaves the plan, the parameters and the scores as they are; of the MR studies it
+    changes the pixels of sources acquired coarser than the grid (in every split) and no other."""
+    from training.synth.corpus import mr_band, render_study
+
+    plan, base = plan_corpus(3, "small", mr_native_kspace=True), plan_corpus(3, "small")
+    assert [dataclasses.replace(s, native_kspace=False) for s in plan] == base
+    assert {s.modality for s in plan if s.native_kspace} == {"mr"}
+    assert all(s.native_kspace for s in plan if s.modality == "mr")
+    picked: dict[str, object] = {}
+    for s in plan:
+        if s.modality == "mr" and s.dimension == "2d":
+            picked.setdefault(s.unit.source, s)
+    coarse = {"mr-small", "mr-epi"} & set(picked)             # the test split's sources (64², 96 × 128)
+    assert coarse and "mr-t1cor" in picked                     # and a 256² training source
+    for name, spec in picked.items():
+        new = render_study(spec, tmp_path / "new")
+        old = render_study(dataclasses.replace(spec, native_kspace=False), tmp_path / "old")
+        assert new == old                                      # same manifest row, score included
+        a = pydicom.dcmread(tmp_path / "new" / spec.relpath).pixel_array
+        b = pydicom.dcmread(tmp_path / "old" / spec.relpath).pixel_array
+        native = load_unit(spec.unit).array.shape[1:3]
+        assert (not np.array_equal(a, b)) == (mr_band(native, spec.image_size) < 1.0), name
+        assert (name in coarse) <= (not np.array_equal(a, b))
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -423,7 +498,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
 
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
-                     "train_extra_mr", "train_ct_windows"]
+                     "train_extra_mr", "train_ct_windows", "mr_native_kspace"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -254,6 +254,11 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_ct_windows", False, "CT training studies are displayed in a random window "
                     "(soft, lung or bone) named by their WindowCenter / WindowWidth tags and type "
                     "prompt; HU pixels, scores, val/test and the other modalities are unchanged."),
+    GeneratorOption("mr_native_kspace", False, "MR studies are acquired on their source's own "
+                    "matrix: k-space zero-filled beyond it (as scanners reconstruct), and the ringing's "
+                    "kept k-space fraction is a fraction of that matrix, not of the 256 grid. Changes "
+                    "the MR images of sources coarser than the grid in every split; plan and scores "
+                    "are unchanged."),
 )
 
 
@@ -327,6 +332,7 @@ class StudySpec:
     dose_label: str = "mas"              # CT dose severity from mAs, or from the measured noise
     warp: bool = False                   # deform the anatomy first (train_warp / train_warp_2d; training)
     tone: bool = False                   # random tone curve on the clean MR anatomy (train_tone_mr)
+    native_kspace: bool = False          # MR k-space relative to the source's own matrix (mr_native_kspace)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -379,7 +385,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 dose_label: str = "mas", train_warp: bool = False,
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
                 val_sources: str = "one", train_extra_mr: bool = False,
-                train_ct_windows: bool = False) -> list[StudySpec]:
+                train_ct_windows: bool = False, mr_native_kspace: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -407,6 +413,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_ct_windows``: a CT training study's type (its display window) is drawn from
     ``CT_TRAIN_WINDOWS`` on a generator of its own; everything else is the same either way.
+
+    ``mr_native_kspace``: MR studies (every split) are acquired on their source's own matrix
+    (``mr_band``): k-space is zero-filled beyond it, and the ringing's kept fraction is a fraction
+    of it. The plan, the parameters and the scores are the same either way; the MR images of
+    sources whose matrix is coarser than the image grid change, nothing else.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -470,7 +481,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    dose_label=dose_label,
                                    warp=unit.split == "train" and (train_warp if mod in ("ct", "mr")
                                                                    else train_warp_2d),
-                                   tone=bool(train_tone_mr and unit.split == "train" and mod == "mr")))
+                                   tone=bool(train_tone_mr and unit.split == "train" and mod == "mr"),
+                                   native_kspace=bool(mr_native_kspace and mod == "mr")))
     return specs
 
 
@@ -680,6 +692,14 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     return int(hu.shape[0])
 
 
+def mr_band(native_shape: tuple[int, ...], size: int) -> float:
+    """The fraction of the ``size`` grid's k-space (per axis) that a source acquired on a
+    ``native_shape`` (H, W) matrix covers, when its long side is resized to ``size``
+    (``_resize_long_side``): ``min(1, max(H, W) / size)``. A 64-matrix scan shown on a 256 grid
+    covers 0.25; a source finer than the grid (downsampled) covers all of it."""
+    return min(1.0, max(int(n) for n in native_shape) / float(size))
+
+
 def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path,
                measured: dict[str, float] | None = None) -> int:
     size = spec.image_size
@@ -717,7 +737,8 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     sigma = degrade.mr_noise_sigma(MR_STORED_REF, tesla)
     x = degrade.mr_acquire(x, rng, sigma=sigma, keep_fraction=p.get("keep", 1.0),
                            motion_px=p.get("motion_px", 0.0) * size / 256.0,
-                           motion_period=p["motion_period"])
+                           motion_period=p["motion_period"],
+                           band=mr_band(arr.shape[1:3], size) if spec.native_kspace else 1.0)
     hdr = base.spec.header
     tags = {
         "BodyPartExamined": hdr.get("BodyPartExamined"),

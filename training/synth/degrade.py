@@ -38,7 +38,9 @@ MR models
   strength B0 (tesla); ``s_ref`` is the 99th percentile of the clean magnitude.
 * ``mr_acquire``: complex image → k-space (2D FFT per slice) → truncation (Gibbs ringing) →
   motion phase errors (ghosting) → back → complex Gaussian noise of σ per channel → magnitude
-  (Rician statistics).
+  (Rician statistics). With ``band`` < 1 (a source acquired on a coarser matrix than the image
+  grid) k-space is zero-filled beyond the acquired matrix and the truncation is a fraction of that
+  matrix, so a kept fraction means the same loss of resolution whatever the source's matrix.
 * ``bias_field``: smooth multiplicative field ``exp(b * g)`` with ``g`` a random quadratic
   polynomial of the normalised coordinates scaled to max |g| = 1.
 
@@ -232,23 +234,32 @@ def _motion_phase(shape: tuple[int, int], amplitude_px: float, period_lines: flo
 
 def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
                keep_fraction: float = 1.0, motion_px: float = 0.0,
-               motion_period: float = 8.0) -> np.ndarray:
+               motion_period: float = 8.0, band: float = 1.0) -> np.ndarray:
     """Re-acquire a magnitude image through k-space; (H, W) or (Z, H, W) float32 ≥ 0 out.
 
-    keep_fraction: central fraction of k-space kept per axis (1 = all; < 1 gives Gibbs ringing).
+    keep_fraction: central fraction of the acquired k-space kept per axis (1 = all; < 1 gives
+    Gibbs ringing).
+    band: the fraction of the image grid's k-space (per axis) that the acquisition covers, e.g.
+    0.25 for a 64-matrix scan shown on a 256 grid. Below 1 the image is reconstructed as scanners
+    do, by zero-filling k-space beyond the acquired matrix, and ``keep_fraction`` is a fraction of
+    that matrix: the central ``keep_fraction · band`` of the grid's k-space is kept (even at
+    ``keep_fraction`` = 1). 1 (default): the grid is the acquired matrix.
     motion_px: amplitude of a periodic translation along the phase-encode axis (ghosts).
     sigma: Rician noise σ (complex Gaussian noise per channel before taking the magnitude).
     """
+    if not 0.0 < band <= 1.0:
+        raise ValueError(f"band must be in (0, 1], got {band}")
     x = np.asarray(mag, dtype=np.float64)
     vol = x[None] if x.ndim == 2 else x
     out = np.empty(vol.shape, dtype=np.float32)
     phase0 = float(rng.uniform(0, 2 * np.pi))
+    kept = float(keep_fraction) * float(band)
     for z in range(vol.shape[0]):
         img: np.ndarray = vol[z].astype(np.complex128)
-        if keep_fraction < 1.0 or motion_px > 0:
+        if kept < 1.0 or motion_px > 0:
             k = np.fft.fftshift(np.fft.fft2(img))
-            if keep_fraction < 1.0:
-                k = _truncate_kspace(k, keep_fraction)
+            if kept < 1.0:
+                k = _truncate_kspace(k, kept)
             if motion_px > 0:
                 k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
             img = np.fft.ifft2(np.fft.ifftshift(k))
