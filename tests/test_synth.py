@@ -658,15 +658,26 @@ def test_corpus_reads_back_through_engines_io(tiny_corpus: Path) -> None:
             assert float(ref.meta["MagneticFieldStrength"]) == pytest.approx(float(r["physical"]))
 
 
-def test_cli_synth_tiny(tmp_path: Path) -> None:
+def test_cli_synth_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.synth.corpus as corpus_mod
     from mediqa_cli.main import cli
 
+    plans: list[tuple] = []
+
+    def counted(*args: object, **kwargs: object) -> list:
+        plans.append(args)
+        return plan_corpus(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_mod, "plan_corpus", counted)
     out = tmp_path / "corpus"
     runner = CliRunner()
     res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "3", "--workers", "1",
                               "--no-progress"])
     assert res.exit_code == 0, res.output
+    assert plans == [(3, "tiny")]                      # planned once: checked, then rendered
+    monkeypatch.undo()
     assert len(_rows(out)) == len(plan_corpus(3, "tiny"))
+    assert _tree_digest(out) == _tree_digest(generate_corpus(tmp_path / "api", seed=3, size="tiny").parent)
     res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--no-progress"])
     assert res.exit_code != 0 and "not empty" in res.output
     res = runner.invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "4", "--workers", "1",

@@ -80,7 +80,7 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
     computed from the simulation parameters, not rated by readers.
     """
     from engines.errors import DatasetError
-    from training.synth.corpus import generate_corpus, plan_corpus, require_sources
+    from training.synth.corpus import plan_corpus, render_corpus, require_sources
 
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n_workers < 1:
@@ -100,8 +100,8 @@ def synth(out_dir: Path, seed: int, size: str, workers: int | None, progress: bo
         with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("synth", total=total)
-            manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers,
-                                       on_progress=lambda done, _t: bar.update(task, completed=done), **options)
+            manifest = render_corpus(out_dir, specs, workers=n_workers,
+                                     on_progress=lambda done, _t: bar.update(task, completed=done))
     else:
-        manifest = generate_corpus(out_dir, seed=seed, size=size, workers=n_workers, **options)
+        manifest = render_corpus(out_dir, specs, workers=n_workers)
     click.echo(f"{total} studies in {time.perf_counter() - t0:.1f} s; manifest: {manifest}")

@@ -860,15 +860,24 @@ def generate_corpus(out_dir: Path | str, *, seed: int = 0, size: str | SizeConfi
     ``options``: the generator options (``GENERATOR_OPTIONS``), see ``plan_corpus``; unknown
     names raise TypeError.
 
-    Every base image the plan uses is loaded first (``check_sources``); DatasetError, before
+    Every base image the plan uses is loaded first (``require_sources``); DatasetError, before
     anything is written, names each one that cannot be loaded and why (e.g. a missing package).
 
     ``workers`` > 1 renders studies in that many processes; the result is identical.
     ``on_progress(done, total)`` is called after each study.
     """
-    out = Path(out_dir)
     specs = plan_corpus(seed, size, **options)
     require_sources(specs)
+    return render_corpus(out_dir, specs, workers=workers, on_progress=on_progress)
+
+
+def render_corpus(out_dir: Path | str, specs: list[StudySpec], *, workers: int = 1,
+                  on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Render a plan (``plan_corpus``, its sources checked by ``require_sources``) into
+    ``out_dir`` and write its manifest; returns the manifest path. ``generate_corpus`` is plan +
+    check + this; ``mediqa synth`` calls the three itself, so that it checks the sources before
+    it touches OUT_DIR without planning twice."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: dict[int, dict[str, str]] = {}
