@@ -559,8 +559,8 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
                  + "tta_policy: {split: test, modes: flip, min_studies: 1}\n"
                  + "feature_head: {choose_split: test, min_studies: 1, min_sources: 1}\n")
     res = recipe.run_recipe(y, progress=False)
-    # the record and the TTA choice (one pass); the feature head reuses the choice's evaluations
-    assert calls == ["test:none", "test:none,flip"]
+    # the record and the TTA choice share one pass of the test split; the feature head reuses it
+    assert calls == ["test:none,flip"]
     groups, card = load_tensors(out)
     pol = card.tta_policy
     sel = pol["selection"]
@@ -586,11 +586,11 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
     assert fh["selection"]["fit_split"] == "train" and fh["selection"]["choose_split"] == "test"
     assert res["feature_head"] == fh and json.loads((work / "recipe_summary.json").read_text())["feature_head"] == fh
 
-    calls.clear()                                            # --finish: the choice is reused
-    cut = tmp_path / "cut.safetensors"
+    calls.clear()                                            # --finish: the choice is made again
+    cut = tmp_path / "cut.safetensors"                       # from its one pass, to the same policy
     save_artifact(cut, groups, dataclasses.replace(card, metrics={}, tta_policy={}, feature_head={}), dtype="fp16")
     recipe.finish_recipe(y, cut, progress=False)
-    assert calls == ["test:none"]
+    assert calls == ["test:none,flip"]
     groups2, card2 = load_tensors(cut)
     assert card2.tta_policy == pol and card2.metrics == card.metrics
     assert card2.feature_head["heads"] == fh["heads"]
@@ -715,9 +715,25 @@ def test_soup_recipe_averages_sibling_networks_and_refuses_what_cannot_share_a_c
 
     out, work = tmp_path / "soup.safetensors", tmp_path / "wsoup"
     y = tmp_path / "soup.yaml"
-    y.write_text(SOUP.format(out=out, work=work, members=members(kids)))
-    recipe.run_recipe(y, progress=False)
+    y.write_text(SOUP.format(out=out, work=work, members=members(kids))
+                 + "tta_policy: {split: val, modes: flip, min_studies: 1}\n")
+    from training import evaluate as ev
+
+    calls: list[str] = []
+    real = ev.evaluate_modes
+
+    def counting(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(f"{k.get('split')}:{','.join(k['modes'])}")
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "evaluate_modes", counting)
+        recipe.run_recipe(y, progress=False)
+    # validation read once, for the card's plain metric and the TTA choice; test once, plain
+    assert calls == ["val:none,flip", "test:none"]
     groups, card = load_tensors(out)
+    assert card.tta_policy["selection"]["split"] == "val"
+    assert sorted(p.name for p in (work / "tta-policy").iterdir()) == ["tta-flip.json", "tta-none.json"]
     for k, t in groups["iqa"].items():
         if t.is_floating_point():
             mean = ((a["iqa"][k].float() + b["iqa"][k].float()) / 2).half()

@@ -200,6 +200,13 @@ def test_chooser_reuses_matching_reports_and_refuses_the_training_split(artifact
     (tmp_path / "r" / "tta-flip.json").unlink()                          # interrupted: only what is missing
     assert choose_tta_policy(artifact, tmp_path, split="test", **kw).modes == pol.modes
     assert calls[2:] == [("test", ("flip",))]
+    # reports the caller has measured (a recipe's record pass): used and kept, only the rest measured
+    kw2 = {**kw, "reports_dir": tmp_path / "r2"}
+    given = choose_tta_policy(artifact, tmp_path, split="val", known={"none": reports["none"], "d4": reports["d4"]},
+                              **kw2)
+    assert calls[3:] == [("val", ("flip",))] and given.modes == pol.modes
+    assert sorted(f.name for f in (tmp_path / "r2").iterdir()) == ["tta-d4.json", "tta-flip.json", "tta-none.json"]
+    assert choose_tta_policy(artifact, tmp_path, split="val", known=reports, **kw2) == given and len(calls) == 4
     with pytest.raises(DatasetError, match="not on the training split"):
         choose_tta_policy(artifact, tmp_path, split="train", **kw)
 

@@ -421,7 +421,7 @@ def _run_soup(path: str | Path, recipe: dict[str, Any], sha: str, device: str | 
     plain (the card's ``val`` metric, which a soup has no training run to give), then step 5's
     test evaluation and steps 6 / 7 as for any recipe."""
     from engines.artifact import ModelCard, save_artifact  # noqa: PLC0415
-    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.evaluate import evaluate_modes  # noqa: PLC0415
     from training.soup import average_iqa  # noqa: PLC0415
 
     members = _soup_members(recipe)
@@ -444,12 +444,16 @@ def _run_soup(path: str | Path, recipe: dict[str, Any], sha: str, device: str | 
         ensemble_size=first.ensemble_size, metrics={}, training=training,
         data_summary={"corpus": _corpus_summary(recipe), "members": [c.data_summary for c in cards]})
     save_artifact(out_path, modules, card, dtype="fp16")
-    val = evaluate_model(out_path, manifest, split="val", device=cfg.device, batch_size=cfg.batch_size,
-                         workers=cfg.workers, progress=progress, tta="none")["overall"]
+    tta_section = recipe.get("tta_policy", _NO_POLICY)
+    # plain, for the card; a TTA policy chosen on validation gets its modes from the same pass
+    val_reports = evaluate_modes(out_path, manifest, modes=("none", *_policy_modes(tta_section, "val")),
+                                 split="val", device=cfg.device, batch_size=cfg.batch_size,
+                                 workers=cfg.workers, progress=progress)
+    val = val_reports["none"]["overall"]
     logger.info("soup of %d members: validation SRCC %.4f", len(paths), val["srcc"])
     return _test_and_record(out_path, modules, card, manifest, work, {}, cfg.device, cfg.batch_size,
-                            cfg.workers, progress, recipe.get("tta_policy", _NO_POLICY),
-                            recipe.get("feature_head", _NO_POLICY), val=val)
+                            cfg.workers, progress, tta_section, recipe.get("feature_head", _NO_POLICY),
+                            val=val, val_reports=val_reports)
 
 
 def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
@@ -478,19 +482,25 @@ _NO_POLICY = object()   # the recipe has no tta_policy section (an empty section
 def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
                      outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
                      progress: bool, tta_section: Any = _NO_POLICY,
-                     feature_section: Any = _NO_POLICY, val: dict[str, Any] | None = None) -> dict[str, Any]:
+                     feature_section: Any = _NO_POLICY, val: dict[str, Any] | None = None,
+                     val_reports: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
     write the metrics into its card and ``<work>/recipe_summary.json``; then step 6 when the
     recipe has a ``tta_policy`` section and step 7 when it has a ``feature_head`` section.
-    ``val``: the validation metrics for the card (default: the fine-tune stage's)."""
+    ``val``: the validation metrics for the card (default: the fine-tune stage's); ``val_reports``:
+    mode → report of the validation split already measured with these tensors (a soup's), which
+    step 6 uses instead of measuring them again."""
     from engines.artifact import save_artifact  # noqa: PLC0415
-    from training.evaluate import evaluate_model  # noqa: PLC0415
+    from training.evaluate import evaluate_modes  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
 
     # tta none: the card's test metrics are the network's own (a TTA policy, chosen later on the
-    # validation split by `mediqa train tta-policy`, records its own measurements)
-    rep = evaluate_model(out_path, manifest, split="test", device=device, batch_size=batch_size,
-                         workers=workers, progress=progress, tta="none")
+    # validation split by `mediqa train tta-policy`, records its own measurements). A policy
+    # chosen on the test split gets its modes from the same pass (one read of the split).
+    modes = _policy_modes(tta_section, "test")
+    reports = evaluate_modes(out_path, manifest, modes=("none", *modes), split="test", device=device,
+                             batch_size=batch_size, workers=workers, progress=progress)
+    rep = reports["none"]
     stages = {name: {"metrics": o.metrics, "data": o.data_summary, "images_per_s": o.images_per_s}
               for name, o in outcomes.items()}
     metrics = {"val": val if val is not None else outcomes["finetune"].metrics.get("val"),
@@ -503,7 +513,7 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     summary: dict[str, Any] = {"artifact": str(out_path), "metrics": metrics, "stages": stages}
     if tta_section is not _NO_POLICY:
         summary["tta_policy"] = _choose_policy(out_path, manifest, work, tta_section, device, batch_size,
-                                               workers, progress)
+                                               workers, progress, {"test": reports, "val": val_reports or {}})
     if feature_section is not _NO_POLICY:
         from training.feature_head import fit_feature_head_for, write_feature_head  # noqa: PLC0415
 
@@ -528,17 +538,28 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     return {**summary, "artifact": out_path}
 
 
+def _policy_modes(section: Any, split: str) -> tuple[str, ...]:
+    """The TTA modes step 6 will measure on ``split`` (none when the recipe chooses no policy
+    there), so that the pass that records ``split`` can measure them too."""
+    if section is _NO_POLICY:
+        return ()
+    opts = _tta_policy_options(section)
+    return tuple(opts["modes"]) if opts["split"] == split else ()
+
+
 def _choose_policy(out_path: Path, manifest: Path, work: Path, section: Any, device: str, batch_size: int,
-                   workers: int, progress: bool) -> dict[str, Any]:
+                   workers: int, progress: bool, measured: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Step 6: choose the per-modality TTA policy on the section's held-out split and write it into
-    the packed artifact's card (tensors unchanged). Returns the policy as recorded."""
+    the packed artifact's card (tensors unchanged). ``measured``: split → (mode → report) already
+    taken with these tensors; the chooser measures only what is missing. Returns the policy as
+    recorded."""
     from training.tta_policy import choose_tta_policy, write_policy  # noqa: PLC0415
 
     opts = _tta_policy_options(section)
     policy = choose_tta_policy(out_path, manifest, split=opts["split"], modes=opts["modes"], device=device,
                                batch_size=batch_size, workers=workers, progress=progress,
                                reports_dir=work / "tta-policy", min_gain=opts["min_gain"],
-                               min_studies=opts["min_studies"])
+                               min_studies=opts["min_studies"], known=(measured or {}).get(opts["split"]))
     write_policy(out_path, policy)
     logger.info("TTA policy chosen on the %s split: %s", opts["split"], policy.describe())
     return policy.to_dict()

@@ -103,14 +103,17 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
                       modes: Sequence[str] = CANDIDATES, device: str = "cpu", batch_size: int = 8,
                       workers: int = 0, progress: bool = True, reports_dir: str | Path | None = None,
                       evaluate: Callable[..., dict[str, Any]] | None = None,
-                      **rule: Any) -> TTAPolicy:
+                      known: Mapping[str, Mapping[str, Any]] | None = None, **rule: Any) -> TTAPolicy:
     """Evaluate ``model_path`` on ``split`` of ``data`` plain and with each of ``modes``, then
     ``select_policy``. The modes are measured in one pass (``training.evaluate.evaluate_modes``:
     the studies are read once and each image transform runs once, so none + flip + d4 cost one
     d4 evaluation). ``reports_dir``: keep each mode's report there (``tta-<mode>.json``, with the
     model's sha256, the data and the split) and reuse one that matches all three, so an
     interrupted choice resumes where it stopped. ``evaluate``: replaces ``evaluate_modes`` (same
-    signature; tests). ``rule``: passed to ``select_policy``."""
+    signature; tests). ``known``: mode → report that the caller has just measured with the same
+    tensors on the same data and split (a recipe's record of that split, taken in one pass with the
+    modes it will need); they are used, and kept, as if measured here. ``rule``: passed to
+    ``select_policy``."""
     from engines.pipeline import file_sha256  # noqa: PLC0415
     from training.evaluate import evaluate_modes  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
@@ -124,18 +127,21 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
     wanted = tuple(dict.fromkeys(("none", *modes)))
     reports = ({m: r for m, r in kept_reports(reports_dir, sha, data, split).items() if m in wanted}
                if reports_dir else {})
+    given = {m: jsonable(dict(r)) for m, r in (known or {}).items() if m in wanted and m not in reports}
+    reports.update(given)
     missing = tuple(m for m in wanted if m not in reports)
+    fresh: dict[str, Any] = {}
     if missing:
         log.info("evaluating %s on the %s split with TTA %s (one pass)", Path(model_path).name, split,
                  ", ".join(missing))
         fresh = evaluate(model_path, data, modes=missing, split=split, device=device, batch_size=batch_size,
                          workers=workers, progress=progress)
-        for mode in missing:
-            reports[mode] = jsonable(fresh[mode])
-            if reports_dir:
-                cached = Path(reports_dir) / f"tta-{mode}.json"
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps({**_report_key(sha, data, split), "report": reports[mode]}))
+        reports.update({mode: jsonable(fresh[mode]) for mode in missing})
+    if reports_dir:
+        for mode in (*given, *missing):
+            cached = Path(reports_dir) / f"tta-{mode}.json"
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({**_report_key(sha, data, split), "report": reports[mode]}))
     policy = select_policy(reports, **rule)
     selection = {**policy.selection, "data": str(data), "split": split, "model_sha256": sha}
     return TTAPolicy(modes=dict(policy.modes), fallback=policy.fallback, selection=selection)
