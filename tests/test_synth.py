@@ -470,6 +470,37 @@ def test_mr_native_kspace_changes_only_the_mr_images_of_coarse_sources(tmp_path:
         assert (name in coarse) <= (not np.array_equal(a, b))
 
 
+def test_mr_native_matrix_writes_coarse_sources_on_their_own_matrix(tmp_path: Path) -> None:
+    """With the option an MR study of a source coarser than the grid is written on the source's
+    matrix and pixel spacing (an archive's file, which the scorer resizes), a finer source as
+    before; plan, rows and scores do not change, and the file reads back through engines.io."""
+    from engines.io.discover import discover_studies, read_study
+    from training.synth.corpus import render_study
+
+    plan, base = plan_corpus(3, "small", mr_native_matrix=True), plan_corpus(3, "small")
+    assert [dataclasses.replace(s, native_matrix=False) for s in plan] == base
+    assert {s.modality for s in plan if s.native_matrix} == {"mr"}
+    picked: dict[str, object] = {}
+    for s in plan:
+        if s.modality == "mr" and s.dimension == "2d":
+            picked.setdefault(s.unit.source, s)
+    assert {"mr-small", "mr-t1cor"} <= set(picked)
+    for name, spec in picked.items():
+        new = render_study(spec, tmp_path / "new")
+        old = render_study(dataclasses.replace(spec, native_matrix=False), tmp_path / "old")
+        assert new == old, name                                # same row, score included
+        ds = pydicom.dcmread(tmp_path / "new" / spec.relpath)
+        src = load_unit(spec.unit)
+        native = max(src.array.shape[1:3])
+        assert max(ds.Rows, ds.Columns) == min(native, spec.image_size), name
+        assert float(ds.PixelSpacing[0]) == pytest.approx(src.pixel_mm[0] * max(native / spec.image_size, 1.0),
+                                                          rel=1e-3), name
+    refs = {r.rel_path: r for r in discover_studies(tmp_path / "new")}
+    ref = refs[picked["mr-small"].relpath]
+    assert ref.error is None and float(ref.meta["MagneticFieldStrength"]) > 0
+    assert read_study(ref).array.shape[-2:] == (64, 64)
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -498,7 +529,8 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
 
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
-                     "train_extra_mr", "train_ct_windows", "mr_native_kspace"]
+                     "train_extra_mr", "train_ct_windows", "mr_native_kspace",
+                     "mr_native_matrix"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -259,6 +259,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
                     "kept k-space fraction is a fraction of that matrix, not of the 256 grid. Changes "
                     "the MR images of sources coarser than the grid in every split; plan and scores "
                     "are unchanged."),
+    GeneratorOption("mr_native_matrix", False, "MR studies of sources coarser than the 256 grid are "
+                    "simulated and written on the source's own matrix and pixel spacing, as archives "
+                    "hold them (the scorer resizes them); plan and scores are unchanged."),
 )
 
 
@@ -333,6 +336,7 @@ class StudySpec:
     warp: bool = False                   # deform the anatomy first (train_warp / train_warp_2d; training)
     tone: bool = False                   # random tone curve on the clean MR anatomy (train_tone_mr)
     native_kspace: bool = False          # MR k-space relative to the source's own matrix (mr_native_kspace)
+    native_matrix: bool = False          # MR written on the source's own matrix when coarser (mr_native_matrix)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -385,7 +389,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 dose_label: str = "mas", train_warp: bool = False,
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
                 val_sources: str = "one", train_extra_mr: bool = False,
-                train_ct_windows: bool = False, mr_native_kspace: bool = False) -> list[StudySpec]:
+                train_ct_windows: bool = False, mr_native_kspace: bool = False,
+                mr_native_matrix: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -418,6 +423,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     (``mr_band``): k-space is zero-filled beyond it, and the ringing's kept fraction is a fraction
     of it. The plan, the parameters and the scores are the same either way; the MR images of
     sources whose matrix is coarser than the image grid change, nothing else.
+
+    ``mr_native_matrix``: MR studies (every split) of a source coarser than the image grid are
+    simulated and written on the source's own matrix, with its pixel spacing, as an archive holds
+    them (the scorer then resizes them itself); the ringing's kept fraction is then a fraction of
+    that matrix too. Plan, parameters and scores are the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -482,7 +492,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    warp=unit.split == "train" and (train_warp if mod in ("ct", "mr")
                                                                    else train_warp_2d),
                                    tone=bool(train_tone_mr and unit.split == "train" and mod == "mr"),
-                                   native_kspace=bool(mr_native_kspace and mod == "mr")))
+                                   native_kspace=bool(mr_native_kspace and mod == "mr"),
+                                   native_matrix=bool(mr_native_matrix and mod == "mr")))
     return specs
 
 
@@ -702,8 +713,9 @@ def mr_band(native_shape: tuple[int, ...], size: int) -> float:
 
 def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: Path,
                measured: dict[str, float] | None = None) -> int:
-    size = spec.image_size
     arr = base.array
+    # mr_native_matrix: a source coarser than the grid stays on its own matrix (never upsampled)
+    size = min(spec.image_size, max(arr.shape[1:3])) if spec.native_matrix else spec.image_size
     zoom = size / max(arr.shape[1:3])
     pixel = base.pixel_mm[0] / zoom
     flip = bool(rng.uniform() < 0.5)
