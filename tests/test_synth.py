@@ -444,6 +444,15 @@ def test_mr_band_zero_fills_beyond_the_acquired_matrix_and_keeps_a_fraction_of_i
         assert 0.6 * ref < change(epi, keep, 0.5) < 3.0 * ref, keep   # the acquired matrix's fraction
 
 
+def _first_2d_mr_study_per_source(plan: list) -> dict[str, object]:
+    """Source name → the plan's first single-slice MR study of that source."""
+    picked: dict[str, object] = {}
+    for s in plan:
+        if s.modality == "mr" and s.dimension == "2d":
+            picked.setdefault(s.unit.source, s)
+    return picked
+
+
 def test_mr_native_kspace_changes_only_the_mr_images_of_coarse_sources(tmp_path: Path) -> None:
     """The option leaves the plan, the parameters and the scores as they are; of the MR studies it
     changes the pixels of sources acquired coarser than the grid (in every split) and no other."""
@@ -453,10 +462,7 @@ def test_mr_native_kspace_changes_only_the_mr_images_of_coarse_sources(tmp_path:
     assert [dataclasses.replace(s, native_kspace=False) for s in plan] == base
     assert {s.modality for s in plan if s.native_kspace} == {"mr"}
     assert all(s.native_kspace for s in plan if s.modality == "mr")
-    picked: dict[str, object] = {}
-    for s in plan:
-        if s.modality == "mr" and s.dimension == "2d":
-            picked.setdefault(s.unit.source, s)
+    picked = _first_2d_mr_study_per_source(plan)
     coarse = {"mr-small", "mr-epi"} & set(picked)             # the test split's sources (64², 96 × 128)
     assert coarse and "mr-t1cor" in picked                     # and a 256² training source
     for name, spec in picked.items():
@@ -480,10 +486,7 @@ def test_mr_native_matrix_writes_coarse_sources_on_their_own_matrix(tmp_path: Pa
     plan, base = plan_corpus(3, "small", mr_native_matrix=True), plan_corpus(3, "small")
     assert [dataclasses.replace(s, native_matrix=False) for s in plan] == base
     assert {s.modality for s in plan if s.native_matrix} == {"mr"}
-    picked: dict[str, object] = {}
-    for s in plan:
-        if s.modality == "mr" and s.dimension == "2d":
-            picked.setdefault(s.unit.source, s)
+    picked = _first_2d_mr_study_per_source(plan)
     assert {"mr-small", "mr-t1cor"} <= set(picked)
     for name, spec in picked.items():
         new = render_study(spec, tmp_path / "new")

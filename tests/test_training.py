@@ -508,16 +508,32 @@ def test_recipe_end_to_end_then_finish_records_the_same_metrics(tmp_path: Path) 
         recipe.finish_recipe(y, cut, progress=False)
 
 
+def _count_evaluations(mp: pytest.MonkeyPatch) -> list[str]:
+    """Wrap ``training.evaluate.evaluate_modes`` so each pass is recorded as ``split:mode,mode``
+    (in call order) in the returned list."""
+    from training import evaluate as ev
+
+    calls: list[str] = []
+    real = ev.evaluate_modes
+
+    def counting(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(f"{k.get('split')}:{','.join(k['modes'])}")
+        return real(*a, **k)
+
+    mp.setattr(ev, "evaluate_modes", counting)
+    return calls
+
+
 def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tmp_path: Path,
                                                                              monkeypatch) -> None:
     """``tta_policy`` in a recipe: after the test record, the packed model's per-modality TTA is
     chosen on the named held-out split and written into its card (tensors unchanged); the step's
-    evaluations are kept and ``--finish`` reuses them; bad sections are refused before any work."""
+    evaluations are kept, and ``--finish`` reaches the same policy from its one test pass; bad
+    sections are refused before any work."""
     import dataclasses
 
     from engines.artifact import save_artifact
     from engines.pipeline import file_sha256
-    from training import evaluate as ev
     from training import recipe
     from training import tta_policy as tp
 
@@ -537,14 +553,7 @@ def test_recipe_tta_policy_step_chooses_on_held_out_data_and_finish_reuses_it(tm
         with pytest.raises(ConfigError, match=msg):
             recipe.load_recipe(bad)
 
-    calls: list[str] = []
-    real = ev.evaluate_modes
-
-    def counting(*a: Any, **k: Any) -> dict[str, Any]:
-        calls.append(f"{k.get('split')}:{','.join(k['modes'])}")
-        return real(*a, **k)
-
-    monkeypatch.setattr(ev, "evaluate_modes", counting)
+    calls = _count_evaluations(monkeypatch)
     packed_sha: list[str] = []
     real_write = tp.write_policy
 
@@ -717,17 +726,8 @@ def test_soup_recipe_averages_sibling_networks_and_refuses_what_cannot_share_a_c
     y = tmp_path / "soup.yaml"
     y.write_text(SOUP.format(out=out, work=work, members=members(kids))
                  + "tta_policy: {split: val, modes: flip, min_studies: 1}\n")
-    from training import evaluate as ev
-
-    calls: list[str] = []
-    real = ev.evaluate_modes
-
-    def counting(*a: Any, **k: Any) -> dict[str, Any]:
-        calls.append(f"{k.get('split')}:{','.join(k['modes'])}")
-        return real(*a, **k)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "evaluate_modes", counting)
+        calls = _count_evaluations(mp)
         recipe.run_recipe(y, progress=False)
     # validation read once, for the card's plain metric and the TTA choice; test once, plain
     assert calls == ["val:none,flip", "test:none"]

@@ -449,11 +449,10 @@ def _run_soup(path: str | Path, recipe: dict[str, Any], sha: str, device: str | 
     val_reports = evaluate_modes(out_path, manifest, modes=("none", *_policy_modes(tta_section, "val")),
                                  split="val", device=cfg.device, batch_size=cfg.batch_size,
                                  workers=cfg.workers, progress=progress)
-    val = val_reports["none"]["overall"]
-    logger.info("soup of %d members: validation SRCC %.4f", len(paths), val["srcc"])
+    logger.info("soup of %d members: validation SRCC %.4f", len(paths), val_reports["none"]["overall"]["srcc"])
     return _test_and_record(out_path, modules, card, manifest, work, {}, cfg.device, cfg.batch_size,
                             cfg.workers, progress, tta_section, recipe.get("feature_head", _NO_POLICY),
-                            val=val, val_reports=val_reports)
+                            val_reports=val_reports)
 
 
 def _prepare(path: str | Path, recipe: dict[str, Any], work_dir: str | Path | None, output: str | Path | None,
@@ -482,14 +481,14 @@ _NO_POLICY = object()   # the recipe has no tta_policy section (an empty section
 def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifest: Path, work: Path,
                      outcomes: dict[str, Any], device: str, batch_size: int, workers: int,
                      progress: bool, tta_section: Any = _NO_POLICY,
-                     feature_section: Any = _NO_POLICY, val: dict[str, Any] | None = None,
+                     feature_section: Any = _NO_POLICY,
                      val_reports: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 5's second half: evaluate the packed artifact on the test split (as ``mediqa evaluate``),
     write the metrics into its card and ``<work>/recipe_summary.json``; then step 6 when the
     recipe has a ``tta_policy`` section and step 7 when it has a ``feature_head`` section.
-    ``val``: the validation metrics for the card (default: the fine-tune stage's); ``val_reports``:
-    mode → report of the validation split already measured with these tensors (a soup's), which
-    step 6 uses instead of measuring them again."""
+    ``val_reports``: mode → report of the validation split already measured with these tensors (a
+    soup's, which has no training run): its plain ("none") metrics are the card's validation
+    metrics (default: the fine-tune stage's), and step 6 uses them all instead of measuring again."""
     from engines.artifact import save_artifact  # noqa: PLC0415
     from training.evaluate import evaluate_modes  # noqa: PLC0415
     from training.tasks import jsonable  # noqa: PLC0415
@@ -503,7 +502,7 @@ def _test_and_record(out_path: Path, modules: dict[str, Any], card: Any, manifes
     rep = reports["none"]
     stages = {name: {"metrics": o.metrics, "data": o.data_summary, "images_per_s": o.images_per_s}
               for name, o in outcomes.items()}
-    metrics = {"val": val if val is not None else outcomes["finetune"].metrics.get("val"),
+    metrics = {"val": val_reports["none"]["overall"] if val_reports else outcomes["finetune"].metrics.get("val"),
                "test": {k: rep[k] for k in ("overall", "groups")},
                "test_classifier": rep.get("classifier"),
                "pretrain_test": outcomes["pretrain"].metrics.get("test") if "pretrain" in outcomes else None,

@@ -130,7 +130,6 @@ def choose_tta_policy(model_path: str | Path, data: str | Path, *, split: str = 
     given = {m: jsonable(dict(r)) for m, r in (known or {}).items() if m in wanted and m not in reports}
     reports.update(given)
     missing = tuple(m for m in wanted if m not in reports)
-    fresh: dict[str, Any] = {}
     if missing:
         log.info("evaluating %s on the %s split with TTA %s (one pass)", Path(model_path).name, split,
                  ", ".join(missing))
