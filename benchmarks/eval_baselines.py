@@ -8,7 +8,8 @@ computed on each slice in [0, 1] intensity units (before resizing), then average
 - sharpness: variance of the Laplacian (``scipy.ndimage.laplace``; sharper → higher quality).
 
 SRCC against the manifest's synthetic score is printed overall, per modality and per
-degradation, next to the model's SRCC (``training.evaluate.evaluate_model``) and its 95 %
+degradation and per modality × degradation type (a mixed study counted under every type it
+contains), next to the model's SRCC (``training.evaluate.evaluate_model``) and its 95 %
 bootstrap interval when ``--model`` is given; ``--compare OTHER.safetensors`` adds a second
 model and the paired bootstrap interval of the SRCC difference (model − other) on the same
 studies (``engines.metrics.srcc_ci``): an interval holding 0 means the split cannot tell the
@@ -98,6 +99,10 @@ def main() -> None:
         groups[f"degradation={r['degradation']}"].append(r)
         if "+" in r["degradation"]:
             groups["mixed degradations"].append(r)
+        # the table: each modality by degradation type, a mixed study counted under every
+        # type it contains (so a column is "studies with this degradation")
+        for d in filter(None, r["degradation"].split("+")):
+            groups[f"modality={r['modality']} with {d}"].append(r)
     table = {}
     fmt = lambda v: f"{v:7.3f}" if isinstance(v, float) else f"{'-':>7s}"  # noqa: E731
     print(f"{'group':32s} {'n':>4s} {'-sigma':>7s} {'lapvar':>7s} {'model':>7s} {'95 % CI':>15s}"
