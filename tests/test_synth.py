@@ -504,6 +504,36 @@ def test_mr_native_matrix_writes_coarse_sources_on_their_own_matrix(tmp_path: Pa
     assert read_study(ref).array.shape[-2:] == (64, 64)
 
 
+def test_train_mr_matrix_writes_half_the_mr_training_studies_on_a_coarser_matrix(tmp_path: Path) -> None:
+    """The option draws a coarser acquisition matrix for about half of the MR training studies and
+    for nothing else; such a study is written on that matrix at the same field of view (a larger
+    pixel), with the same manifest row and score. Every other study's spec, hence its file, is the
+    same as without the option."""
+    from training.synth.corpus import TRAIN_MR_MATRICES, render_study
+
+    plan, base = plan_corpus(3, "small", train_mr_matrix=True), plan_corpus(3, "small")
+    assert [dataclasses.replace(s, acq_matrix=0) for s in plan] == base
+    drawn = [s for s in plan if s.acq_matrix]
+    assert {(s.modality, s.split) for s in drawn} == {("mr", "train")}
+    mr_train = [s for s in plan if s.modality == "mr" and s.split == "train"]
+    assert 0.3 < len(drawn) / len(mr_train) < 0.7
+    assert {s.acq_matrix for s in drawn} == set(TRAIN_MR_MATRICES)
+    assert plan_corpus(3, "small", train_mr_matrix=True) == plan        # deterministic
+    two_d = [s for s in drawn if s.dimension == "2d" and s.fmt == "dicom"]
+    fine = [s for s in two_d if max(load_unit(s.unit).array.shape[1:3]) >= s.image_size]
+    assert fine
+    spec = min(fine, key=lambda s: s.acq_matrix)
+    new = render_study(spec, tmp_path / "new")
+    old = render_study(dataclasses.replace(spec, acq_matrix=0), tmp_path / "old")
+    assert new == old                                                  # same row, score included
+    a = pydicom.dcmread(tmp_path / "new" / spec.relpath)
+    b = pydicom.dcmread(tmp_path / "old" / spec.relpath)
+    assert max(a.Rows, a.Columns) == spec.acq_matrix < max(b.Rows, b.Columns) == spec.image_size
+    fov_a = float(a.PixelSpacing[0]) * max(a.Rows, a.Columns)
+    fov_b = float(b.PixelSpacing[0]) * max(b.Rows, b.Columns)
+    assert fov_a == pytest.approx(fov_b, rel=1e-3)                     # same field of view
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -533,7 +563,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
-                     "mr_native_matrix"]
+                     "mr_native_matrix", "train_mr_matrix"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -184,6 +184,16 @@ TONE_LOG_GAMMA = 0.36
 # generator of its own, see ``_ct_window_rng``).
 CT_TRAIN_WINDOWS = ("soft", "lung", "bone")
 
+# ``train_mr_matrix``: half of the MR training studies (a draw of their own, see ``_matrix_rng``) are
+# simulated and written on a coarser acquisition matrix, one of ``TRAIN_MR_MATRICES`` below the
+# size they would have had, at the same field of view (so a larger pixel). Scanners acquire EPI,
+# DWI and fast sequences on 64–128 matrices and the scorer resizes such files itself; with only
+# two coarse MR training sources, a model sees noise, ringing and motion at that scale on two
+# anatomies. The noise σ, the ringing's kept fraction (of the matrix) and the motion's fraction
+# of the field of view keep their meaning, so the scores do not change.
+TRAIN_MR_MATRICES = (64, 96, 128, 192)
+TRAIN_MR_MATRIX_P = 0.5
+
 DOSE_LABELS = ("mas", "noise")
 # ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
 # that validation holds two sources of each (CT_small + the skull-base CT; the 3 T head T1 + the
@@ -262,6 +272,10 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("mr_native_matrix", False, "MR studies of sources coarser than the 256 grid are "
                     "simulated and written on the source's own matrix and pixel spacing, as archives "
                     "hold them (the scorer resizes them); plan and scores are unchanged."),
+    GeneratorOption("train_mr_matrix", False, "Half of the MR training studies are simulated and "
+                    "written on a coarser acquisition matrix (64, 96, 128 or 192 on the long side, at "
+                    "the same field of view), as EPI, DWI and fast scans are; val/test, the plan "
+                    "and the scores are unchanged."),
 )
 
 
@@ -337,6 +351,7 @@ class StudySpec:
     tone: bool = False                   # random tone curve on the clean MR anatomy (train_tone_mr)
     native_kspace: bool = False          # MR k-space relative to the source's own matrix (mr_native_kspace)
     native_matrix: bool = False          # MR written on the source's own matrix when coarser (mr_native_matrix)
+    acq_matrix: int = 0                  # MR training study on this coarser matrix (train_mr_matrix); 0 = not
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -390,7 +405,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
                 val_sources: str = "one", train_extra_mr: bool = False,
                 train_ct_windows: bool = False, mr_native_kspace: bool = False,
-                mr_native_matrix: bool = False) -> list[StudySpec]:
+                mr_native_matrix: bool = False, train_mr_matrix: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -428,6 +443,10 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     simulated and written on the source's own matrix, with its pixel spacing, as an archive holds
     them (the scorer then resizes them itself); the ringing's kept fraction is then a fraction of
     that matrix too. Plan, parameters and scores are the same either way.
+
+    ``train_mr_matrix``: half of the MR training studies get a coarser acquisition matrix
+    (``TRAIN_MR_MATRICES``, drawn by ``_matrix_rng``; ``StudySpec.acq_matrix``). Everything else,
+    the scores included, is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -493,7 +512,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                                                    else train_warp_2d),
                                    tone=bool(train_tone_mr and unit.split == "train" and mod == "mr"),
                                    native_kspace=bool(mr_native_kspace and mod == "mr"),
-                                   native_matrix=bool(mr_native_matrix and mod == "mr")))
+                                   native_matrix=bool(mr_native_matrix and mod == "mr"),
+                                   acq_matrix=(_draw_acq_matrix(int(seed), index)
+                                               if train_mr_matrix and mod == "mr" and unit.split == "train" else 0)))
     return specs
 
 
@@ -588,6 +609,20 @@ def _warp_rng(spec: "StudySpec") -> np.random.Generator:
 def _ct_window_rng(seed: int, index: int) -> np.random.Generator:
     """``train_ct_windows``' own generator (the plan's stream is unchanged)."""
     return np.random.default_rng(np.random.SeedSequence([seed, index, 0xC7F1]))
+
+
+def _matrix_rng(seed: int, index: int) -> np.random.Generator:
+    """``train_mr_matrix``'s own generator (the plan's and the study's streams are unchanged)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, 0x3A7C]))
+
+
+def _draw_acq_matrix(seed: int, index: int) -> int:
+    """0 (the study's own size) with probability 1 − ``TRAIN_MR_MATRIX_P``, else one of
+    ``TRAIN_MR_MATRICES``."""
+    rng = _matrix_rng(seed, index)
+    if rng.uniform() >= TRAIN_MR_MATRIX_P:
+        return 0
+    return int(rng.choice(TRAIN_MR_MATRICES))
 
 
 def _tone_rng(spec: "StudySpec") -> np.random.Generator:
@@ -716,6 +751,8 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     arr = base.array
     # mr_native_matrix: a source coarser than the grid stays on its own matrix (never upsampled)
     size = min(spec.image_size, max(arr.shape[1:3])) if spec.native_matrix else spec.image_size
+    if spec.acq_matrix:   # train_mr_matrix: a coarser acquisition matrix, same field of view
+        size = min(size, spec.acq_matrix)
     zoom = size / max(arr.shape[1:3])
     pixel = base.pixel_mm[0] / zoom
     flip = bool(rng.uniform() < 0.5)
