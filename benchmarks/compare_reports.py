@@ -1,7 +1,7 @@
 """Paired comparison of two kept ``mediqa evaluate --json`` reports, without evaluating again.
 
-Two reports of the same split (a candidate and a bar, two TTA modes, two corpora' copies of the
-same studies) are matched by study path. For all matched studies and for each manifest group
+Two reports of the same split (a candidate and a bar, two TTA modes, two
+copies of the same studies) are matched by study path. For all matched studies and for each manifest group
 (``--by``: ``modality`` by default — the bar report's prompt modality, from the tags or else its
 classifier — or ``degradation``, whose mixed studies count under every
 type they contain), it prints both SRCCs, their difference and the paired 95 % bootstrap interval

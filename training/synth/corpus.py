@@ -184,9 +184,10 @@ TONE_LOG_GAMMA = 0.36
 # generator of its own, see ``_ct_window_rng``).
 CT_TRAIN_WINDOWS = ("soft", "lung", "bone")
 
-# ``train_mr_matrix``: half of the MR training studies (a draw of their own, see ``_matrix_rng``) are
-# simulated and written on a coarser acquisition matrix, one of ``TRAIN_MR_MATRICES`` below the
-# size they would have had, at the same field of view (so a larger pixel). Scanners acquire EPI,
+# ``train_mr_matrix``: half of the MR training studies (a draw of their own, see ``_matrix_rng``)
+# draw an acquisition matrix from ``TRAIN_MR_MATRICES``; where it is coarser than the size they
+# would have had, they are simulated and written on it at the same field of view (so a larger
+# pixel); a draw at or above that size changes nothing. Scanners acquire EPI,
 # DWI and fast sequences on 64–128 matrices and the scorer resizes such files itself; with only
 # two coarse MR training sources, a model sees noise, ringing and motion at that scale on two
 # anatomies. The noise σ, the ringing's kept fraction (of the matrix) and the motion's fraction
@@ -272,10 +273,10 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("mr_native_matrix", False, "MR studies of sources coarser than the 256 grid are "
                     "simulated and written on the source's own matrix and pixel spacing, as archives "
                     "hold them (the scorer resizes them); plan and scores are unchanged."),
-    GeneratorOption("train_mr_matrix", False, "Half of the MR training studies are simulated and "
-                    "written on a coarser acquisition matrix (64, 96, 128 or 192 on the long side, at "
-                    "the same field of view), as EPI, DWI and fast scans are; val/test, the plan "
-                    "and the scores are unchanged."),
+    GeneratorOption("train_mr_matrix", False, "Half of the MR training studies draw an acquisition "
+                    "matrix (64, 96, 128 or 192 on the long side); those it makes coarser are simulated "
+                    "and written on it at the same field of view, as EPI, DWI and fast scans are; "
+                    "val/test, the plan and the scores are unchanged."),
 )
 
 
@@ -351,7 +352,7 @@ class StudySpec:
     tone: bool = False                   # random tone curve on the clean MR anatomy (train_tone_mr)
     native_kspace: bool = False          # MR k-space relative to the source's own matrix (mr_native_kspace)
     native_matrix: bool = False          # MR written on the source's own matrix when coarser (mr_native_matrix)
-    acq_matrix: int = 0                  # MR training study on this coarser matrix (train_mr_matrix); 0 = not
+    acq_matrix: int = 0                  # MR training study's drawn matrix, used where coarser (train_mr_matrix); 0 = none
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -444,8 +445,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     them (the scorer then resizes them itself); the ringing's kept fraction is then a fraction of
     that matrix too. Plan, parameters and scores are the same either way.
 
-    ``train_mr_matrix``: half of the MR training studies get a coarser acquisition matrix
-    (``TRAIN_MR_MATRICES``, drawn by ``_matrix_rng``; ``StudySpec.acq_matrix``). Everything else,
+    ``train_mr_matrix``: half of the MR training studies draw an acquisition matrix
+    (``TRAIN_MR_MATRICES``, by ``_matrix_rng``; ``StudySpec.acq_matrix``), used where it is
+    coarser than their size. Everything else,
     the scores included, is the same either way.
     """
     if dose_label not in DOSE_LABELS:
