@@ -247,7 +247,8 @@ def corpus_identity(size: str, seed: int, **options: Any) -> dict[str, Any]:
     option existed keep their identity."""
     from training.synth.sources import sources_fingerprint
 
-    return {"size": size, "seed": seed, "sources": sources_fingerprint(bool(options.get("train_extra_mr"))),
+    return {"size": size, "seed": seed, "sources": sources_fingerprint(bool(options.get("train_extra_mr")),
+                                                                     bool(options.get("train_more_mr"))),
             **_non_default(options)}
 
 

@@ -174,6 +174,10 @@ TONE_LOG_GAMMA = 0.36
 # studies whose split draw is "train" now pick among seven training sources instead of five; the
 # plan draws the same random numbers either way, so every other study (CT, X-ray, fundus, all of
 # validation and test) is planned and rendered identically (tested).
+# ``train_more_mr``: one more MR training source (``training.synth.sources.MORE_MR``: dipy's
+# ``aniso_vox``, a whole-brain T2-weighted b0 volume on a 58 × 58 matrix at 4 mm, a subject of its
+# own); the same guarantee. The test split's MR sources are coarse (the 128 × 96 EPI, the 64 × 64
+# ``MR_small``), and so far only the two heudiconv EPI / DWI volumes were coarse among training's.
 
 # ``train_ct_windows``: a CT training study is displayed in a random CT window (soft, lung or bone,
 # equally likely): its WindowCenter / WindowWidth tags and its type prompt say which. The CT
@@ -277,6 +281,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
                     "matrix (64, 96, 128 or 192 on the long side); those it makes coarser are simulated "
                     "and written on it at the same field of view, as EPI, DWI and fast scans are; "
                     "val/test, the plan and the scores are unchanged."),
+    GeneratorOption("train_more_mr", False, "One more MR training source: dipy's aniso_vox, a whole-brain "
+                    "T2-weighted b0 volume on a 58 x 58 matrix at 4 mm (pip install dipy); val/test and "
+                    "the other modalities are unchanged."),
 )
 
 
@@ -391,9 +398,9 @@ def severities_of(modality: str, params: dict[str, float]) -> dict[str, float]:
 
 
 def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...] = (),
-                 extra_mr: bool = False) -> Unit:
+                 extra_mr: bool = False, more_mr: bool = False) -> Unit:
     units = [dataclasses.replace(u, split="val") if u.source in to_val else u
-             for u in all_units(modality, extra_mr=extra_mr)]
+             for u in all_units(modality, extra_mr=extra_mr, more_mr=more_mr)]
     present = [s for s in SPLIT_PROBS if any(u.split == s for u in units)]
     probs = np.array([SPLIT_PROBS[s] for s in present])
     split = present[int(rng.choice(len(present), p=probs / probs.sum()))]
@@ -406,7 +413,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 train_warp_2d: bool = False, train_tone_mr: bool = False,
                 val_sources: str = "one", train_extra_mr: bool = False,
                 train_ct_windows: bool = False, mr_native_kspace: bool = False,
-                mr_native_matrix: bool = False, train_mr_matrix: bool = False) -> list[StudySpec]:
+                mr_native_matrix: bool = False, train_mr_matrix: bool = False,
+                train_more_mr: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -431,6 +439,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
 
     ``train_extra_mr``: MR training studies also draw from ``EXTRA_MR``; every study that is not
     an MR training study is the same either way.
+
+    ``train_more_mr``: MR training studies also draw from ``MORE_MR`` (independent of
+    ``train_extra_mr``); every study that is not an MR training study is the same either way.
 
     ``train_ct_windows``: a CT training study's type (its display window) is drawn from
     ``CT_TRAIN_WINDOWS`` on a generator of its own; everything else is the same either way.
@@ -470,7 +481,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
         kinds = sorted(KINDS[mod])
         for _ in range(count):
             index = len(specs)
-            unit = _choose_unit(mod, rng, to_val, train_extra_mr)
+            unit = _choose_unit(mod, rng, to_val, train_extra_mr, train_more_mr)
             src = source_by_name(unit.source)
             if rng.uniform() < MIXED_FRACTION:
                 pair = rng.choice(len(kinds), size=2, replace=False)
@@ -895,9 +906,9 @@ def require_sources(specs: list[StudySpec]) -> None:
     them). DatasetError naming each one that cannot be loaded and why (e.g. a missing package
     and its install line), so that a corpus fails before anything is written or replaced, not
     minutes into the render in a worker. The plan's own source names decide what is checked
-    (looked up in the whole table, ``EXTRA_MR`` included)."""
+    (looked up in the whole table, ``EXTRA_MR`` and ``MORE_MR`` included)."""
     used = {s.unit.source for s in specs}
-    missing = {n: msg for n, msg in check_sources(True, used).items() if msg != "ok"}
+    missing = {n: msg for n, msg in check_sources(True, used, more_mr=True).items() if msg != "ok"}
     if missing:
         raise DatasetError("base images of the synthetic corpus cannot be loaded, nothing was written: "
                            + "; ".join(f"{n}: {msg}" for n, msg in sorted(missing.items())))

@@ -17,7 +17,8 @@ assigned to a split:
   training sources, two further subjects, from heudiconv's test data: a Siemens 3 T BOLD EPI
   volume and a multiband DWI b0 volume, both stored as Siemens mosaics (one 2D image of tiled
   slices) and cut back into slices here. heudiconv is installed without its dependencies (only
-  its data files are read; the package is never imported).
+  its data files are read; the package is never imported). ``MORE_MR`` (generator option
+  ``train_more_mr``) holds one more: dipy's coarse-matrix T2-weighted brain ``aniso_vox``.
 * X-ray and fundus: only two real photographs / radiographs of each kind ship in packages, so
   those images are cut into non-overlapping tiles and the tiles are the units; the val and test
   tiles are image regions never seen in training. This is weaker than a held-out patient and is
@@ -171,32 +172,45 @@ EXTRA_MR: tuple[SourceSpec, ...] = (
 )
 
 
-def _source_table(extra_mr: bool) -> tuple[SourceSpec, ...]:
-    return SOURCES + (EXTRA_MR if extra_mr else ())
+# One more MR training source (generator option ``train_more_mr``), a further subject that ships
+# in dipy's data files: ``aniso_vox.nii.gz``, a whole-brain T2-weighted (DWI b0) volume acquired on
+# a coarse 58 × 58 matrix (4 × 4 mm pixels, 24 slices of 5 mm), the kind of matrix the coarse test
+# sources have. (``ascm_out_test.nii.gz`` is the same volume denoised, and ``test_piesno.nii.gz`` is
+# a noisy acquisition, so neither is a clean base.) Training only.
+MORE_MR: tuple[SourceSpec, ...] = (
+    SourceSpec("mr-aniso", "mr", "head", "dwi", "dipy_nifti", "aniso_vox.nii.gz", "dipy", ("train",),
+               header={"BodyPartExamined": "HEAD", "RepetitionTime": 8000.0, "EchoTime": 90.0,
+                       "SeriesDescription": "DWI b0"}),
+)
 
 
-def sources_fingerprint(extra_mr: bool = False) -> str:
+def _source_table(extra_mr: bool, more_mr: bool = False) -> tuple[SourceSpec, ...]:
+    return SOURCES + (EXTRA_MR if extra_mr else ()) + (MORE_MR if more_mr else ())
+
+
+def sources_fingerprint(extra_mr: bool = False, more_mr: bool = False) -> str:
     """12 hex digits that change whenever the table of sources, their labels or splits change
-    (with ``extra_mr``, the ``EXTRA_MR`` rows too; without it the value is what it always was).
+    (with ``extra_mr`` / ``more_mr``, the ``EXTRA_MR`` / ``MORE_MR`` rows too; without them the
+    value is what it always was).
 
     Recorded next to a generated corpus so that a recipe never reuses a corpus made from another
     table (see ``training.recipe.ensure_corpus``)."""
     rows = [[s.name, s.modality, s.region, s.type, s.loader, s.arg, list(s.splits), list(s.grid),
-             list(s.crop_x)] for s in _source_table(extra_mr)]
+             list(s.crop_x)] for s in _source_table(extra_mr, more_mr)]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def source_by_name(name: str) -> SourceSpec:
-    for s in _source_table(True):
+    for s in _source_table(True, True):
         if s.name == name:
             return s
     raise KeyError(f"unknown synthetic source {name!r}")
 
 
-def all_units(modality: str | None = None, extra_mr: bool = False) -> list[Unit]:
-    """Units of every source (optionally one modality), in table order; ``extra_mr`` appends the
-    ``EXTRA_MR`` sources."""
-    return [u for s in _source_table(extra_mr) if modality in (None, s.modality) for u in s.units()]
+def all_units(modality: str | None = None, extra_mr: bool = False, more_mr: bool = False) -> list[Unit]:
+    """Units of every source (optionally one modality), in table order; ``extra_mr`` /
+    ``more_mr`` append the ``EXTRA_MR`` / ``MORE_MR`` sources."""
+    return [u for s in _source_table(extra_mr, more_mr) if modality in (None, s.modality) for u in s.units()]
 
 
 def _dicom_path(name: str) -> str:
@@ -389,11 +403,12 @@ def split_region(unit: Unit) -> np.ndarray:
     return _tiles(spec, _load_source(unit.source)[0], (r0, r1), (c0, c1))
 
 
-def check_sources(extra_mr: bool = False, names: Collection[str] | None = None) -> dict[str, str]:
+def check_sources(extra_mr: bool = False, names: Collection[str] | None = None,
+                  more_mr: bool = False) -> dict[str, str]:
     """Which sources can be loaded here: name → "ok" or the error message (``names``: only those).
     A loaded source stays in this process' cache, so forked render workers inherit it."""
     out: dict[str, str] = {}
-    for s in _source_table(extra_mr):
+    for s in _source_table(extra_mr, more_mr):
         if names is not None and s.name not in names:
             continue
         try:
