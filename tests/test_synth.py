@@ -892,41 +892,66 @@ def test_synth_refuses_before_writing_when_a_base_image_cannot_be_loaded(tmp_pat
         sources._load_source.cache_clear()   # no failed or patched load leaks into other tests
 
 
-def test_train_extra_mr_changes_only_mr_training_studies() -> None:
-    """With the option, MR training studies draw from seven sources instead of five; every other
-    study (all of validation and test, every CT / X-ray / fundus study) is planned identically,
-    and the corpus identity (sources fingerprint) changes only when the option is on."""
+@pytest.mark.parametrize("option", ["train_extra_mr", "train_more_mr"])
+def test_train_extra_and_more_mr_change_only_mr_training_studies(option: str) -> None:
+    """With ``train_extra_mr`` MR training studies draw from seven sources instead of five, with
+    ``train_more_mr`` from six (both: eight); every other study (all of validation and test, every
+    CT / X-ray / fundus study) is planned identically, and the corpus identity (sources
+    fingerprint) changes only when the option is on."""
     from training.recipe import corpus_identity
-    from training.synth.sources import EXTRA_MR, sources_fingerprint
+    from training.synth.sources import EXTRA_MR, MORE_MR, sources_fingerprint
 
-    base, extra = plan_corpus(5, "medium"), plan_corpus(5, "medium", train_extra_mr=True)
+    added = {"train_extra_mr": EXTRA_MR, "train_more_mr": MORE_MR}[option]
+    base, extra = plan_corpus(5, "medium"), plan_corpus(5, "medium", **{option: True})
     assert len(base) == len(extra)
     changed = [(a, b) for a, b in zip(base, extra) if a != b]
     assert changed
     assert all(a.modality == b.modality == "mr" and a.split == b.split == "train" for a, b in changed)
-    new = {s.unit.source for s in extra if s.unit.source in {e.name for e in EXTRA_MR}}
-    assert new == {e.name for e in EXTRA_MR}
+    new = {s.unit.source for s in extra if s.unit.source in {e.name for e in added}}
+    assert new == {e.name for e in added}
     assert not {s.unit.source for s in base} & new
     # only the unit (and the labels that come with it) differs: the degradations are the same
     assert all(a.params == b.params and a.degradation == b.degradation for a, b in changed)
     assert {b.split for b in extra if b.unit.source in new} == {"train"}
     assert sources_fingerprint(False) == corpus_identity("medium", 5)["sources"]
-    ident = corpus_identity("medium", 5, train_extra_mr=True)
-    assert ident["train_extra_mr"] is True and ident["sources"] == sources_fingerprint(True) != sources_fingerprint()
+    ident = corpus_identity("medium", 5, **{option: True})
+    flags = {"extra_mr": option == "train_extra_mr", "more_mr": option == "train_more_mr"}
+    assert ident[option] is True and ident["sources"] == sources_fingerprint(**flags) != sources_fingerprint()
+    both = plan_corpus(5, "medium", train_extra_mr=True, train_more_mr=True)
+    assert {e.name for e in EXTRA_MR + MORE_MR} <= {s.unit.source for s in both}
+    assert len({sources_fingerprint(a, b) for a in (False, True) for b in (False, True)}) == 4
 
 
-def test_extra_mr_studies_render_and_read_back(tmp_path: Path) -> None:
+def test_more_mr_source_is_a_coarse_whole_brain_volume() -> None:
+    """dipy's aniso_vox: 24 slices of 58 × 58 at 4 × 4 mm (5 mm apart), anatomy in the middle
+    slices, slices that differ; training only."""
+    from training.synth.sources import MORE_MR, _load_source
+
+    assert [s.name for s in MORE_MR] == ["mr-aniso"]
+    vol, pixel, thick = _load_source("mr-aniso")
+    assert vol.shape == (24, 58, 58) and vol.dtype == np.float32 and vol.min() >= 0.0
+    assert pixel == pytest.approx((4.0, 4.0)) and thick == pytest.approx(5.0)
+    mid = vol[12]
+    assert (mid > 0.2 * np.percentile(vol, 99)).mean() > 0.15
+    assert not np.array_equal(vol[12], vol[13])
+    assert source_by_name("mr-aniso").splits == ("train",)
+
+
+@pytest.mark.parametrize("option, names", [("train_extra_mr", ("mr-bold", "mr-dwi-mb")),
+                                           ("train_more_mr", ("mr-aniso",))])
+def test_extra_mr_studies_render_and_read_back(tmp_path: Path, option: str, names: tuple[str, ...]) -> None:
     """A 2D and a 3D study of each new source render through the usual MR path and read back
     through engines.io with the simulated field strength and the source's labels."""
-    _needs_heudiconv()
+    if option == "train_extra_mr":
+        _needs_heudiconv()
     from engines.io import discover_studies, read_study
     from training.synth.corpus import SizeConfig, render_study
 
     small_mr = SizeConfig({"mr": 40}, {"mr-dicom": 10, "mr-nifti": 10}, image_size=64,
                           anat_slices=(6, 6), air_slices=(2, 2))
-    plan = plan_corpus(5, small_mr, train_extra_mr=True)
+    plan = plan_corpus(5, small_mr, **{option: True})
     picked = []
-    for name in ("mr-bold", "mr-dwi-mb"):
+    for name in names:
         mine = [s for s in plan if s.unit.source == name]
         picked += [next(s for s in mine if s.dimension == "2d"), next(s for s in mine if s.dimension == "3d")]
     rows = {s.relpath: (s, render_study(s, tmp_path)) for s in picked}
