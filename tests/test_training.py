@@ -60,6 +60,43 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f[55] == pytest.approx(0.505, abs=1e-3) and f[100] == pytest.approx(0.01)
 
 
+def test_prompt_lr_mult_gives_the_prompt_projections_their_own_learning_rate() -> None:
+    """``prompt_lr_mult``: the real model's Swin-stage prompt projections (and only they) form a
+    second parameter group at lr × mult; Adam's first step moves each weight by about its group's
+    lr, so the prompt weights move ``mult`` times as far. At 1 there is one group, as before."""
+    from engines.models.registry import create_model
+    from training.loop import param_groups
+
+    torch.manual_seed(0)
+    model = create_model("mediqa-vitt16")
+    names = {id(p): n for n, p in model.named_parameters()}
+    one = param_groups(model, TrainConfig(lr=1e-4))
+    assert len(one) == 1 and len(one[0]["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    groups = param_groups(model, TrainConfig(lr=1e-4, prompt_lr_mult=50.0))
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(5e-3) and "lr" not in groups[0]
+    prompt = {names[id(p)] for p in groups[1]["params"]}
+    assert prompt and all(".prompt_proj." in n for n in prompt)
+    assert prompt == {n for n in names.values() if ".prompt_proj." in n}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(one[0]["params"])
+    with pytest.raises(ValueError, match="prompt_lr_mult"):
+        param_groups(model, TrainConfig(prompt_lr_mult=0.0))
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)
+    x, prompt_vec = torch.rand(2, 3, 224, 224), torch.zeros(2, model_prompt_dim(model))
+    prompt_vec[:, 0] = 1.0
+    score, _ = model(x, prompt_vec)
+    score.sum().backward()
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert max(v for n, v in moved.items() if n in prompt) == pytest.approx(5e-3, rel=0.05)
+    assert max(v for n, v in moved.items() if n not in prompt) == pytest.approx(1e-4, rel=0.05)
+
+
+def model_prompt_dim(model: torch.nn.Module) -> int:
+    return next(m.in_features for n, m in model.named_modules() if n.endswith("prompt_proj"))
+
+
 def test_schedule_fitted_to_time_budget() -> None:
     # first epoch took 100 s of a 1000 s budget: 9 more fit, so a 50-epoch plan shrinks to 10
     assert fit_epochs_to_budget(1, 1, 100.0, 1000.0, 50) == 10

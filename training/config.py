@@ -40,6 +40,7 @@ class TrainConfig:
     grad_accum: int = 1                     # micro-batches per optimizer step
     lr: float = 1e-5                        # paper: Adam, 1e-5
     weight_decay: float = 0.0               # AdamW decoupled decay; 0 = the paper's Adam
+    prompt_lr_mult: float = 1.0             # the prompt projections' (``prompt_proj``) lr = lr × this; 1 = one lr for all
     warmup_epochs: float = 1.0
     warmup_start: float = 0.01              # fraction of lr at step 0
     min_lr_ratio: float = 0.01

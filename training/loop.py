@@ -468,6 +468,22 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield prog
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter at ``cfg.lr``, except that with
+    ``cfg.prompt_lr_mult`` != 1 the prompt projections (``prompt_proj`` of each Swin stage) form a
+    second group at ``lr × prompt_lr_mult``. Measured on the bundled model: after fine-tuning at
+    lr 3e-5 its prompt columns are still at their initial scale (column norms 0.12–0.26, trained
+    and never-used labels alike), so the prompts the paper relies on barely reach the features."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.prompt_lr_mult <= 0:
+        raise ValueError(f"prompt_lr_mult must be > 0, got {cfg.prompt_lr_mult}")
+    prompt = [p for n, p in named if "prompt_proj" in n.split(".")]
+    if cfg.prompt_lr_mult == 1.0 or not prompt:
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for n, p in named if "prompt_proj" not in n.split(".")]},
+            {"params": prompt, "lr": cfg.lr * cfg.prompt_lr_mult}]
+
+
 def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataLoader | None,
         cfg: TrainConfig, out: Path, make_card: Callable[[dict[str, Any]], Any],
         *, description: str = "train") -> FitResult:
@@ -485,8 +501,7 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
     model.to(device)
     # AdamW: with weight_decay = 0 (the default) it is the paper's Adam; with decay, the decay is
     # decoupled from the adaptive step (Loshchilov & Hutter), not an L2 term in the gradient.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     # plan["epochs"]: the epochs the schedule spans; cfg.epochs unless a time budget cuts it (below).
