@@ -177,7 +177,7 @@ TONE_LOG_GAMMA = 0.36
 # ``train_more_mr``: one more MR training source (``training.synth.sources.MORE_MR``: dipy's
 # ``aniso_vox``, a whole-brain T2-weighted b0 volume on a 58 × 58 matrix at 4 mm, a subject of its
 # own); the same guarantee. The test split's MR sources are coarse (the 128 × 96 EPI, the 64 × 64
-# ``MR_small``), and so far only the two heudiconv EPI / DWI volumes were coarse among training's.
+# ``MR_small``); this adds a coarse subject to training's (33 × 41 T1, 64 × 64 BOLD, 128 × 128 b0).
 
 # ``train_ct_windows``: a CT training study is displayed in a random CT window (soft, lung or bone,
 # equally likely): its WindowCenter / WindowWidth tags and its type prompt say which. The CT
