@@ -913,13 +913,15 @@ def test_train_extra_and_more_mr_change_only_mr_training_studies(option: str) ->
     # only the unit (and the labels that come with it) differs: the degradations are the same
     assert all(a.params == b.params and a.degradation == b.degradation for a, b in changed)
     assert {b.split for b in extra if b.unit.source in new} == {"train"}
-    assert sources_fingerprint(False) == corpus_identity("medium", 5)["sources"]
+    assert sources_fingerprint() == corpus_identity("medium", 5)["sources"]
     ident = corpus_identity("medium", 5, **{option: True})
-    flags = {"extra_mr": option == "train_extra_mr", "more_mr": option == "train_more_mr"}
-    assert ident[option] is True and ident["sources"] == sources_fingerprint(**flags) != sources_fingerprint()
+    assert ident[option] is True and ident["sources"] == sources_fingerprint([option]) != sources_fingerprint()
     both = plan_corpus(5, "medium", train_extra_mr=True, train_more_mr=True)
     assert {e.name for e in EXTRA_MR + MORE_MR} <= {s.unit.source for s in both}
-    assert len({sources_fingerprint(a, b) for a in (False, True) for b in (False, True)}) == 4
+    subsets = [(), ("train_extra_mr",), ("train_more_mr",), ("train_extra_mr", "train_more_mr")]
+    assert len({sources_fingerprint(o) for o in subsets}) == 4
+    with pytest.raises(ValueError, match="no optional source group"):
+        sources_fingerprint(["train_extra_MR"])
 
 
 def test_more_mr_source_is_a_coarse_whole_brain_volume() -> None:

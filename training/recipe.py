@@ -245,10 +245,10 @@ def corpus_identity(size: str, seed: int, **options: Any) -> dict[str, Any]:
     """What identifies a recipe's corpus: size, seed, the table of base images and the generator
     options (``GENERATOR_OPTIONS``) that are not at their default, so corpora made before an
     option existed keep their identity."""
-    from training.synth.sources import sources_fingerprint
+    from training.synth.sources import OPTIONAL_SOURCES, sources_fingerprint
 
-    return {"size": size, "seed": seed, "sources": sources_fingerprint(bool(options.get("train_extra_mr")),
-                                                                     bool(options.get("train_more_mr"))),
+    optional = [o for o in OPTIONAL_SOURCES if options.get(o)]
+    return {"size": size, "seed": seed, "sources": sources_fingerprint(optional),
             **_non_default(options)}
 
 

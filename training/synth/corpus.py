@@ -63,7 +63,8 @@ from skimage.transform import resize
 
 from engines.errors import DatasetError
 from training.synth import degrade
-from training.synth.sources import BaseImage, Unit, all_units, check_sources, load_unit, split_region
+from training.synth.sources import (OPTIONAL_SOURCES, BaseImage, Unit, all_units, check_sources, load_unit,
+                                    split_region)
 from training.synth.writers import (
     hu_to_stored, to_uint16, write_dicom_image, write_dicom_series, write_jpeg, write_nifti,
     write_png,
@@ -398,9 +399,9 @@ def severities_of(modality: str, params: dict[str, float]) -> dict[str, float]:
 
 
 def _choose_unit(modality: str, rng: np.random.Generator, to_val: tuple[str, ...] = (),
-                 extra_mr: bool = False, more_mr: bool = False) -> Unit:
+                 optional: tuple[str, ...] = ()) -> Unit:
     units = [dataclasses.replace(u, split="val") if u.source in to_val else u
-             for u in all_units(modality, extra_mr=extra_mr, more_mr=more_mr)]
+             for u in all_units(modality, optional)]
     present = [s for s in SPLIT_PROBS if any(u.split == s for u in units)]
     probs = np.array([SPLIT_PROBS[s] for s in present])
     split = present[int(rng.choice(len(present), p=probs / probs.sum()))]
@@ -476,12 +477,15 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 ("mr", "3d", "nifti", cfg.n3d.get("mr-nifti", 0))]
     from training.synth.sources import source_by_name
 
+    # the optional source groups (training.synth.sources.OPTIONAL_SOURCES) that are on
+    optional = tuple(name for name, on in (("train_extra_mr", train_extra_mr), ("train_more_mr", train_more_mr))
+                     if on)
     specs: list[StudySpec] = []
     for mod, dim, fmt_hint, count in buckets:
         kinds = sorted(KINDS[mod])
         for _ in range(count):
             index = len(specs)
-            unit = _choose_unit(mod, rng, to_val, train_extra_mr, train_more_mr)
+            unit = _choose_unit(mod, rng, to_val, optional)
             src = source_by_name(unit.source)
             if rng.uniform() < MIXED_FRACTION:
                 pair = rng.choice(len(kinds), size=2, replace=False)
@@ -908,7 +912,7 @@ def require_sources(specs: list[StudySpec]) -> None:
     minutes into the render in a worker. The plan's own source names decide what is checked
     (looked up in the whole table, ``EXTRA_MR`` and ``MORE_MR`` included)."""
     used = {s.unit.source for s in specs}
-    missing = {n: msg for n, msg in check_sources(True, used, more_mr=True).items() if msg != "ok"}
+    missing = {n: msg for n, msg in check_sources(OPTIONAL_SOURCES, used).items() if msg != "ok"}
     if missing:
         raise DatasetError("base images of the synthetic corpus cannot be loaded, nothing was written: "
                            + "; ".join(f"{n}: {msg}" for n, msg in sorted(missing.items())))

@@ -184,33 +184,41 @@ MORE_MR: tuple[SourceSpec, ...] = (
 )
 
 
-def _source_table(extra_mr: bool, more_mr: bool = False) -> tuple[SourceSpec, ...]:
-    return SOURCES + (EXTRA_MR if extra_mr else ()) + (MORE_MR if more_mr else ())
+#: The optional source groups, by the generator option (``training.synth.corpus``) that adds
+#: them, in table order. Functions below take the names of the options that are on.
+OPTIONAL_SOURCES: dict[str, tuple[SourceSpec, ...]] = {"train_extra_mr": EXTRA_MR, "train_more_mr": MORE_MR}
 
 
-def sources_fingerprint(extra_mr: bool = False, more_mr: bool = False) -> str:
+def _source_table(optional: Collection[str] = ()) -> tuple[SourceSpec, ...]:
+    """``SOURCES`` plus the ``OPTIONAL_SOURCES`` groups named in ``optional``, in table order."""
+    unknown = set(optional) - set(OPTIONAL_SOURCES)
+    if unknown:
+        raise ValueError(f"no optional source group {sorted(unknown)}; known: {list(OPTIONAL_SOURCES)}")
+    return SOURCES + tuple(s for name, group in OPTIONAL_SOURCES.items() if name in optional for s in group)
+
+
+def sources_fingerprint(optional: Collection[str] = ()) -> str:
     """12 hex digits that change whenever the table of sources, their labels or splits change
-    (with ``extra_mr`` / ``more_mr``, the ``EXTRA_MR`` / ``MORE_MR`` rows too; without them the
-    value is what it always was).
+    (with ``optional`` groups, their rows too; without them the value is what it always was).
 
     Recorded next to a generated corpus so that a recipe never reuses a corpus made from another
     table (see ``training.recipe.ensure_corpus``)."""
     rows = [[s.name, s.modality, s.region, s.type, s.loader, s.arg, list(s.splits), list(s.grid),
-             list(s.crop_x)] for s in _source_table(extra_mr, more_mr)]
+             list(s.crop_x)] for s in _source_table(optional)]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def source_by_name(name: str) -> SourceSpec:
-    for s in _source_table(True, True):
+    for s in _source_table(OPTIONAL_SOURCES):
         if s.name == name:
             return s
     raise KeyError(f"unknown synthetic source {name!r}")
 
 
-def all_units(modality: str | None = None, extra_mr: bool = False, more_mr: bool = False) -> list[Unit]:
-    """Units of every source (optionally one modality), in table order; ``extra_mr`` /
-    ``more_mr`` append the ``EXTRA_MR`` / ``MORE_MR`` sources."""
-    return [u for s in _source_table(extra_mr, more_mr) if modality in (None, s.modality) for u in s.units()]
+def all_units(modality: str | None = None, optional: Collection[str] = ()) -> list[Unit]:
+    """Units of every source (optionally one modality), in table order, with the ``optional``
+    source groups appended."""
+    return [u for s in _source_table(optional) if modality in (None, s.modality) for u in s.units()]
 
 
 def _dicom_path(name: str) -> str:
@@ -403,12 +411,12 @@ def split_region(unit: Unit) -> np.ndarray:
     return _tiles(spec, _load_source(unit.source)[0], (r0, r1), (c0, c1))
 
 
-def check_sources(extra_mr: bool = False, names: Collection[str] | None = None,
-                  more_mr: bool = False) -> dict[str, str]:
-    """Which sources can be loaded here: name → "ok" or the error message (``names``: only those).
-    A loaded source stays in this process' cache, so forked render workers inherit it."""
+def check_sources(optional: Collection[str] = (), names: Collection[str] | None = None) -> dict[str, str]:
+    """Which sources can be loaded here (``optional`` source groups included): name → "ok" or the
+    error message (``names``: only those). A loaded source stays in this process' cache, so
+    forked render workers inherit it."""
     out: dict[str, str] = {}
-    for s in _source_table(extra_mr, more_mr):
+    for s in _source_table(optional):
         if names is not None and s.name not in names:
             continue
         try:
