@@ -65,6 +65,7 @@ def test_prompt_lr_mult_gives_the_prompt_projections_their_own_learning_rate() -
     second parameter group at lr × mult; Adam's first step moves each weight by about its group's
     lr, so the prompt weights move ``mult`` times as far. At 1 there is one group, as before."""
     from engines.models.registry import create_model
+    from engines.prompts import DEFAULT_VOCAB
     from training.loop import param_groups
 
     torch.manual_seed(0)
@@ -83,7 +84,7 @@ def test_prompt_lr_mult_gives_the_prompt_projections_their_own_learning_rate() -
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)
-    x, prompt_vec = torch.rand(2, 3, 224, 224), torch.zeros(2, model_prompt_dim(model))
+    x, prompt_vec = torch.rand(2, 3, 224, 224), torch.zeros(2, DEFAULT_VOCAB.size)
     prompt_vec[:, 0] = 1.0
     score, _ = model(x, prompt_vec)
     score.sum().backward()
@@ -91,10 +92,6 @@ def test_prompt_lr_mult_gives_the_prompt_projections_their_own_learning_rate() -
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
     assert max(v for n, v in moved.items() if n in prompt) == pytest.approx(5e-3, rel=0.05)
     assert max(v for n, v in moved.items() if n not in prompt) == pytest.approx(1e-4, rel=0.05)
-
-
-def model_prompt_dim(model: torch.nn.Module) -> int:
-    return next(m.in_features for n, m in model.named_modules() if n.endswith("prompt_proj"))
 
 
 def test_schedule_fitted_to_time_budget() -> None:
