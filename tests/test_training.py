@@ -94,6 +94,51 @@ def test_prompt_lr_mult_gives_the_prompt_projections_their_own_learning_rate() -
     assert max(v for n, v in moved.items() if n not in prompt) == pytest.approx(1e-4, rel=0.05)
 
 
+def test_prompt_groups_switch_groups_off_in_the_saved_network(corpus: Path, tmp_path: Path) -> None:
+    """``prompt_groups``: the prompt columns of the groups left out are zero in every Swin stage
+    of the fine-tuned artifact (with weight decay on) while the kept ones are not, so the saved network's score does
+    not depend on the region / type one-hots at all; an unknown or repeated group is refused."""
+    from engines.prompts import DEFAULT_VOCAB, GROUPS
+
+    cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path / "ft"), weight_decay=0.05,
+                      prompt_groups=("dimension", "modality"), **FAST)
+    outcome = run_finetune(corpus, cfg)
+    state = load_tensors(outcome.artifact)[0]["iqa"]
+    projections = [k for k in state if k.endswith("prompt_proj.weight")]
+    assert len(projections) >= 2
+    for k in projections:
+        w = state[k].float()
+        for g in GROUPS:
+            cols = w[:, DEFAULT_VOCAB.columns(g)]
+            if g in ("region", "type"):
+                assert torch.count_nonzero(cols) == 0, (k, g)
+            else:
+                assert torch.count_nonzero(cols) == cols.numel(), (k, g)
+    loaded = load_artifact(outcome.artifact)
+    model, size = loaded.iqa, loaded.card.preprocess["image_size"]
+    x = torch.rand(3, 3, size, size)
+
+    def one_hot(**values: str) -> torch.Tensor:
+        vec = torch.zeros(3, DEFAULT_VOCAB.size)
+        for g, v in values.items():
+            vec[:, DEFAULT_VOCAB.columns(g).start + DEFAULT_VOCAB.index(g, v)] = 1.0
+        return vec
+
+    a = one_hot(dimension="2d", modality="xr", region="chest", type="grey")
+    b = one_hot(dimension="2d", modality="xr", region="head", type="t1")
+    with torch.no_grad():
+        sa, sb = model(x, a)[0], model(x, b)[0]
+        m = model(x, one_hot(dimension="2d", modality="ct", region="chest", type="grey"))[0]
+    assert torch.equal(sa, sb)
+    assert not torch.allclose(sa, m)            # the modality one-hot still reaches the score
+
+    with pytest.raises(ConfigError, match="prompt_groups"):
+        TrainConfig(prompt_groups=("modality", "anatomy"))
+    with pytest.raises(ConfigError, match="prompt_groups"):
+        TrainConfig(prompt_groups=("modality", "modality"))
+    assert cfg.replace(prompt_groups=["type"]).prompt_groups == ("type",)
+
+
 def test_schedule_fitted_to_time_budget() -> None:
     # first epoch took 100 s of a 1000 s budget: 9 more fit, so a 50-epoch plan shrinks to 10
     assert fit_epochs_to_budget(1, 1, 100.0, 1000.0, 50) == 10

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from engines.errors import ConfigError
+from engines.prompts import GROUPS
 
 TASKS = ("pretrain", "finetune", "classifier")
 LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality", "mse+plcc+plcc-modality")   # iqa losses (training.loop.IQATask)
@@ -41,6 +42,7 @@ class TrainConfig:
     lr: float = 1e-5                        # paper: Adam, 1e-5
     weight_decay: float = 0.0               # AdamW decoupled decay; 0 = the paper's Adam
     prompt_lr_mult: float = 1.0             # the prompt projections' (``prompt_proj``) lr = lr × this; 1 = one lr for all
+    prompt_groups: tuple[str, ...] | None = None  # prompt groups the Swin stages see (``training.loop.restrict_prompt_groups``); the others' columns are zeroed and frozen; None = all four
     warmup_epochs: float = 1.0
     warmup_start: float = 0.01              # fraction of lr at step 0
     min_lr_ratio: float = 0.01
@@ -104,6 +106,11 @@ class TrainConfig:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_group is not None and self.batch_group not in BATCH_GROUPS:
             raise ConfigError(f"batch_group must be one of {BATCH_GROUPS} or null, got {self.batch_group!r}")
+        if self.prompt_groups is not None:
+            bad = [g for g in self.prompt_groups if g not in GROUPS]
+            if bad or len(set(self.prompt_groups)) != len(self.prompt_groups):
+                raise ConfigError(f"prompt_groups must be distinct names of {GROUPS} or null, got "
+                                  f"{list(self.prompt_groups)!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
 
@@ -115,6 +122,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["split_ratios"] = list(self.split_ratios)
         d["reinit"] = list(self.reinit)
+        if self.prompt_groups is not None:
+            d["prompt_groups"] = list(self.prompt_groups)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -142,7 +151,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if name in ("split_ratios",):
             return tuple(float(x) for x in value)
-        if name in ("reinit",):
+        if name in ("reinit", "prompt_groups"):
             return (value,) if isinstance(value, str) else tuple(str(x) for x in value)
         if t.startswith("bool"):
             if isinstance(value, str):

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engines.errors import UnsupportedArtifact
+from engines.prompts import GROUPS
 from training.config import LOSSES, TrainConfig
 from training.data.torchdata import IGNORE
 
@@ -482,6 +483,28 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         return [{"params": [p for _, p in named]}]
     return [{"params": [p for n, p in named if "prompt_proj" not in n.split(".")]},
             {"params": prompt, "lr": cfg.lr * cfg.prompt_lr_mult}]
+
+
+def restrict_prompt_groups(model: nn.Module, vocab: Any, groups: Sequence[str] | None) -> list[str]:
+    """Let the Swin stages see only the prompt ``groups`` (``TrainConfig.prompt_groups``): the
+    ``prompt_proj`` weight columns of every other group are set to 0 and a gradient hook keeps
+    them there (Adam's step and decoupled weight decay leave a zero weight with zero gradient at
+    0). The saved network therefore ignores those groups at any backend, with no change to the
+    inputs. ``None``: unchanged. Returns the groups switched off."""
+    if groups is None:
+        return []
+    off = [g for g in GROUPS if g not in groups]
+    projections = [m for n, m in model.named_modules() if n.split(".")[-1] == "prompt_proj"]
+    if off and not projections:
+        raise ValueError("prompt_groups is set but the model has no prompt projections")
+    for proj in projections:
+        keep = torch.ones_like(proj.weight)
+        for g in off:
+            keep[:, vocab.columns(g)] = 0.0
+        with torch.no_grad():
+            proj.weight.mul_(keep)
+        proj.weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+    return off
 
 
 def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataLoader | None,

@@ -351,6 +351,7 @@ def run_pretrain(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
     def make(c: TrainConfig) -> Any:
         model = create_model(c.preset, vocab.size, Path(c.init_weights) if c.init_weights else None)
         init_score_bias(model, mean_target)
+        _restrict_prompts(model, vocab, c)
         return model
 
     task = IQATask(cfg.loss, vocab.columns("modality"))
@@ -417,6 +418,7 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
             handover["from_sha256"] = _sha256(Path(c.from_checkpoint))
         if not c.from_checkpoint or any("score" in r for r in c.reinit):
             init_score_bias(model, mean_target)
+        _restrict_prompts(model, vocab, c)
         return model
 
     task = IQATask(cfg.loss, vocab.columns("modality"))
@@ -425,6 +427,14 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
         **card_args))
     card_args["data_summary"] = dict(summary, handover=handover)
     return _finish("iqa", models, results, task, items, cache, cfg, card_args)
+
+
+def _restrict_prompts(model: Any, vocab: Any, cfg: TrainConfig) -> None:
+    from training.loop import restrict_prompt_groups  # noqa: PLC0415
+
+    off = restrict_prompt_groups(model, vocab, cfg.prompt_groups)
+    if off:
+        logger.info("prompt groups %s switched off (their prompt_proj columns zeroed and frozen)", ", ".join(off))
 
 
 def run_classifier(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
