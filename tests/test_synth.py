@@ -763,6 +763,26 @@ def test_cli_synth_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert res.exit_code != 0 and (tmp_path / "other" / "keep.txt").exists()
 
 
+def test_cli_synth_splits_renders_the_full_corpus_held_out_studies(tiny_corpus: Path, tmp_path: Path) -> None:
+    """``--splits val,test``: exactly the full corpus' val / test studies, byte for byte, and their
+    manifest rows in the same order; a bad split name is refused before anything is written."""
+    from mediqa_cli.main import cli
+
+    out = tmp_path / "held"
+    res = CliRunner().invoke(cli, ["synth", str(out), "--size", "tiny", "--seed", "7", "--workers", "1",
+                                   "--no-progress", "--splits", "val,test"])
+    assert res.exit_code == 0, res.output
+    full_rows = [r for r in _rows(tiny_corpus) if r["split"] in ("val", "test")]
+    assert full_rows and _rows(out) == full_rows
+    assert {r["split"] for r in _rows(tiny_corpus)} - {"val", "test"}      # the full one has more
+    full, held = _tree_digest(tiny_corpus), _tree_digest(out)
+    assert set(held) == {f for f in full if f.split("/")[0] in ("val", "test")} | {"manifest.csv"}
+    assert all(held[f] == full[f] for f in held if f != "manifest.csv")
+    res = CliRunner().invoke(cli, ["synth", str(tmp_path / "bad"), "--size", "tiny", "--no-progress",
+                                   "--splits", "val,holdout"])
+    assert res.exit_code != 0 and "--splits" in res.output and not (tmp_path / "bad").exists()
+
+
 # --- train_extra_mr: two more MR training subjects from heudiconv's test data ----------------
 
 def _needs_heudiconv() -> None:

@@ -1,0 +1,43 @@
+"""benchmarks/split_table.py: the per-modality × per-degradation table from a kept report."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.metrics import srcc
+
+_ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("split_table", _ROOT / "benchmarks" / "split_table.py")
+st = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(st)
+
+
+def test_groups_come_from_the_manifest_and_mixed_studies_count_under_each_type() -> None:
+    rng = np.random.default_rng(0)
+    n = 90
+    degs = ["noise", "blur", "noise+blur"] * (n // 3)
+    srcs = ["a", "b"] * (n // 2)
+    target = rng.uniform(0, 1, n)
+    pred = target + rng.normal(0, 0.2, n)
+    manifest = {f"test/{i}.png": {"score": f"{t:.6f}", "modality": "xr", "degradation": d, "source_id": s}
+                for i, (t, d, s) in enumerate(zip(target, degs, srcs))}
+    # the report's own prompt modality is wrong for every study: the table must not use it
+    report = {"predictions": [{"path": f"test/{i}.png", "prediction": float(p), "target": -1.0, "modality": "ct"}
+                              for i, p in enumerate(pred)]}
+    rows = {r["group"]: r for r in st.table(report, manifest, by_source=True)}
+    t6 = np.round(target, 6)
+    assert rows["all"]["n"] == n and rows["all"]["srcc"] == pytest.approx(srcc(pred, t6))
+    assert "ct" not in rows and rows["xr"]["n"] == n
+    blur = [i for i, d in enumerate(degs) if "blur" in d]
+    assert rows["xr with blur"]["n"] == len(blur) == 2 * n // 3
+    assert rows["xr with blur"]["srcc"] == pytest.approx(srcc(pred[blur], t6[blur]))
+    assert rows["mixed"]["n"] == n // 3
+    assert rows["xr source a"]["n"] == rows["xr source b"]["n"] == n // 2
+    assert rows["all"]["lo"] < rows["all"]["srcc"] < rows["all"]["hi"]
+    assert "xr with jpeg" not in rows                       # no study of that type: no row
+    with pytest.raises(ValueError, match="not in the manifest"):
+        st.table({"predictions": [{"path": "val/other.png", "prediction": 0.1}]}, manifest)
