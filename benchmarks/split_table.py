@@ -6,9 +6,12 @@ manifest's ``modality`` (what the study is, whatever the tags or the classifier 
 degradation type (a mixed study counted under every type it contains), the mixed studies, and with
 ``--by-source`` each source of the modality (``source_id``). Each row gives n, SRCC and its 95 %
 bootstrap interval (``engines.metrics.srcc_ci``). Used for the fresh-draw re-estimate (a corpus
-of another ``--seed`` rendered with ``mediqa synth --splits val,test``). Usage:
+of another ``--seed`` rendered with ``mediqa synth --splits val,test``). Several REPORT MANIFEST
+pairs (e.g. one model on the test splits of two seeds) are pooled into one table; their studies
+are kept apart by the pair's position. Usage:
 
-    python benchmarks/split_table.py REPORT.json CORPUS/manifest.csv [--by-source] [--json out.json]
+    python benchmarks/split_table.py REPORT.json CORPUS/manifest.csv [REPORT2.json CORPUS2/manifest.csv ...]
+        [--by-source] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,15 +69,30 @@ def read_manifest_rows(path: str | Path) -> dict[str, dict[str, str]]:
         return {r["path"]: r for r in csv.DictReader(fh)}
 
 
+def pooled(pairs: list[tuple[Mapping[str, Any], Mapping[str, Mapping[str, str]]]]
+           ) -> tuple[dict[str, Any], dict[str, Mapping[str, str]]]:
+    """One (report, manifest) from several: each study path prefixed by its pair's position
+    (``0/``, ``1/``, …), so equal relative paths of two corpora stay two studies."""
+    if len(pairs) == 1:
+        return dict(pairs[0][0]), dict(pairs[0][1])
+    report: dict[str, Any] = {"predictions": []}
+    manifest: dict[str, Mapping[str, str]] = {}
+    for i, (rep, man) in enumerate(pairs):
+        report["predictions"] += [{**p, "path": f"{i}/{p['path']}"} for p in rep.get("predictions") or []]
+        manifest.update({f"{i}/{k}": v for k, v in man.items()})
+    return report, manifest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("report")
-    ap.add_argument("manifest")
+    ap.add_argument("pairs", nargs="+", metavar="REPORT MANIFEST", help="one or more report / manifest pairs")
     ap.add_argument("--by-source", action="store_true", help="a row per source of each modality")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rows = table(json.loads(Path(args.report).read_text()), read_manifest_rows(args.manifest),
-                 by_source=args.by_source)
+    if len(args.pairs) % 2:
+        ap.error("give REPORT MANIFEST pairs")
+    pairs = [(json.loads(Path(r).read_text()), read_manifest_rows(m)) for r, m in zip(args.pairs[::2], args.pairs[1::2])]
+    rows = table(*pooled(pairs), by_source=args.by_source)
     print("| group | n | SRCC [95 %] |\n|---|---|---|")
     for r in rows:
         print(f"| {r['group']} | {r['n']} | {r['srcc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] |")

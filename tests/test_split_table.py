@@ -41,3 +41,21 @@ def test_groups_come_from_the_manifest_and_mixed_studies_count_under_each_type()
     assert "xr with jpeg" not in rows                       # no study of that type: no row
     with pytest.raises(ValueError, match="not in the manifest"):
         st.table({"predictions": [{"path": "val/other.png", "prediction": 0.1}]}, manifest)
+
+
+def test_pooled_pairs_keep_equal_paths_of_two_corpora_apart() -> None:
+    rng = np.random.default_rng(1)
+    pairs, preds, targets = [], [], []
+    for _ in range(2):                                   # the same relative paths in both corpora
+        t, p = rng.uniform(0, 1, 30), rng.uniform(0, 1, 30)
+        man = {f"test/{i}.png": {"score": f"{x:.6f}", "modality": "ct", "degradation": "dose", "source_id": "s"}
+               for i, x in enumerate(t)}
+        pairs.append(({"predictions": [{"path": f"test/{i}.png", "prediction": float(x)} for i, x in enumerate(p)]},
+                      man))
+        preds += list(p)
+        targets += list(np.round(t, 6))
+    rows = {r["group"]: r for r in st.table(*st.pooled(pairs))}
+    assert rows["all"]["n"] == 60 and rows["ct with dose"]["n"] == 60
+    assert rows["all"]["srcc"] == pytest.approx(srcc(np.array(preds), np.array(targets)))
+    one = {r["group"]: r for r in st.table(*st.pooled(pairs[:1]))}
+    assert one["all"]["n"] == 30
