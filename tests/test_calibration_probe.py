@@ -3,15 +3,11 @@ from ranking within types."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-_spec = importlib.util.spec_from_file_location(
-    "calibration_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_probe.py")
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+from tests.benchmark_module import load_benchmark
+
+probe = load_benchmark("calibration_probe")
 
 
 def test_oracle_removes_offsets_between_types_and_nothing_else() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.benchmark_module import load_benchmark
+
 _ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("compare_reports", _ROOT / "benchmarks" / "compare_reports.py")
-cr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cr)
+cr = load_benchmark("compare_reports")
 
 
 def _report(preds: np.ndarray, targets: np.ndarray, mods: list[str], degs: list[str]) -> dict:

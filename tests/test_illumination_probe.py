@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("illumination_probe", _ROOT / "benchmarks" / "illumination_probe.py")
-ip = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ip)
+from tests.benchmark_module import load_benchmark
+
+ip = load_benchmark("illumination_probe")
 
 
 def test_a_stronger_clipped_field_raises_the_clipped_fraction_and_the_non_uniformity() -> None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from engines.metrics import srcc
+from tests.benchmark_module import load_benchmark
 
-_ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("split_table", _ROOT / "benchmarks" / "split_table.py")
-st = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(st)
+st = load_benchmark("split_table")
 
 
 def test_groups_come_from_the_manifest_and_mixed_studies_count_under_each_type() -> None:
