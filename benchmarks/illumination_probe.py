@@ -23,7 +23,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from engines.features import slice_statistics
+from engines.features import FEATURE_NAMES, input_grey, slice_statistics
 from engines.metrics import srcc
 
 NAMES: tuple[str, ...] = ("nonuniformity", "clipped_bright", "clipped_dark", "log_lowfreq_std", "mean")
@@ -33,7 +33,7 @@ def candidates(grey: np.ndarray) -> np.ndarray:
     """The candidate statistics (``NAMES``) of one grey network input in [0, 1]."""
     g = np.asarray(grey, dtype=np.float64)
     low = ndimage.gaussian_filter(g, 24.0)
-    return np.array([slice_statistics(g)[7], float((g >= 0.98).mean()), float((g <= 0.02).mean()),
+    return np.array([slice_statistics(g)[FEATURE_NAMES.index("nonuniformity")], float((g >= 0.98).mean()), float((g <= 0.02).mean()),
                      float(np.log(low + 0.02).std()), float(g.mean())])
 
 
@@ -51,17 +51,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = PreprocessConfig.from_dict(load_card(args.model).preprocess)
-    mean, std = np.asarray(cfg.mean)[:, None, None], np.asarray(cfg.std)[:, None, None]
     groups: dict[tuple[str, str], list[tuple[float, np.ndarray]]] = collections.defaultdict(list)
     for i, path in enumerate(args.manifests):
         samples, _ = read_manifest(path)
         for s in samples:
             if (s.split or "") != args.split or s.extra.get("degradation") != "illumination":
                 continue
-            prep = prepare_study(s.ref, cfg, 1)
-            x = np.asarray(prep.images, dtype=np.float64)
-            x = x[0] if x.ndim == 4 else x
-            grey = np.clip(x * std[: x.shape[0]] + mean[: x.shape[0]], 0.0, 1.0).mean(axis=0)
+            grey = input_grey(prepare_study(s.ref, cfg, 1).images, cfg.mean, cfg.std)[0]
             mod = str(s.labels.get("modality"))
             groups[(mod, f"{i}:{s.extra.get('source_id')}")].append((float(s.target), candidates(grey)))
             groups[(mod, "pooled")].append((float(s.target), candidates(grey)))

@@ -76,6 +76,12 @@ def input_statistics(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
 
     images: (C, S, S) or (n, C, S, S) float, normalised with the model's ``mean`` / ``std``
     (C = 1 for the compact grey inputs of the scoring readers, else 3)."""
+    return np.mean([slice_statistics(g) for g in input_grey(images, mean, std)], axis=0)
+
+
+def input_grey(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Network inputs (C, S, S) or (n, C, S, S), normalised with ``mean`` / ``std``, back to grey
+    images in [0, 1], (n, S, S) float32: un-normalised, clipped, averaged over the channels."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
@@ -84,8 +90,7 @@ def input_statistics(images: np.ndarray, mean: Sequence[float], std: Sequence[fl
     c = x.shape[1]
     m = np.asarray(mean, dtype=np.float32)[:c, None, None]
     s = np.asarray(std, dtype=np.float32)[:c, None, None]
-    grey = np.clip(x * s + m, 0.0, 1.0).mean(axis=1)
-    return np.mean([slice_statistics(g) for g in grey], axis=0)
+    return np.clip(x * s + m, 0.0, 1.0).mean(axis=1)
 
 
 def statistics_or_none(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray | None:

@@ -475,14 +475,20 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     second group at ``lr × prompt_lr_mult``. Measured on the bundled model: after fine-tuning at
     lr 3e-5 its prompt columns are still at their initial scale (column norms 0.12–0.26, trained
     and never-used labels alike), so the prompts the paper relies on barely reach the features."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.prompt_lr_mult <= 0:
         raise ValueError(f"prompt_lr_mult must be > 0, got {cfg.prompt_lr_mult}")
-    prompt = [p for n, p in named if "prompt_proj" in n.split(".")]
+    in_prompt = {id(p) for m in prompt_projections(model) for p in m.parameters()}
+    prompt = [p for p in trainable if id(p) in in_prompt]
     if cfg.prompt_lr_mult == 1.0 or not prompt:
-        return [{"params": [p for _, p in named]}]
-    return [{"params": [p for n, p in named if "prompt_proj" not in n.split(".")]},
+        return [{"params": trainable}]
+    return [{"params": [p for p in trainable if id(p) not in in_prompt]},
             {"params": prompt, "lr": cfg.lr * cfg.prompt_lr_mult}]
+
+
+def prompt_projections(model: nn.Module) -> list[nn.Module]:
+    """The Swin stages' prompt projections (the modules named ``prompt_proj``), in model order."""
+    return [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "prompt_proj"]
 
 
 def restrict_prompt_groups(model: nn.Module, vocab: Any, groups: Sequence[str] | None) -> list[str]:
@@ -494,7 +500,7 @@ def restrict_prompt_groups(model: nn.Module, vocab: Any, groups: Sequence[str] |
     if groups is None:
         return []
     off = [g for g in GROUPS if g not in groups]
-    projections = [m for n, m in model.named_modules() if n.split(".")[-1] == "prompt_proj"]
+    projections = prompt_projections(model)
     if off and not projections:
         raise ValueError("prompt_groups is set but the model has no prompt projections")
     for proj in projections:
