@@ -1,12 +1,19 @@
 """Classical image statistics of the network input and the feature head (hybrid scoring).
 
-``input_statistics`` measures eight classical distortion statistics on exactly the images the
+``input_statistics`` measures nine classical distortion statistics on exactly the images the
 network sees (the preprocessed slices, back in [0, 1] and averaged to grey): the noise σ
 (``skimage.restoration.estimate_sigma``), the Laplacian variance, the fine (< 1 px) and middle
 (1–3 px) band energies and their ratio, the gradient energy (logs of these six), the 8 × 8
-blockiness (mean absolute step across every 8th column over the mean step) and the
-low-frequency non-uniformity (σ / mean of the 8 × 8 block means blurred by 4 blocks, ≈ 32 px). Studies with several
-slices average them over their salient slices. Measured on the network input, they see what
+blockiness (mean absolute step across every 8th column over the mean step), the
+low-frequency non-uniformity (σ / mean of the 8 × 8 block means blurred by 4 blocks, ≈ 32 px)
+and the clipped-bright fraction (pixels ≥ 0.98: saturated highlights, e.g. an over-exposed
+radiograph's burnt-out regions). Studies with several slices average them over their salient
+slices.
+
+Statistics versions: a later version only appends statistics (``VERSION_FEATURES``), so the
+columns of an earlier version keep their definitions. A head records the names of the statistics
+its ridges were fitted on and reads those columns, so a version-1 head (the first eight) scores
+exactly as it did when it was fitted. Measured on the network input, they see what
 the network sees at the same scale whatever the file's size, and scoring, evaluation and
 fitting get the same numbers from the same arrays.
 
@@ -38,16 +45,20 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+#: every statistic ``slice_statistics`` computes, in column order
 FEATURE_NAMES: tuple[str, ...] = ("log_noise_sigma", "log_laplacian_var", "log_fine_energy",
                                   "log_mid_energy", "log_fine_mid_ratio", "log_gradient_energy",
-                                  "blockiness", "nonuniformity")
-STATISTICS_VERSION = 1
+                                  "blockiness", "nonuniformity", "clipped_bright")
+STATISTICS_VERSION = 2
+#: the statistics each version defines (a prefix of ``FEATURE_NAMES``: versions only append)
+VERSION_FEATURES: dict[int, tuple[str, ...]] = {1: FEATURE_NAMES[:8], 2: FEATURE_NAMES}
+CLIPPED_BRIGHT = 0.98   # grey level from which a pixel counts as clipped bright
 BLEND_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 _EPS = 1e-8
 
 
 def slice_statistics(grey: np.ndarray) -> np.ndarray:
-    """The eight statistics (``FEATURE_NAMES``) of one grey image in [0, 1], float64 (8,)."""
+    """The statistics (``FEATURE_NAMES``) of one grey image in [0, 1], float64 (9,)."""
     from scipy import ndimage  # noqa: PLC0415
     from skimage.restoration import estimate_sigma  # noqa: PLC0415
 
@@ -68,7 +79,8 @@ def slice_statistics(grey: np.ndarray) -> np.ndarray:
     sigma = float(estimate_sigma(g))
     return np.array([np.log(sigma + _EPS), np.log(float(ndimage.laplace(g).var()) + _EPS),
                      np.log(fine + _EPS), np.log(mid + _EPS), np.log((fine + _EPS) / (mid + _EPS)),
-                     np.log(float((gx ** 2 + gy ** 2).mean()) + _EPS), block, nonuni])
+                     np.log(float((gx ** 2 + gy ** 2).mean()) + _EPS), block, nonuni,
+                     float((g >= CLIPPED_BRIGHT).mean())])
 
 
 def input_statistics(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -111,19 +123,20 @@ def _design(f: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RidgeHead:
-    """One modality's ridge on the statistics (z-scored, plus squares) and its blend weight."""
+    """One modality's ridge on k statistics (z-scored, plus squares) and its blend weight; which
+    k statistics is the ``FeatureHead``'s ``features``."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    coef: tuple[float, ...]          # intercept, 8 linear, 8 squared terms
+    coef: tuple[float, ...]          # intercept, k linear, k squared terms
     blend: float = 0.0               # α: 0 = the network alone
     n_train: int = 0
     lo: tuple[float, ...] = ()       # the training studies' range of each statistic: inputs are
     hi: tuple[float, ...] = ()       # clipped to it, so the squares never extrapolate (() = no clip)
 
     def __post_init__(self) -> None:
-        n = len(FEATURE_NAMES)
-        if len(self.mean) != n or len(self.std) != n or len(self.coef) != 1 + 2 * n:
+        n = len(self.mean)
+        if n == 0 or len(self.std) != n or len(self.coef) != 1 + 2 * n:
             raise ValueError(f"a ridge head needs {n} means / stds and {1 + 2 * n} coefficients")
         if not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"blend weight must be in [0, 1], got {self.blend}")
@@ -134,7 +147,7 @@ class RidgeHead:
             raise ValueError(f"a ridge head's range needs {n} lows <= {n} highs")
 
     def predict(self, stats: np.ndarray) -> np.ndarray:
-        """Ridge predictions on the model's [0, 1] scale, clipped to it; stats (8,) or (n, 8),
+        """Ridge predictions on the model's [0, 1] scale, clipped to it; stats (k,) or (n, k),
         each clipped to the training range first (an image unlike every training study gets the
         prediction of the nearest edge of that range, not a quadratic extrapolation)."""
         f = np.asarray(stats, dtype=np.float64)
@@ -150,8 +163,31 @@ class FeatureHead:
 
     heads: Mapping[str, RidgeHead] = field(default_factory=dict)
     penalty: float = 1.0
-    version: int = STATISTICS_VERSION
+    features: tuple[str, ...] = FEATURE_NAMES   # the statistics the ridges read, by name
     selection: Mapping[str, Any] = field(default_factory=dict)   # how the α were chosen (report)
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.features if n not in FEATURE_NAMES]
+        if not self.features or unknown or len(set(self.features)) != len(self.features):
+            raise ValueError(f"a feature head needs distinct statistics of {list(FEATURE_NAMES)}, "
+                             f"got {list(self.features)}")
+        for m, h in self.heads.items():
+            if len(h.mean) != len(self.features):
+                raise ValueError(f"the ridge for {m!r} has {len(h.mean)} statistics, the head names "
+                                 f"{len(self.features)}")
+
+    @property
+    def version(self) -> int:
+        """The first statistics version that defines every statistic the head reads."""
+        return min(v for v, names in VERSION_FEATURES.items() if set(self.features) <= set(names))
+
+    def select(self, stats: np.ndarray) -> np.ndarray:
+        """The head's columns of full statistics (``FEATURE_NAMES``), (..., k)."""
+        f = np.asarray(stats, dtype=np.float64)
+        if f.shape[-1] != len(FEATURE_NAMES):
+            raise ValueError(f"expected the {len(FEATURE_NAMES)} statistics of version {STATISTICS_VERSION}, "
+                             f"got shape {f.shape}")
+        return f[..., [FEATURE_NAMES.index(n) for n in self.features]]
 
     @property
     def blends(self) -> dict[str, float]:
@@ -178,7 +214,7 @@ class FeatureHead:
             return q
         if stats is None:
             raise ValueError("the feature head needs the study's input statistics")
-        r = self.heads[modality or ""].predict(stats)
+        r = self.heads[modality or ""].predict(self.select(stats))
         out = (1.0 - a) * np.asarray(q, dtype=np.float64) + a * (r if np.ndim(q) else float(r[0]))
         return float(out) if np.ndim(q) == 0 else out
 
@@ -187,7 +223,7 @@ class FeatureHead:
         return describe_blends(self.blends)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "penalty": self.penalty, "features": list(FEATURE_NAMES),
+        return {"version": self.version, "penalty": self.penalty, "features": list(self.features),
                 "heads": {m: {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in dataclasses.asdict(h).items()} for m, h in sorted(self.heads.items())},
                 "selection": dict(self.selection)}
@@ -197,10 +233,11 @@ class FeatureHead:
         if not isinstance(d, Mapping):
             raise ValueError(f"feature_head must be a JSON object, got {type(d).__name__}")
         version = int(d.get("version", 0))
-        if version != STATISTICS_VERSION or list(d.get("features", [])) != list(FEATURE_NAMES):
+        names = [str(n) for n in d.get("features", [])]
+        if version not in VERSION_FEATURES or not set(names) <= set(VERSION_FEATURES[version]):
             raise ValueError(f"feature_head was fitted on statistics version {version} / "
-                             f"{d.get('features')}; this version computes {STATISTICS_VERSION} / "
-                             f"{list(FEATURE_NAMES)}")
+                             f"{d.get('features')}; this version computes versions "
+                             f"{sorted(VERSION_FEATURES)} ({list(FEATURE_NAMES)})")
         heads = {}
         for m, h in dict(d.get("heads", {})).items():
             try:
@@ -210,7 +247,7 @@ class FeatureHead:
                                           hi=tuple(map(float, h.get("hi", ()))))
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"feature_head for {m!r} is incomplete: {exc}") from None
-        return cls(heads=heads, penalty=float(d.get("penalty", 1.0)), version=version,
+        return cls(heads=heads, penalty=float(d.get("penalty", 1.0)), features=tuple(names),
                    selection=dict(d.get("selection", {})))
 
 
@@ -221,15 +258,19 @@ def describe_blends(blends: Mapping[str, float]) -> str:
 
 
 def fit_feature_head(stats: np.ndarray, targets: np.ndarray, modalities: Sequence[str | None], *,
-                     penalty: float = 1.0, min_studies: int = 20) -> FeatureHead:
-    """One ridge per modality with at least ``min_studies`` studies; every blend weight 0.
+                     penalty: float = 1.0, min_studies: int = 20,
+                     features: Sequence[str] = FEATURE_NAMES) -> FeatureHead:
+    """One ridge per modality with at least ``min_studies`` studies on the named ``features``;
+    every blend weight 0.
 
-    stats (n, 8), targets (n,) on the model's [0, 1] scale."""
+    stats (n, 9): every statistic (``FEATURE_NAMES``); targets (n,) on the model's [0, 1] scale."""
     f = np.asarray(stats, dtype=np.float64)
     t = np.asarray(targets, dtype=np.float64)
     mods = np.asarray([m or "" for m in modalities])
     if f.ndim != 2 or f.shape[1] != len(FEATURE_NAMES) or len(f) != len(t) or len(t) != len(mods):
         raise ValueError(f"stats must be (n, {len(FEATURE_NAMES)}) with one target and modality each")
+    empty = FeatureHead(penalty=penalty, features=tuple(features))
+    f = empty.select(f)
     heads: dict[str, RidgeHead] = {}
     for m in sorted({str(v) for v in mods} - {""}):
         sel = (mods == m) & np.isfinite(f).all(axis=1) & np.isfinite(t)
@@ -243,7 +284,7 @@ def fit_feature_head(stats: np.ndarray, targets: np.ndarray, modalities: Sequenc
         coef = np.linalg.solve(x.T @ x + reg, x.T @ t[sel])
         heads[m] = RidgeHead(mean=tuple(mu), std=tuple(sd), coef=tuple(coef), n_train=int(sel.sum()),
                              lo=tuple(f[sel].min(axis=0)), hi=tuple(f[sel].max(axis=0)))
-    return FeatureHead(heads=heads, penalty=penalty)
+    return dataclasses.replace(empty, heads=heads)
 
 
 def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: np.ndarray,
@@ -303,7 +344,7 @@ def choose_blend(head: FeatureHead, stats: np.ndarray, q: np.ndarray, targets: n
         if left_out:
             rec["left_out"] = left_out
         if len(sources) - len(left_out) >= min_groups:
-            ridge_all = h.predict(f[sel]) if sel.any() else np.zeros(0)
+            ridge_all = h.predict(head.select(f[sel])) if sel.any() else np.zeros(0)
             ev = ~np.isin(gs, left_out)                      # the studies that can show a gain
             base = srcc(qs[ev], ts[ev])
             rec["n_gain"] = int(ev.sum())

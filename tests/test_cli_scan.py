@@ -269,6 +269,7 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
     # the feature head's blend weight per modality (README: X-ray only, 0.75)
     assert m["feature_blend"] == {mod: h["blend"] for mod, h in card.feature_head["heads"].items()}
     assert m["feature_blend"]["xr"] == 0.75 and m["feature_blend"]["ct"] == 0.0
+    assert m["feature_statistics"] == {k: card.feature_head[k] for k in ("version", "features")}
     table = runner.invoke(cli, ["info", "--model", str(path)])
     assert table.exit_code == 0 and "model card" in table.stdout and "recipe_sha256" in table.stdout
     assert "[{" not in table.stdout and "{'" not in table.stdout   # lists / mappings as text, not Python repr

@@ -29,7 +29,8 @@ def _retina_grey(retina_path: Path, size: int = 128) -> np.ndarray:
 
 def test_each_statistic_moves_with_the_degradation_it_measures(retina_path: Path) -> None:
     """Noise raises the noise σ, blur lowers the Laplacian variance and fine energy, JPEG at
-    quality 5 raises the 8 × 8 blockiness, a smooth illumination field raises the non-uniformity."""
+    quality 5 raises the 8 × 8 blockiness, a smooth illumination field raises the non-uniformity,
+    over-exposure (a gain that saturates the bright tissue) raises the clipped-bright fraction."""
     from scipy import ndimage
 
     from engines.features import FEATURE_NAMES, slice_statistics
@@ -38,7 +39,7 @@ def test_each_statistic_moves_with_the_degradation_it_measures(retina_path: Path
     g = _retina_grey(retina_path)
     ix = {n: i for i, n in enumerate(FEATURE_NAMES)}
     clean = slice_statistics(g)
-    assert clean.shape == (8,) and np.isfinite(clean).all()
+    assert clean.shape == (len(FEATURE_NAMES),) == (9,) and np.isfinite(clean).all()
     noisy = slice_statistics(np.clip(g + np.random.default_rng(0).normal(0, 0.08, g.shape), 0, 1))
     assert noisy[ix["log_noise_sigma"]] > clean[ix["log_noise_sigma"]] + 1.0
     blurred = slice_statistics(ndimage.gaussian_filter(g, 2.0))
@@ -49,6 +50,11 @@ def test_each_statistic_moves_with_the_degradation_it_measures(retina_path: Path
     y = np.linspace(0.3, 1.7, g.shape[0])[:, None]
     lit = slice_statistics(np.clip(g * y, 0, 1))
     assert lit[ix["nonuniformity"]] > clean[ix["nonuniformity"]] + 0.1
+    bright = clean[ix["clipped_bright"]]
+    assert bright == pytest.approx(float((g >= 0.98).mean())) and bright < 0.01
+    burnt = slice_statistics(np.clip(g * 3.0, 0, 1))
+    assert burnt[ix["clipped_bright"]] > bright + 0.05
+    assert burnt[ix["clipped_bright"]] == pytest.approx(float((g * 3.0 >= 0.98).mean()))
     with pytest.raises(ValueError, match="at least 16"):
         slice_statistics(np.zeros((8, 8)))
 
@@ -75,13 +81,13 @@ def test_input_statistics_undo_the_normalisation_and_average_slices(retina_path:
 
 def _toy(n_per: int, seed: int, sources: tuple[str, ...] = ("a", "b")):
     """Statistics whose first column is the target plus a little noise; a network score q that
-    is mostly noise; two sources per modality."""
+    is mostly noise (ranking each source weakly); two sources per modality."""
     rng = np.random.default_rng(seed)
     n = n_per * len(sources)
     t = rng.uniform(0, 1, n)
-    f = rng.normal(0, 1, (n, 8))
+    f = rng.normal(0, 1, (n, 9))
     f[:, 0] = t * 3 + rng.normal(0, 0.05, n)
-    q = 0.2 * t + rng.normal(0, 0.3, n)
+    q = 0.4 * t + rng.normal(0, 0.3, n)
     groups = [sources[i % len(sources)] for i in range(n)]
     return f, t, q, groups
 
@@ -113,7 +119,7 @@ def test_ridge_fits_per_modality_and_blend_applies_the_weight() -> None:
     edge[0] = h.hi[0]
     assert h.predict(far) == pytest.approx(h.predict(edge))
     assert dataclasses.replace(h, lo=(), hi=()).predict(far)[0] in (0.0, 1.0)   # unclipped: saturates
-    with pytest.raises(ValueError, match="lows <= 8 highs"):
+    with pytest.raises(ValueError, match="lows <= 9 highs"):
         dataclasses.replace(h, lo=h.hi, hi=h.lo)
     # too few studies of a modality: no ridge for it
     assert fit_feature_head(f[:10], t[:10], ["mr"] * 10).heads == {}
@@ -162,6 +168,58 @@ def test_card_keeps_the_head_and_refuses_a_broken_one(artifact: Path) -> None:
     old = {**head, "version": 0}
     with pytest.raises(UnsupportedArtifact, match="statistics version 0"):
         dataclasses.replace(card, feature_head=old)
+    # version 1 never defined clipped_bright
+    with pytest.raises(UnsupportedArtifact, match="statistics version 1"):
+        dataclasses.replace(card, feature_head={**head, "version": 1})
+    assert head["version"] == 2 and head["features"][-1] == "clipped_bright"
+
+
+def test_a_version_1_head_reads_its_eight_statistics_and_ignores_later_ones() -> None:
+    """A head fitted on the first eight statistics (statistics version 1, as the bundled card's
+    until 2026-12-06) is stored as version 1 and predicts from those columns of the version-2
+    statistics: the ninth (clipped_bright) does not move its score, and its prediction is the
+    ridge of the eight columns."""
+    from engines.features import FEATURE_NAMES, VERSION_FEATURES, FeatureHead, fit_feature_head
+
+    f, t, _, _ = _toy(40, 5)
+    f[:, 8] = t * 5        # a perfect ninth statistic that the version-1 head must not see
+    v1 = fit_feature_head(f, t, ["xr"] * len(t), features=VERSION_FEATURES[1])
+    v2 = fit_feature_head(f, t, ["xr"] * len(t))
+    assert v1.version == 1 and v1.to_dict()["features"] == list(FEATURE_NAMES[:8]) and v2.version == 2
+    assert len(v1.heads["xr"].coef) == 17 and len(v2.heads["xr"].coef) == 19
+    v1 = dataclasses.replace(v1, heads={"xr": dataclasses.replace(v1.heads["xr"], blend=1.0)})
+    back = FeatureHead.from_dict(json.loads(json.dumps(v1.to_dict())))
+    x = f[3].copy()
+    y = x.copy()
+    y[8] += 100.0
+    assert back.apply(0.5, x, "xr") == back.apply(0.5, y, "xr") == pytest.approx(float(v1.heads["xr"].predict(x[:8])[0]))
+    v2 = dataclasses.replace(v2, heads={"xr": dataclasses.replace(v2.heads["xr"], blend=1.0)})
+    assert v2.apply(0.5, x, "xr") != v2.apply(0.5, y, "xr")
+    with pytest.raises(ValueError, match="expected the 9 statistics"):
+        back.apply(0.5, x[:8], "xr")
+    # a head on a subset reads its columns by name, not the first k
+    only = fit_feature_head(f, t, ["xr"] * len(t), features=("clipped_bright",))
+    assert only.version == 2 and np.corrcoef(only.heads["xr"].predict(only.select(f)), t)[0, 1] > 0.99
+    with pytest.raises(ValueError, match="the ridge for 'xr' has 8 statistics"):
+        FeatureHead(heads=v1.heads, features=FEATURE_NAMES)
+    with pytest.raises(ValueError, match="distinct statistics"):
+        FeatureHead(features=("nonuniformity", "nonuniformity"))
+
+
+def test_the_bundled_cards_head_still_loads_and_scores_from_its_statistics() -> None:
+    """The bundled model's card holds a version-1 head; this code computes version-2 statistics."""
+    from engines.artifact import load_card
+    from engines.features import FEATURE_NAMES, FeatureHead, card_feature_head
+
+    card = load_card(Path(__file__).resolve().parents[1] / "engines" / "weights" / "default.safetensors")
+    head = card_feature_head(card)
+    assert isinstance(head, FeatureHead) and head.active
+    ridge = head.heads[head.blending[0]]
+    stats = np.array(ridge.mean + (0.3,)) if len(ridge.mean) < len(FEATURE_NAMES) else np.array(ridge.mean)
+    m = head.blending[0]
+    cols = [FEATURE_NAMES.index(n) for n in head.features]
+    a = head.blend_for(m)
+    assert head.apply(0.2, stats, m) == pytest.approx((1 - a) * 0.2 + a * float(ridge.predict(stats[cols])[0]))
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -357,7 +415,7 @@ def test_statistics_that_cannot_be_measured_never_cost_a_study_its_score(monkeyp
     cfg = PreprocessConfig(image_size=64)
     # a PNG has no modality tag: the classifier decides later, so the reader measures it
     good = pipeline.prepare_study(ref, cfg, 7, statistics=("xr",))
-    assert good.stats is not None and good.stats.shape == (8,)
+    assert good.stats is not None and good.stats.shape == (9,)
     assert pipeline.prepare_study(ref, cfg, 7).stats is None          # not asked for: not measured
 
     def broken(*a, **k):
@@ -366,7 +424,7 @@ def test_statistics_that_cannot_be_measured_never_cost_a_study_its_score(monkeyp
     monkeypatch.setattr(features, "input_statistics", broken)
     bad = pipeline.prepare_study(ref, cfg, 7, statistics=("xr",))
     assert bad.stats is None and np.array_equal(bad.images, good.images)
-    monkeypatch.setattr(features, "input_statistics", lambda *a, **k: np.full(8, np.nan))
+    monkeypatch.setattr(features, "input_statistics", lambda *a, **k: np.full(9, np.nan))
     assert features.statistics_or_none(good.images, cfg.mean, cfg.std) is None
 
 
@@ -382,4 +440,4 @@ def test_readers_measure_only_studies_whose_modality_can_blend(tmp_path: Path) -
     ref = next(iter(discover_studies(tmp_path)))
     cfg = PreprocessConfig(image_size=64)
     assert pipeline.prepare_study(ref, cfg, 7, statistics=("xr",)).stats is None
-    assert pipeline.prepare_study(ref, cfg, 7, statistics=("ct", "xr")).stats.shape == (8,)
+    assert pipeline.prepare_study(ref, cfg, 7, statistics=("ct", "xr")).stats.shape == (9,)

@@ -130,6 +130,9 @@ def model_summary(path: str) -> dict[str, Any]:
         # classical statistics blended into the score per modality (`mediqa train feature-head`)
         "feature_blend": ({mod: h.get("blend") for mod, h in (card.feature_head.get("heads") or {}).items()}
                           if card.feature_head else None),
+        # the statistics its ridges read (engines.features.VERSION_FEATURES)
+        "feature_statistics": ({k: card.feature_head.get(k) for k in ("version", "features")}
+                               if card.feature_head else None),
         "val": {k: (m.get("val") or {}).get(k) for k in ("n", "srcc", "plcc")},
         "test": {k: overall.get(k) for k in ("n", "srcc", "plcc", "krocc", "rmse")},
         "test_srcc_by_prompt_modality": {k: v.get("srcc") for k, v in
