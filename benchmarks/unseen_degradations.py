@@ -1,0 +1,231 @@
+"""Does a model rank degradations it never trained on? Real held-out images, five unseen kinds.
+
+The synthetic corpus trains on CT dose / sparse views / blur, MR field-strength noise / ringing /
+motion / bias and 2D blur / noise / JPEG / illumination. Archives hold other defects too. This
+check takes the real base images of the corpus' **validation and test sources** (anatomy no
+model here trained on: CT ``CT_small`` and the neck CT, MR ``emri``, EPI and ``MR_small``, the
+held-out X-ray and fundus tiles; the middle slice of a volume), writes each clean and at three
+strengths of:
+
+* ``impulse``   — salt-and-pepper: a fraction 0.2 / 1 / 4 % of pixels set to black or white
+  (dead / hot detector elements, transmission errors);
+* ``pixelate``  — block averages of long-side / 160, / 96, / 56 pixels (at least 2, 3, 4)
+  shown at full size (a low-resolution acquisition or a thumbnail upscaled with nearest
+  neighbours);
+* ``posterize`` — the intensity range quantised to 32 / 12 / 5 levels (bit-depth loss, banding);
+* ``stripes``   — a horizontal sinusoid of 40 periods over the image, amplitude 3 / 7 / 15 % of
+  the range (grid lines, an RF spike's stripe pattern, detector banding);
+* ``contrast``  — the intensities pulled towards their mean, keeping 60 / 35 / 20 % of the
+  spread (low tissue contrast; the scoring path's percentile normalisation largely undoes it,
+  so a model can only see what the rescaling does not: quantisation and noise);
+
+and, for reference, two kinds close to what the corpus trains on (``blur``: Gaussian σ =
+long-side / 400, / 160, / 80, seen for CT, X-ray and fundus, not MR, whose nearest training
+degradation is k-space truncation; ``noise``: Gaussian σ = 2 / 5 / 10 % of the range, seen by
+every modality: CT dose, MR field strength, 2D noise). Degradations act on the image
+scaled to [0, 1] by its own minimum and maximum (CT in HU, MR magnitudes, radiograph and fundus
+grey levels) and are written back in the source's units: CT and MR as single-frame DICOM with
+their modality tags, X-ray as CR DICOM, fundus as PNG (the classifier names its prompts).
+
+Everything is scored once through ``engines.pipeline.score_studies`` with the defaults of
+``mediqa score`` (``--tta auto``, the feature head). Per base image and kind, the Spearman
+correlation between the score and minus the strength over the four files (clean = 0) says
+whether the model orders them (1 = right, −1 = reversed); the table gives its mean per modality
+and kind, and how often the clean image scores above the strongest degradation. Usage:
+
+    python benchmarks/unseen_degradations.py [--model PATH] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+UNSEEN: tuple[str, ...] = ("impulse", "pixelate", "posterize", "stripes", "contrast")
+SEEN: tuple[str, ...] = ("blur", "noise")
+#: the reference kinds each modality's training degradations resemble (``SEEN`` minus MR blur)
+SEEN_BY_MODALITY: dict[str, tuple[str, ...]] = {"ct": SEEN, "mr": ("noise",), "xr": SEEN, "fundus": SEEN}
+LEVELS: dict[str, tuple[float, float, float]] = {
+    "impulse": (0.002, 0.01, 0.04),      # fraction of pixels
+    "pixelate": (160.0, 96.0, 56.0),     # blocks along the long side (``strengths``: pixels)
+    "posterize": (32.0, 12.0, 5.0),      # grey levels
+    "stripes": (0.03, 0.07, 0.15),       # amplitude, fraction of the range
+    "contrast": (0.6, 0.35, 0.2),        # spread kept
+    "blur": (400.0, 160.0, 80.0),        # σ = long side / this
+    "noise": (0.02, 0.05, 0.1),          # σ, fraction of the range
+}
+STRIPE_PERIODS = 40
+
+
+def strengths(kind: str, shape: tuple[int, ...]) -> tuple[float, ...]:
+    """The three levels of ``kind`` for an image of ``shape``: ``LEVELS``, except ``pixelate``,
+    whose blocks of long-side / 160, / 96, / 56 pixels are at least 2, 3 and 4 pixels, so that a
+    64-pixel MR gets three different strengths too."""
+    if kind == "pixelate":
+        long_side = max(shape[:2])
+        return tuple(float(max(k, round(long_side / n))) for k, n in zip((2, 3, 4), LEVELS[kind]))
+    return LEVELS[kind]
+
+
+def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) -> np.ndarray:
+    """``u`` (H, W) or (H, W, 3) in [0, 1], degraded by ``kind`` at ``level`` (``strengths``), in
+    [0, 1]."""
+    from scipy import ndimage
+
+    x = np.asarray(u, dtype=np.float64)
+    h, w = x.shape[:2]
+    if kind == "impulse":
+        hit = rng.uniform(size=(h, w)) < level
+        salt = rng.uniform(size=(h, w)) < 0.5
+        out = x.copy()
+        out[hit & salt] = 1.0
+        out[hit & ~salt] = 0.0
+        return out
+    if kind == "pixelate":
+        b = int(level)
+        hb, wb = -(-h // b), -(-w // b)
+        pad = [(0, hb * b - h), (0, wb * b - w)] + [(0, 0)] * (x.ndim - 2)
+        p = np.pad(x, pad, mode="edge")
+        blocks = p.reshape(hb, b, wb, b, *x.shape[2:]).mean(axis=(1, 3))
+        return np.repeat(np.repeat(blocks, b, axis=0), b, axis=1)[:h, :w]
+    if kind == "posterize":
+        n = int(level)
+        return np.round(x * (n - 1)) / (n - 1)
+    if kind == "stripes":
+        rows = level * np.sin(2 * np.pi * STRIPE_PERIODS * np.arange(h) / h)
+        return np.clip(x + rows.reshape((h,) + (1,) * (x.ndim - 1)), 0.0, 1.0)
+    if kind == "contrast":
+        m = x.mean()
+        return np.clip(m + level * (x - m), 0.0, 1.0)
+    if kind == "blur":
+        s = max(h, w) / level
+        return ndimage.gaussian_filter(x, (s, s) + (0,) * (x.ndim - 2))
+    if kind == "noise":
+        return np.clip(x + rng.normal(0.0, level, x.shape), 0.0, 1.0)
+    raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN}")
+
+
+def base_images() -> list[tuple[str, str, np.ndarray, tuple[float, float]]]:
+    """(unit id, modality, 2D image in source units, pixel mm) of every validation / test unit."""
+    from training.synth.sources import all_units, load_unit
+
+    out = []
+    for unit in all_units():
+        if unit.split not in ("val", "test"):
+            continue
+        b = load_unit(unit)
+        arr = b.array[b.array.shape[0] // 2]
+        out.append((unit.unit_id, b.spec.modality, np.asarray(arr, dtype=np.float64), b.pixel_mm))
+    return out
+
+
+def write_study(path: Path, modality: str, img: np.ndarray, pixel_mm: tuple[float, float], key: str) -> Path:
+    """One degraded image in its source's units as the corpus writes it (CT / MR / CR DICOM, PNG)."""
+    from training.synth.writers import hu_to_stored, to_uint16, write_dicom_image, write_png
+
+    if modality == "fundus":
+        return write_png(path.with_suffix(".png"), img)
+    if modality == "ct":
+        tags = {"RescaleIntercept": "-1024", "RescaleSlope": "1", "RescaleType": "HU",
+                "WindowCenter": "40", "WindowWidth": "400", "KVP": "120"}
+        return write_dicom_image(path.with_suffix(".dcm"), hu_to_stored(img), modality="CT", pixel_mm=pixel_mm,
+                                 tags=tags, key=key, seed=0, index=0)
+    if modality == "mr":
+        scale = 1000.0 / max(float(np.percentile(img, 99.0)), 1e-6)
+        tags = {"MagneticFieldStrength": "1.5", "RepetitionTime": "500", "EchoTime": "15"}
+        return write_dicom_image(path.with_suffix(".dcm"), to_uint16(img * scale), modality="MR",
+                                 pixel_mm=pixel_mm, tags=tags, key=key, seed=0, index=0)
+    tags = {"WindowCenter": "2048", "WindowWidth": "4096"}
+    return write_dicom_image(path.with_suffix(".dcm"), to_uint16(np.clip(img, 0, 1) * 4095.0), modality="CR",
+                             pixel_mm=pixel_mm, tags=tags, key=key, seed=0, index=0)
+
+
+def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN) -> list[dict[str, Any]]:
+    """Every base image clean and at each kind's three strengths under ``root``; one row per file
+    (``file`` stem, ``unit``, ``modality``, ``kind``, ``step`` 0–3)."""
+    rows = []
+    for i, (unit, modality, arr, pixel_mm) in enumerate(base_images()):
+        lo, hi = float(arr.min()), float(arr.max())
+        u = (arr - lo) / max(hi - lo, 1e-6)
+        stem = f"{i:02d}-{unit.replace('#', '_')}"
+        write_study(root / f"{stem}-clean", modality, arr, pixel_mm, f"{stem}-clean")
+        rows.append({"file": f"{stem}-clean", "unit": unit, "modality": modality, "kind": "clean", "step": 0})
+        for kind in kinds:
+            for step, level in enumerate(strengths(kind, u.shape), start=1):
+                rng = np.random.default_rng([i, step, len(kind)])
+                img = lo + degrade(u, kind, level, rng) * (hi - lo)
+                name = f"{stem}-{kind}{step}"
+                write_study(root / name, modality, img, pixel_mm, name)
+                rows.append({"file": name, "unit": unit, "modality": modality, "kind": kind, "step": step})
+    return rows
+
+
+def summarise(rows: list[Mapping[str, Any]], scores: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Per ``modality/kind``: the mean over base images of SRCC(score, −step) over clean + the
+    kind's three files, its per-image values, and the fraction of images whose clean file scores
+    above the strongest one. Files without a score leave their image out of that kind."""
+    from scipy.stats import spearmanr
+
+    clean = {r["unit"]: scores.get(r["file"]) for r in rows if r["kind"] == "clean"}
+    per: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    units = {(r["unit"], r["modality"]) for r in rows}
+    kinds = sorted({r["kind"] for r in rows} - {"clean"})
+    for unit, modality in sorted(units):
+        for kind in kinds:
+            files = sorted((r for r in rows if r["unit"] == unit and r["kind"] == kind), key=lambda r: r["step"])
+            s = [clean.get(unit)] + [scores.get(r["file"]) for r in files]
+            if len(s) < 2 or any(v is None for v in s):
+                continue
+            rho = float(spearmanr(s, -np.arange(len(s)))[0]) if np.ptp(s) > 0 else 0.0
+            per.setdefault((modality, kind), []).append((rho, s[0] > s[-1]))
+    return {f"{m}/{k}": {"n_images": len(v), "srcc": float(np.mean([a for a, _ in v])),
+                         "per_image": [round(a, 3) for a, _ in v],
+                         "clean_above_strongest": float(np.mean([b for _, b in v]))}
+            for (m, k), v in sorted(per.items())}
+
+
+def seen(modality: str, kind: str) -> bool:
+    """Whether ``kind`` resembles a degradation ``modality`` trains on (``SEEN_BY_MODALITY``)."""
+    return kind in SEEN_BY_MODALITY.get(modality, ())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--json", default=None, help="also write the summary and every score here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from engines.artifact import bundled_model_path
+    from engines.pipeline import ScoreConfig, score_studies
+
+    model = args.model or str(bundled_model_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = write_set(root)
+        cfg = ScoreConfig(workers=2, batch_size=16, tta="auto", features=True)
+        results = {Path(r.path).name.split(".")[0]: r for r in score_studies(root, model, cfg)}
+    scores = {k: r.score for k, r in results.items() if r.score is not None}
+    table = summarise(rows, scores)
+    print(f"model: {model}; {len(scores)} of {len(rows)} files scored")
+    print("| modality | kind | seen in training | images | mean SRCC (score vs strength) | clean above strongest |")
+    print("|---|---|---|---|---|---|")
+    for key, row in table.items():
+        m, k = key.split("/")
+        print(f"| {m} | {k} | {'yes' if seen(m, k) else 'no'} | {row['n_images']} | {row['srcc']:+.2f} | "
+              f"{row['clean_above_strongest']:.2f} |")
+    for flag in (False, True):
+        vals = [r["srcc"] for key, r in table.items() if seen(*key.split("/")) == flag]
+        print(f"mean over {'seen' if flag else 'unseen'} modality / kind rows ({len(vals)}): {np.mean(vals):+.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "summary": table, "scores": scores,
+                                               "files": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""benchmarks/unseen_degradations.py: each degradation does what it is named for at the strength
+it names, the written studies re-read through ``engines.io`` in the source's units and with the
+modality the prompts need, and the summary's rank correlation is right on constructed scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.benchmark_module import load_benchmark
+
+ud = load_benchmark("unseen_degradations")
+
+
+def _texture(shape: tuple[int, ...] = (120, 160)) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    return np.clip(0.5 + 3.0 * ndimage.gaussian_filter(rng.standard_normal(shape), 3.0), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ud.UNSEEN + ud.SEEN)
+def test_each_kind_departs_further_from_the_clean_image_at_each_step(kind: str) -> None:
+    u = _texture()
+    levels = ud.strengths(kind, u.shape)
+    err = [float(np.sqrt(((ud.degrade(u, kind, lv, np.random.default_rng(1)) - u) ** 2).mean()))
+           for lv in levels]
+    assert 0 < err[0] < err[1] < err[2]
+    out = ud.degrade(u, kind, levels[-1], np.random.default_rng(1))
+    assert out.shape == u.shape and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_the_strengths_are_the_ones_named() -> None:
+    u = _texture()
+    rng = np.random.default_rng(2)
+    imp = ud.degrade(u, "impulse", 0.04, rng)
+    changed = (imp != u) & ((imp == 0) | (imp == 1))
+    assert changed.mean() == pytest.approx(0.04, abs=0.01)
+    assert ud.strengths("pixelate", (64, 64)) == (2.0, 3.0, 4.0)      # the floors: still 3 strengths
+    assert ud.strengths("pixelate", (980, 900)) == (6.0, 10.0, 18.0)  # long side / 160, / 96, / 56
+    pix = ud.degrade(u, "pixelate", 8.0, rng)
+    assert np.all(pix[:8, :8] == pix[0, 0]) and pix[0, 0] == pytest.approx(u[:8, :8].mean())
+    assert len(np.unique(ud.degrade(u, "posterize", 5.0, rng))) <= 5
+    st = ud.degrade(np.full((200, 10), 0.5), "stripes", 0.1, rng)
+    assert st.max() == pytest.approx(0.6, abs=0.01) and st.min() == pytest.approx(0.4, abs=0.01)
+    assert np.allclose(st, st[:, :1])                     # horizontal: constant along each row
+    c = ud.degrade(u, "contrast", 0.2, rng)
+    assert c.mean() == pytest.approx(u.mean(), abs=0.01) and c.std() == pytest.approx(0.2 * u.std(), rel=0.05)
+    rgb = ud.degrade(np.repeat(u[..., None], 3, axis=2), "blur", 40.0, rng)
+    assert rgb.shape == u.shape + (3,) and np.allclose(rgb[..., 0], rgb[..., 2])
+    with pytest.raises(ValueError, match="unknown degradation"):
+        ud.degrade(u, "ghost", 1.0, rng)
+
+
+def test_written_studies_reread_in_source_units_with_their_modality(tmp_path: Path) -> None:
+    from engines.io.discover import discover_studies, open_study
+    from engines.prompts import prompts_from_tags
+
+    hu = -1000.0 + 1500.0 * _texture((64, 64))
+    ud.write_study(tmp_path / "ct", "ct", hu, (0.7, 0.7), "ct")
+    mr = 400.0 * _texture((48, 48))
+    ud.write_study(tmp_path / "mr", "mr", mr, (1.0, 1.0), "mr")
+    ud.write_study(tmp_path / "xr", "xr", _texture((64, 64)), (0.15, 0.15), "xr")
+    ud.write_study(tmp_path / "fundus", "fundus", np.repeat(_texture((64, 64))[..., None], 3, 2), (0.01, 0.01), "f")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.dcm", "fundus.png", "mr.dcm", "xr.dcm"]
+    studies = {Path(s.rel_path).stem: s for s in discover_studies(tmp_path)}
+    ct = open_study(studies["ct"])
+    assert ct.get_slice(0) == pytest.approx(np.round(hu), abs=0.51)     # HU back through the rescale
+    mods = {k: prompts_from_tags(open_study(studies[k]).meta, "2d")["modality"] for k in ("ct", "mr", "xr")}
+    assert mods == {"ct": "ct", "mr": "mr", "xr": "xr"}
+
+
+def test_summary_ranks_each_image_and_kind() -> None:
+    rows = [{"file": f"{u}-clean", "unit": u, "modality": "xr", "kind": "clean", "step": 0} for u in ("a", "b")]
+    rows += [{"file": f"{u}-k{s}", "unit": u, "modality": "xr", "kind": "k", "step": s}
+             for u in ("a", "b") for s in (1, 2, 3)]
+    scores = {"a-clean": 0.9, "a-k1": 0.8, "a-k2": 0.5, "a-k3": 0.1,      # ordered: +1
+              "b-clean": 0.1, "b-k1": 0.2, "b-k2": 0.3, "b-k3": 0.4}      # reversed: -1
+    out = ud.summarise(rows, scores)
+    assert out["xr/k"]["per_image"] == [1.0, -1.0] and out["xr/k"]["srcc"] == 0.0
+    assert out["xr/k"]["clean_above_strongest"] == 0.5
+    del scores["b-k2"]                                                   # unscored: b leaves the row
+    assert ud.summarise(rows, scores)["xr/k"]["n_images"] == 1
+    assert ud.seen("xr", "blur") and not ud.seen("mr", "blur") and ud.seen("mr", "noise")
