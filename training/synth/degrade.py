@@ -209,12 +209,15 @@ def mr_noise_sigma(s_ref: float, tesla: float) -> float:
     return MR_NOISE_AT_1T * float(s_ref) / float(tesla)
 
 
-def _truncate_kspace(k: np.ndarray, keep: float) -> np.ndarray:
-    """Zero all but the central ``keep`` fraction of k-space along both in-plane axes (centred k)."""
+def _truncate_kspace(k: np.ndarray, keep: float, apodize: bool = False) -> np.ndarray:
+    """Zero all but the central ``keep`` fraction of k-space along both in-plane axes (centred k);
+    ``apodize``: the kept box is weighted by a separable Hamming window, as scanners' k-space
+    filters do (no Gibbs ringing; a wider point-spread function, i.e. blur)."""
     h, w = k.shape[-2:]
     kh, kw = max(2, int(round(h * keep))), max(2, int(round(w * keep)))
-    mask = np.zeros((h, w), dtype=bool)
-    mask[(h - kh) // 2: (h - kh) // 2 + kh, (w - kw) // 2: (w - kw) // 2 + kw] = True
+    mask = np.zeros((h, w), dtype=np.float64)
+    box = np.outer(np.hamming(kh), np.hamming(kw)) if apodize else 1.0
+    mask[(h - kh) // 2: (h - kh) // 2 + kh, (w - kw) // 2: (w - kw) // 2 + kw] = box
     return k * mask
 
 
@@ -234,7 +237,7 @@ def _motion_phase(shape: tuple[int, int], amplitude_px: float, period_lines: flo
 
 def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
                keep_fraction: float = 1.0, motion_px: float = 0.0,
-               motion_period: float = 8.0, band: float = 1.0) -> np.ndarray:
+               motion_period: float = 8.0, band: float = 1.0, apodize: bool = False) -> np.ndarray:
     """Re-acquire a magnitude image through k-space; (H, W) or (Z, H, W) float32 ≥ 0 out.
 
     keep_fraction: central fraction of the acquired k-space kept per axis (1 = all; < 1 gives
@@ -246,6 +249,8 @@ def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
     ``keep_fraction`` = 1). 1 (default): the grid is the acquired matrix.
     motion_px: amplitude of a periodic translation along the phase-encode axis (ghosts).
     sigma: Rician noise σ (complex Gaussian noise per channel before taking the magnitude).
+    apodize: a truncated k-space (kept fraction < 1) is Hamming-filtered, so the resolution loss
+    shows as blur instead of ringing (``train_mr_apodize``).
     """
     if not 0.0 < band <= 1.0:
         raise ValueError(f"band must be in (0, 1], got {band}")
@@ -259,7 +264,7 @@ def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
         if kept < 1.0 or motion_px > 0:
             k = np.fft.fftshift(np.fft.fft2(img))
             if kept < 1.0:
-                k = _truncate_kspace(k, kept)
+                k = _truncate_kspace(k, kept, apodize)
             if motion_px > 0:
                 k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
             img = np.fft.ifft2(np.fft.ifftshift(k))
