@@ -8,14 +8,13 @@ blockiness (mean absolute step across every 8th column over the mean step), the
 low-frequency non-uniformity (σ / mean of the 8 × 8 block means blurred by 4 blocks, ≈ 32 px)
 and the clipped-bright fraction (pixels ≥ 0.98: saturated highlights, e.g. an over-exposed
 radiograph's burnt-out regions). Studies with several slices average them over their salient
-slices.
+slices. Measured on the network input, they see what the network sees at the same scale whatever
+the file's size, and scoring, evaluation and fitting get the same numbers from the same arrays.
 
 Statistics versions: a later version only appends statistics (``VERSION_FEATURES``), so the
 columns of an earlier version keep their definitions. A head records the names of the statistics
 its ridges were fitted on and reads those columns, so a version-1 head (the first eight) scores
-exactly as it did when it was fitted. Measured on the network input, they see what
-the network sees at the same scale whatever the file's size, and scoring, evaluation and
-fitting get the same numbers from the same arrays.
+exactly as it did when it was fitted.
 
 The **feature head** is one ridge regression per modality on those statistics and their
 squares, fitted on the training split to the (label-scaled) target (inputs clipped to the

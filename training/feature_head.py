@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 def split_rows(model_path: str | Path, data: str | Path, *, split: str = "train", workers: int = 0,
                progress: bool = True) -> list[dict[str, Any]]:
     """One row per study of ``split`` prepared through the scoring path with the model's
-    preprocessing: ``path``, ``statistics`` (9,: ``engines.features.FEATURE_NAMES``), ``target`` on the model's [0, 1] scale,
-    ``modality`` (the prompt from tags, else the manifest's label) and ``source`` (the manifest's
-    ``source_id``). Studies whose statistics cannot be measured are left out."""
+    preprocessing: ``path``, ``statistics`` (``engines.features.FEATURE_NAMES``), ``target`` on
+    the model's [0, 1] scale, ``modality`` (the prompt from tags, else the manifest's label) and
+    ``source`` (the manifest's ``source_id``). Studies whose statistics cannot be measured are left out."""
     from engines.artifact import load_card  # noqa: PLC0415
     from engines.preprocess import PreprocessConfig  # noqa: PLC0415
     from engines.prompts import PromptVocab  # noqa: PLC0415
