@@ -20,7 +20,7 @@ strengths of:
   so a model can only see what the rescaling does not: quantisation and noise);
 
 and, for reference, two kinds close to what the corpus trains on (``blur``: Gaussian σ =
-long-side / 400, / 160, / 80, seen for CT, X-ray and fundus, not MR, whose nearest training
+long-side / 400, / 160, / 80 (at least 0.7, 1.4, 2.8 pixels), seen for CT, X-ray and fundus, not MR, whose nearest training
 degradation is k-space truncation; ``noise``: Gaussian σ = 2 / 5 / 10 % of the range, seen by
 every modality: CT dose, MR field strength, 2D noise). Degradations act on the image
 scaled to [0, 1] by its own minimum and maximum (CT in HU, MR magnitudes, radiograph and fundus
@@ -28,12 +28,15 @@ grey levels) and are written back in the source's units: CT and MR as single-fra
 their modality tags, X-ray as CR DICOM, fundus as PNG (the classifier names its prompts).
 
 Everything is scored once through ``engines.pipeline.score_studies`` with the defaults of
-``mediqa score`` (``--tta auto``, the feature head). Per base image and kind, the Spearman
+``mediqa score`` (``--tta auto``, the feature head); ``--tta none --no-features`` scores with the
+network alone, which is how two networks are compared (a card's TTA policy and feature head
+would otherwise differ between them). Per base image and kind, the Spearman
 correlation between the score and minus the strength over the four files (clean = 0) says
 whether the model orders them (1 = right, −1 = reversed); the table gives its mean per modality
 and kind, and how often the clean image scores above the strongest degradation. Usage:
 
-    python benchmarks/unseen_degradations.py [--model PATH] [--json out.json]
+    python benchmarks/unseen_degradations.py [--model PATH] [--tta auto|none|flip|d4]
+        [--no-features] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,19 +60,23 @@ LEVELS: dict[str, tuple[float, float, float]] = {
     "posterize": (32.0, 12.0, 5.0),      # grey levels
     "stripes": (0.03, 0.07, 0.15),       # amplitude, fraction of the range
     "contrast": (0.6, 0.35, 0.2),        # spread kept
-    "blur": (400.0, 160.0, 80.0),        # σ = long side / this
+    "blur": (400.0, 160.0, 80.0),        # σ = long side / this (``strengths``: pixels)
     "noise": (0.02, 0.05, 0.1),          # σ, fraction of the range
 }
 STRIPE_PERIODS = 40
 
 
 def strengths(kind: str, shape: tuple[int, ...]) -> tuple[float, ...]:
-    """The three levels of ``kind`` for an image of ``shape``: ``LEVELS``, except ``pixelate``,
-    whose blocks of long-side / 160, / 96, / 56 pixels are at least 2, 3 and 4 pixels, so that a
-    64-pixel MR gets three different strengths too."""
+    """The three levels of ``kind`` for an image of ``shape``: ``LEVELS``, except the two that
+    scale with the image, in pixels: ``pixelate``'s blocks of long-side / 160, / 96, / 56 pixels
+    are at least 2, 3 and 4 pixels, and ``blur``'s σ of long-side / 400, / 160, / 80 at least
+    0.7, 1.4 and 2.8 pixels, so that a 64-pixel MR gets three visible strengths too (shown at
+    224 pixels, σ = 64 / 400 would be a 0.6-pixel blur)."""
+    long_side = max(shape[:2])
     if kind == "pixelate":
-        long_side = max(shape[:2])
         return tuple(float(max(k, round(long_side / n))) for k, n in zip((2, 3, 4), LEVELS[kind]))
+    if kind == "blur":
+        return tuple(max(k, long_side / n) for k, n in zip((0.7, 1.4, 2.8), LEVELS[kind]))
     return LEVELS[kind]
 
 
@@ -104,8 +111,7 @@ def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) ->
         m = x.mean()
         return np.clip(m + level * (x - m), 0.0, 1.0)
     if kind == "blur":
-        s = max(h, w) / level
-        return ndimage.gaussian_filter(x, (s, s) + (0,) * (x.ndim - 2))
+        return ndimage.gaussian_filter(x, (level, level) + (0,) * (x.ndim - 2))
     if kind == "noise":
         return np.clip(x + rng.normal(0.0, level, x.shape), 0.0, 1.0)
     raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN}")
@@ -198,6 +204,9 @@ def seen(modality: str, kind: str) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--tta", default="auto", help="test-time augmentation, as `mediqa score --tta`")
+    ap.add_argument("--no-features", dest="features", action="store_false",
+                    help="the network alone, without the card's feature head")
     ap.add_argument("--json", default=None, help="also write the summary and every score here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -208,11 +217,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = write_set(root)
-        cfg = ScoreConfig(workers=2, batch_size=16, tta="auto", features=True)
+        cfg = ScoreConfig(workers=2, batch_size=16, tta=args.tta, features=args.features)
         results = {Path(r.path).name.split(".")[0]: r for r in score_studies(root, model, cfg)}
     scores = {k: r.score for k, r in results.items() if r.score is not None}
     table = summarise(rows, scores)
-    print(f"model: {model}; {len(scores)} of {len(rows)} files scored")
+    print(f"model: {model} (tta {args.tta}, feature head {'on' if args.features else 'off'}); "
+          f"{len(scores)} of {len(rows)} files scored")
     print("| modality | kind | seen in training | images | mean SRCC (score vs strength) | clean above strongest |")
     print("|---|---|---|---|---|---|")
     for key, row in table.items():
@@ -223,7 +233,8 @@ def main() -> None:
         vals = [r["srcc"] for key, r in table.items() if seen(*key.split("/")) == flag]
         print(f"mean over {'seen' if flag else 'unseen'} modality / kind rows ({len(vals)}): {np.mean(vals):+.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "summary": table, "scores": scores,
+        Path(args.json).write_text(json.dumps({"model": model, "tta": args.tta, "features": args.features,
+                                               "summary": table, "scores": scores,
                                                "files": rows}, indent=1))
 
 

@@ -40,6 +40,8 @@ def test_the_strengths_are_the_ones_named() -> None:
     assert changed.mean() == pytest.approx(0.04, abs=0.01)
     assert ud.strengths("pixelate", (64, 64)) == (2.0, 3.0, 4.0)      # the floors: still 3 strengths
     assert ud.strengths("pixelate", (980, 900)) == (6.0, 10.0, 18.0)  # long side / 160, / 96, / 56
+    assert ud.strengths("blur", (64, 64)) == (0.7, 1.4, 2.8)
+    assert ud.strengths("blur", (800, 600)) == (2.0, 5.0, 10.0)
     pix = ud.degrade(u, "pixelate", 8.0, rng)
     assert np.all(pix[:8, :8] == pix[0, 0]) and pix[0, 0] == pytest.approx(u[:8, :8].mean())
     assert len(np.unique(ud.degrade(u, "posterize", 5.0, rng))) <= 5
@@ -48,7 +50,7 @@ def test_the_strengths_are_the_ones_named() -> None:
     assert np.allclose(st, st[:, :1])                     # horizontal: constant along each row
     c = ud.degrade(u, "contrast", 0.2, rng)
     assert c.mean() == pytest.approx(u.mean(), abs=0.01) and c.std() == pytest.approx(0.2 * u.std(), rel=0.05)
-    rgb = ud.degrade(np.repeat(u[..., None], 3, axis=2), "blur", 40.0, rng)
+    rgb = ud.degrade(np.repeat(u[..., None], 3, axis=2), "blur", 4.0, rng)
     assert rgb.shape == u.shape + (3,) and np.allclose(rgb[..., 0], rgb[..., 2])
     with pytest.raises(ValueError, match="unknown degradation"):
         ud.degrade(u, "ghost", 1.0, rng)
