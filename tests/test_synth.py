@@ -577,6 +577,49 @@ def test_train_mr_apodize_filters_half_the_truncated_mr_training_studies(tmp_pat
         assert (tmp_path / "p1" / plain.relpath).read_bytes() == (tmp_path / "p0" / plain.relpath).read_bytes()
 
 
+def test_kspace_noise_is_band_limited_with_a_truncated_acquisition() -> None:
+    """Noise acquired in k-space goes through the truncation: on a uniform image it falls to about
+    σ · kept and becomes correlated between neighbours; image-domain noise stays white at σ. With
+    nothing truncated the option changes nothing."""
+    rng = np.random.default_rng
+    flat = np.full((128, 128), 100.0)
+
+    def stats(img: np.ndarray) -> tuple[float, float]:
+        r = img[16:-16, 16:-16].astype(np.float64) - 100.0
+        return float(r.std()), float(np.corrcoef(r[:, :-1].ravel(), r[:, 1:].ravel())[0, 1])
+
+    white = stats(degrade.mr_acquire(flat, rng(0), sigma=5.0, keep_fraction=0.25))
+    band = stats(degrade.mr_acquire(flat, rng(0), sigma=5.0, keep_fraction=0.25, kspace_noise=True))
+    assert white[0] == pytest.approx(5.0, rel=0.1) and abs(white[1]) < 0.1
+    assert band[0] == pytest.approx(5.0 * 0.25, rel=0.2) and band[1] > 0.5
+    assert np.array_equal(degrade.mr_acquire(flat, rng(0), sigma=5.0, kspace_noise=True),
+                          degrade.mr_acquire(flat, rng(0), sigma=5.0))
+
+
+def test_train_band_noise_draws_half_the_ct_and_mr_training_studies(tmp_path: Path) -> None:
+    """Only CT / MR training specs draw it (about half each, deterministically), every other spec
+    is unchanged; a drawn blurred CT study renders smoother pixels (the noise is blurred too) with
+    the same manifest row."""
+    from training.synth.corpus import render_study
+
+    plan, base = plan_corpus(3, "small", train_band_noise=True), plan_corpus(3, "small")
+    assert [dataclasses.replace(s, band_noise=False) for s in plan] == base
+    drawn = [s for s in plan if s.band_noise]
+    assert {(s.modality, s.split) for s in drawn} == {("ct", "train"), ("mr", "train")}
+    for mod in ("ct", "mr"):
+        train = [s for s in plan if s.modality == mod and s.split == "train"]
+        assert 0.3 < sum(s.band_noise for s in train) / len(train) < 0.7
+    assert plan_corpus(3, "small", train_band_noise=True) == plan
+    ct = max((s for s in drawn if s.modality == "ct" and s.dimension == "2d"), key=lambda s: s.params.get("blur_mm", 0.0))
+    assert ct.params.get("blur_mm", 0.0) > 0.3
+    new = render_study(ct, tmp_path / "new")
+    old = render_study(dataclasses.replace(ct, band_noise=False), tmp_path / "old")
+    assert new == old                                                   # same row, score included
+    a = pydicom.dcmread(tmp_path / "new" / ct.relpath).pixel_array.astype(np.float64)
+    b = pydicom.dcmread(tmp_path / "old" / ct.relpath).pixel_array.astype(np.float64)
+    assert a.shape == b.shape and np.abs(np.diff(a, axis=1)).mean() < np.abs(np.diff(b, axis=1)).mean()
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -606,7 +649,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
-                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_more_mr"]
+                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -206,6 +206,16 @@ TRAIN_MR_MATRICES = (64, 96, 128, 192)
 # ringing, and the bundled model rewards MR blur and pixelation (benchmarks/unseen_degradations.py,
 # 2026-12-06: −0.43 / −0.80). Studies without truncation are unchanged.
 TRAIN_MR_APODIZE_P = 0.5
+
+# ``train_band_noise``: half of the CT and MR training studies (a draw of their own, see
+# ``_band_noise_rng``) lose their resolution *with* their noise, as real acquisitions do: CT blur
+# is applied after the reconstruction (a soft kernel: the noise is smoothed too) instead of to
+# the object before it, and truncated MR k-space carries its noise (acquired in k-space, see
+# ``degrade.mr_acquire``'s ``kspace_noise``). Same parameters and scores. Without it every blurred
+# or truncated CT / MR training study still carries full-band white noise, so a smooth image is
+# always a high-dose / high-field one, and the bundled model scores CT posterisation and MR
+# pixelation as better (benchmarks/unseen_degradations.py, 2026-12-06).
+TRAIN_BAND_NOISE_P = 0.5
 TRAIN_MR_MATRIX_P = 0.5
 
 DOSE_LABELS = ("mas", "noise")
@@ -293,6 +303,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_mr_apodize", False, "Half of the MR training studies are reconstructed with a "
                     "Hamming k-space filter where their k-space is truncated: the same resolution loss and "
                     "score, shown as blur instead of ringing; val/test, the plan and the scores are unchanged."),
+    GeneratorOption("train_band_noise", False, "Half of the CT and MR training studies lose resolution with "
+                    "their noise: CT blur after the reconstruction (a soft kernel), truncated MR k-space "
+                    "with its noise; val/test, the plan and the scores are unchanged."),
     GeneratorOption("train_more_mr", False, "One more MR training source: dipy's aniso_vox, a whole-brain "
                     "T2-weighted b0 volume on a 58 x 58 matrix at 4 mm (pip install dipy); val/test and "
                     "the other modalities are unchanged."),
@@ -373,6 +386,7 @@ class StudySpec:
     native_matrix: bool = False          # MR written on the source's own matrix when coarser (mr_native_matrix)
     acq_matrix: int = 0                  # MR training study's drawn matrix, used where coarser (train_mr_matrix); 0 = none
     apodize: bool = False                # MR training study's truncated k-space Hamming-filtered (train_mr_apodize)
+    band_noise: bool = False             # CT / MR training study's noise band-limited with its resolution (train_band_noise)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -427,7 +441,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 val_sources: str = "one", train_extra_mr: bool = False,
                 train_ct_windows: bool = False, mr_native_kspace: bool = False,
                 mr_native_matrix: bool = False, train_mr_matrix: bool = False,
-                train_mr_apodize: bool = False, train_more_mr: bool = False) -> list[StudySpec]:
+                train_mr_apodize: bool = False, train_band_noise: bool = False,
+                train_more_mr: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -477,6 +492,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     ``train_mr_apodize``: half of the MR training studies (``_apodize_rng``; ``StudySpec.apodize``)
     get a Hamming-filtered k-space wherever it is truncated (``TRAIN_MR_APODIZE_P``). Everything
     else, the scores included, is the same either way.
+
+    ``train_band_noise``: half of the CT and MR training studies (``_band_noise_rng``;
+    ``StudySpec.band_noise``) are blurred after reconstruction (CT) or carry their noise through
+    the k-space truncation (MR); see ``TRAIN_BAND_NOISE_P``. Everything else, the scores included,
+    is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -549,7 +569,10 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    acq_matrix=(_draw_acq_matrix(int(seed), index)
                                                if train_mr_matrix and mod == "mr" and unit.split == "train" else 0),
                                    apodize=bool(train_mr_apodize and mod == "mr" and unit.split == "train"
-                                                and _apodize_rng(int(seed), index).uniform() < TRAIN_MR_APODIZE_P)))
+                                                and _apodize_rng(int(seed), index).uniform() < TRAIN_MR_APODIZE_P),
+                                   band_noise=bool(train_band_noise and mod in ("ct", "mr") and unit.split == "train"
+                                                   and _band_noise_rng(int(seed), index).uniform()
+                                                   < TRAIN_BAND_NOISE_P)))
     return specs
 
 
@@ -656,6 +679,11 @@ def _apodize_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index, 0xA90D]))
 
 
+def _band_noise_rng(seed: int, index: int) -> np.random.Generator:
+    """``train_band_noise``'s own generator (the plan's and the study's streams are unchanged)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xB4D0]))
+
+
 def _draw_acq_matrix(seed: int, index: int) -> int:
     """0 (the study's own size) with probability 1 − ``TRAIN_MR_MATRIX_P``, else one of
     ``TRAIN_MR_MATRICES``."""
@@ -745,8 +773,11 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
         clean = img[None]
     hu = np.empty_like(clean)
     for k in range(clean.shape[0]):
-        hu[k] = degrade.ct_acquire(degrade.gaussian_blur(clean[k], blur_px), mas, pixel, rng,
-                                   n_views=views)
+        if spec.band_noise:   # train_band_noise: a soft kernel smooths the noise with the anatomy
+            hu[k] = degrade.gaussian_blur(degrade.ct_acquire(clean[k], mas, pixel, rng, n_views=views), blur_px)
+        else:
+            hu[k] = degrade.ct_acquire(degrade.gaussian_blur(clean[k], blur_px), mas, pixel, rng,
+                                       n_views=views)
     if spec.dose_label == "noise" and measured is not None:
         # on its own generator: the study's images are the same with either dose label
         mid = spec.n_air[0] + spec.n_anat // 2 if spec.dimension == "3d" else 0
@@ -828,7 +859,7 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
                            motion_px=p.get("motion_px", 0.0) * size / 256.0,
                            motion_period=p["motion_period"],
                            band=mr_band(arr.shape[1:3], size) if spec.native_kspace else 1.0,
-                           apodize=spec.apodize)
+                           apodize=spec.apodize, kspace_noise=spec.band_noise)
     hdr = base.spec.header
     tags = {
         "BodyPartExamined": hdr.get("BodyPartExamined"),

@@ -237,7 +237,8 @@ def _motion_phase(shape: tuple[int, int], amplitude_px: float, period_lines: flo
 
 def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
                keep_fraction: float = 1.0, motion_px: float = 0.0,
-               motion_period: float = 8.0, band: float = 1.0, apodize: bool = False) -> np.ndarray:
+               motion_period: float = 8.0, band: float = 1.0, apodize: bool = False,
+               kspace_noise: bool = False) -> np.ndarray:
     """Re-acquire a magnitude image through k-space; (H, W) or (Z, H, W) float32 ≥ 0 out.
 
     keep_fraction: central fraction of the acquired k-space kept per axis (1 = all; < 1 gives
@@ -251,6 +252,10 @@ def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
     sigma: Rician noise σ (complex Gaussian noise per channel before taking the magnitude).
     apodize: a truncated k-space (kept fraction < 1) is Hamming-filtered, so the resolution loss
     shows as blur instead of ringing (``train_mr_apodize``).
+    kspace_noise: where k-space is truncated, the noise is acquired with it (added to k-space
+    before the truncation, after the motion, which moves the object, not the thermal noise), so
+    it is band-limited like the image: a low-resolution acquisition looks smooth, as a real one
+    does (``train_band_noise``). Without truncation the noise is added to the image as by default.
     """
     if not 0.0 < band <= 1.0:
         raise ValueError(f"band must be in (0, 1], got {band}")
@@ -261,6 +266,14 @@ def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
     kept = float(keep_fraction) * float(band)
     for z in range(vol.shape[0]):
         img: np.ndarray = vol[z].astype(np.complex128)
+        if kspace_noise and kept < 1.0 and sigma > 0:
+            k = np.fft.fftshift(np.fft.fft2(img))
+            if motion_px > 0:
+                k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
+            noise = rng.normal(0.0, sigma, img.shape) + 1j * rng.normal(0.0, sigma, img.shape)
+            k = _truncate_kspace(k + np.fft.fftshift(np.fft.fft2(noise)), kept, apodize)
+            out[z] = np.abs(np.fft.ifft2(np.fft.ifftshift(k)))
+            continue
         if kept < 1.0 or motion_px > 0:
             k = np.fft.fftshift(np.fft.fft2(img))
             if kept < 1.0:
