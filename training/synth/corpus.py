@@ -198,13 +198,14 @@ CT_TRAIN_WINDOWS = ("soft", "lung", "bone")
 # anatomies. The noise σ, the ringing's kept fraction (of the matrix) and the motion's fraction
 # of the field of view keep their meaning, so the scores do not change.
 TRAIN_MR_MATRICES = (64, 96, 128, 192)
+TRAIN_MR_MATRIX_P = 0.5
 
 # ``train_mr_apodize``: half of the MR training studies (a draw of their own, see
 # ``_apodize_rng``) are reconstructed with a Hamming k-space filter wherever their k-space is
 # truncated (ringing), as scanners' filters do: the same resolution loss and score, shown as blur
 # instead of Gibbs ringing. Without it the only scored MR resolution loss in training carries
-# ringing, and the bundled model rewards MR blur and pixelation (benchmarks/unseen_degradations.py,
-# 2026-12-06: −0.43 / −0.80). Studies without truncation are unchanged.
+# ringing, and the bundled model rewards MR pixelation (benchmarks/unseen_degradations.py,
+# 2026-12-06: −0.80 with the defaults). Studies without truncation are unchanged.
 TRAIN_MR_APODIZE_P = 0.5
 
 # ``train_band_noise``: half of the CT and MR training studies (a draw of their own, see
@@ -216,7 +217,6 @@ TRAIN_MR_APODIZE_P = 0.5
 # always a high-dose / high-field one, and the bundled model scores CT posterisation and MR
 # pixelation as better (benchmarks/unseen_degradations.py, 2026-12-06).
 TRAIN_BAND_NOISE_P = 0.5
-TRAIN_MR_MATRIX_P = 0.5
 
 DOSE_LABELS = ("mas", "noise")
 # ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
