@@ -32,9 +32,10 @@ NAMES: tuple[str, ...] = ("nonuniformity", "clipped_bright", "clipped_dark", "lo
 def candidates(grey: np.ndarray) -> np.ndarray:
     """The candidate statistics (``NAMES``) of one grey network input in [0, 1]."""
     g = np.asarray(grey, dtype=np.float64)
+    st = slice_statistics(g)   # the feature head's non-uniformity and clipped-bright fraction
     low = ndimage.gaussian_filter(g, 24.0)
-    return np.array([slice_statistics(g)[FEATURE_NAMES.index("nonuniformity")], float((g >= 0.98).mean()), float((g <= 0.02).mean()),
-                     float(np.log(low + 0.02).std()), float(g.mean())])
+    return np.array([st[FEATURE_NAMES.index("nonuniformity")], st[FEATURE_NAMES.index("clipped_bright")],
+                     float((g <= 0.02).mean()), float(np.log(low + 0.02).std()), float(g.mean())])
 
 
 def main() -> None:

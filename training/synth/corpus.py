@@ -201,7 +201,7 @@ TRAIN_MR_MATRICES = (64, 96, 128, 192)
 TRAIN_MR_MATRIX_P = 0.5
 
 # ``train_mr_apodize``: half of the MR training studies (a draw of their own, see
-# ``_apodize_rng``) are reconstructed with a Hamming k-space filter wherever their k-space is
+# ``_option_draw``) are reconstructed with a Hamming k-space filter wherever their k-space is
 # truncated (ringing), as scanners' filters do: the same resolution loss and score, shown as blur
 # instead of Gibbs ringing. Without it the only scored MR resolution loss in training carries
 # ringing, and the bundled model rewards MR pixelation (benchmarks/unseen_degradations.py,
@@ -209,7 +209,7 @@ TRAIN_MR_MATRIX_P = 0.5
 TRAIN_MR_APODIZE_P = 0.5
 
 # ``train_band_noise``: half of the CT and MR training studies (a draw of their own, see
-# ``_band_noise_rng``) lose their resolution *with* their noise, as real acquisitions do: CT blur
+# ``_option_draw``) lose their resolution *with* their noise, as real acquisitions do: CT blur
 # is applied after the reconstruction (a soft kernel: the noise is smoothed too) instead of to
 # the object before it, and truncated MR k-space carries its noise (acquired in k-space, see
 # ``degrade.mr_acquire``'s ``kspace_noise``). Same parameters and scores. Without it every blurred
@@ -489,11 +489,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     coarser than their size. Everything else,
     the scores included, is the same either way.
 
-    ``train_mr_apodize``: half of the MR training studies (``_apodize_rng``; ``StudySpec.apodize``)
+    ``train_mr_apodize``: half of the MR training studies (``_option_draw``; ``StudySpec.apodize``)
     get a Hamming-filtered k-space wherever it is truncated (``TRAIN_MR_APODIZE_P``). Everything
     else, the scores included, is the same either way.
 
-    ``train_band_noise``: half of the CT and MR training studies (``_band_noise_rng``;
+    ``train_band_noise``: half of the CT and MR training studies (``_option_draw``;
     ``StudySpec.band_noise``) are blurred after reconstruction (CT) or carry their noise through
     the k-space truncation (MR); see ``TRAIN_BAND_NOISE_P``. Everything else, the scores included,
     is the same either way.
@@ -568,11 +568,10 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    native_matrix=bool(mr_native_matrix and mod == "mr"),
                                    acq_matrix=(_draw_acq_matrix(int(seed), index)
                                                if train_mr_matrix and mod == "mr" and unit.split == "train" else 0),
-                                   apodize=bool(train_mr_apodize and mod == "mr" and unit.split == "train"
-                                                and _apodize_rng(int(seed), index).uniform() < TRAIN_MR_APODIZE_P),
-                                   band_noise=bool(train_band_noise and mod in ("ct", "mr") and unit.split == "train"
-                                                   and _band_noise_rng(int(seed), index).uniform()
-                                                   < TRAIN_BAND_NOISE_P)))
+                                   apodize=(train_mr_apodize and mod == "mr" and unit.split == "train"
+                                            and _option_draw(int(seed), index, 0xA90D, TRAIN_MR_APODIZE_P)),
+                                   band_noise=(train_band_noise and mod in ("ct", "mr") and unit.split == "train"
+                                               and _option_draw(int(seed), index, 0xB4D0, TRAIN_BAND_NOISE_P))))
     return specs
 
 
@@ -674,14 +673,11 @@ def _matrix_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index, 0x3A7C]))
 
 
-def _apodize_rng(seed: int, index: int) -> np.random.Generator:
-    """``train_mr_apodize``'s own generator (the plan's and the study's streams are unchanged)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xA90D]))
-
-
-def _band_noise_rng(seed: int, index: int) -> np.random.Generator:
-    """``train_band_noise``'s own generator (the plan's and the study's streams are unchanged)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xB4D0]))
+def _option_draw(seed: int, index: int, salt: int, p: float) -> bool:
+    """Whether study ``index`` takes a training option drawn with probability ``p``, on a generator
+    of the option's own (``salt``), so the plan's and the study's streams are unchanged
+    (``train_mr_apodize``, ``train_band_noise``)."""
+    return bool(np.random.default_rng(np.random.SeedSequence([seed, index, salt])).uniform() < p)
 
 
 def _draw_acq_matrix(seed: int, index: int) -> int:

@@ -266,22 +266,21 @@ def mr_acquire(mag: np.ndarray, rng: np.random.Generator, *, sigma: float = 0.0,
     kept = float(keep_fraction) * float(band)
     for z in range(vol.shape[0]):
         img: np.ndarray = vol[z].astype(np.complex128)
-        if kspace_noise and kept < 1.0 and sigma > 0:
-            k = np.fft.fftshift(np.fft.fft2(img))
-            if motion_px > 0:
-                k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
-            noise = rng.normal(0.0, sigma, img.shape) + 1j * rng.normal(0.0, sigma, img.shape)
-            k = _truncate_kspace(k + np.fft.fftshift(np.fft.fft2(noise)), kept, apodize)
-            out[z] = np.abs(np.fft.ifft2(np.fft.ifftshift(k)))
-            continue
+        in_kspace = kspace_noise and kept < 1.0 and sigma > 0   # the noise goes through the truncation
         if kept < 1.0 or motion_px > 0:
             k = np.fft.fftshift(np.fft.fft2(img))
-            if kept < 1.0:
-                k = _truncate_kspace(k, kept, apodize)
-            if motion_px > 0:
-                k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
+            if in_kspace:   # motion moves the object, not the thermal noise: phase first
+                if motion_px > 0:
+                    k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
+                noise = rng.normal(0.0, sigma, img.shape) + 1j * rng.normal(0.0, sigma, img.shape)
+                k = _truncate_kspace(k + np.fft.fftshift(np.fft.fft2(noise)), kept, apodize)
+            else:
+                if kept < 1.0:
+                    k = _truncate_kspace(k, kept, apodize)
+                if motion_px > 0:
+                    k = k * _motion_phase(k.shape, motion_px, motion_period, phase0)
             img = np.fft.ifft2(np.fft.ifftshift(k))
-        if sigma > 0:
+        if sigma > 0 and not in_kspace:
             img = img + rng.normal(0.0, sigma, img.shape) + 1j * rng.normal(0.0, sigma, img.shape)
         out[z] = np.abs(img)
     return out[0] if x.ndim == 2 else out
