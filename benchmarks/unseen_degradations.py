@@ -35,8 +35,16 @@ correlation between the score and minus the strength over the four files (clean 
 whether the model orders them (1 = right, −1 = reversed); the table gives its mean per modality
 and kind, and how often the clean image scores above the strongest degradation. Usage:
 
-    python benchmarks/unseen_degradations.py [--model PATH] [--tta auto|none|flip|d4]
-        [--no-features] [--json out.json]
+    python benchmarks/unseen_degradations.py [--model PATH] [--tta auto|none|flip|d4[,MODE…]]
+        [--no-features] [--modality mr] [--slices K] [--kinds impulse,…,ringing,ghosting]
+        [--json out.json]
+
+``--slices K`` takes up to K distinct salient slices of each volume as base images instead of its
+middle one; ``ringing`` (k-space truncation, 0.7 / 0.45 / 0.25 of each axis kept) and
+``ghosting`` (periodic phase-encode motion, 1.5 / 3 / 6 px at 256) are MR defects the corpus
+trains on, acquired with ``training.synth.degrade.mr_acquire``; several ``--tta`` modes score the
+same files once each and compare every mode with the first, per base image (its mean SRCC over
+the kinds) with a paired bootstrap interval over the images.
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ import numpy as np
 
 UNSEEN: tuple[str, ...] = ("impulse", "pixelate", "posterize", "stripes", "contrast")
 SEEN: tuple[str, ...] = ("blur", "noise")
+#: two MR acquisition defects the corpus trains on, written only when asked for (``--kinds``)
+MR_SEEN: tuple[str, ...] = ("ringing", "ghosting")
 #: the reference kinds each modality's training degradations resemble (``SEEN`` minus MR blur)
-SEEN_BY_MODALITY: dict[str, tuple[str, ...]] = {"ct": SEEN, "mr": ("noise",), "xr": SEEN, "fundus": SEEN}
+SEEN_BY_MODALITY: dict[str, tuple[str, ...]] = {"ct": SEEN, "mr": ("noise",) + MR_SEEN, "xr": SEEN, "fundus": SEEN}
 LEVELS: dict[str, tuple[float, float, float]] = {
     "impulse": (0.002, 0.01, 0.04),      # fraction of pixels
     "pixelate": (160.0, 96.0, 56.0),     # blocks along the long side (``strengths``: pixels)
@@ -62,7 +72,10 @@ LEVELS: dict[str, tuple[float, float, float]] = {
     "contrast": (0.6, 0.35, 0.2),        # spread kept
     "blur": (400.0, 160.0, 80.0),        # σ = long side / this (``strengths``: pixels)
     "noise": (0.02, 0.05, 0.1),          # σ, fraction of the range
+    "ringing": (0.7, 0.45, 0.25),        # central fraction of k-space kept per axis
+    "ghosting": (1.5, 3.0, 6.0),         # motion amplitude, px at 256 (``strengths``: pixels)
 }
+GHOST_PERIOD = 8.0   # phase-encode lines per motion cycle
 STRIPE_PERIODS = 40
 
 
@@ -77,6 +90,8 @@ def strengths(kind: str, shape: tuple[int, ...]) -> tuple[float, ...]:
         return tuple(float(max(k, round(long_side / n))) for k, n in zip((2, 3, 4), LEVELS[kind]))
     if kind == "blur":
         return tuple(max(k, long_side / n) for k, n in zip((0.7, 1.4, 2.8), LEVELS[kind]))
+    if kind == "ghosting":   # the corpus's unit: a fraction of the field of view
+        return tuple(a * long_side / 256.0 for a in LEVELS[kind])
     return LEVELS[kind]
 
 
@@ -114,20 +129,61 @@ def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) ->
         return ndimage.gaussian_filter(x, (level, level) + (0,) * (x.ndim - 2))
     if kind == "noise":
         return np.clip(x + rng.normal(0.0, level, x.shape), 0.0, 1.0)
-    raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN}")
+    if kind in MR_SEEN:   # through k-space as the corpus acquires MR (``training.synth.degrade``)
+        from training.synth.degrade import mr_acquire
+
+        if x.ndim != 2:
+            raise ValueError(f"{kind} is a k-space defect of a grey (MR) image, got shape {x.shape}")
+        if kind == "ringing":
+            out = mr_acquire(x, rng, keep_fraction=level)
+        else:
+            out = mr_acquire(x, rng, motion_px=level, motion_period=GHOST_PERIOD)
+        return np.clip(out.astype(np.float64), 0.0, 1.0)
+    raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN + MR_SEEN}")
 
 
-def base_images() -> list[tuple[str, str, np.ndarray, tuple[float, float]]]:
-    """(unit id, modality, 2D image in source units, pixel mm) of every validation / test unit."""
+class _ArraySlices:
+    """A (Z, H, W) array as an ``engines.io.volume.SliceSource``."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def get_slice(self, index: int) -> np.ndarray:
+        return np.asarray(self.array[index], dtype=np.float32)
+
+
+def slice_indices(array: np.ndarray, modality: str, slices: int) -> list[int]:
+    """The middle slice of a volume (``slices`` = 1), or the distinct salient slices that
+    ``engines.slices.select_salient_slices`` picks for ``k = slices`` (anatomy only, spread over
+    z, as the scoring path chooses them)."""
+    if slices <= 1 or array.shape[0] == 1:
+        return [array.shape[0] // 2]
+    from engines.slices import select_salient_slices
+
+    sel = select_salient_slices(_ArraySlices(array), k=slices, modality=modality)
+    return sorted(set(sel.indices))
+
+
+def base_images(modalities: Iterable[str] | None = None, slices: int = 1
+                ) -> list[tuple[str, str, np.ndarray, tuple[float, float]]]:
+    """(unit id, modality, 2D image in source units, pixel mm) of every validation / test unit of
+    ``modalities`` (all when None): the middle slice of a volume, or with ``slices`` > 1 its
+    salient slices (``slice_indices``), each its own base image with ``@z<index>`` in its id."""
     from training.synth.sources import all_units, load_unit
 
+    units = all_units() if modalities is None else [u for m in modalities for u in all_units(m)]
     out = []
-    for unit in all_units():
+    for unit in units:
         if unit.split not in ("val", "test"):
             continue
         b = load_unit(unit)
-        arr = b.array[b.array.shape[0] // 2]
-        out.append((unit.unit_id, b.spec.modality, np.asarray(arr, dtype=np.float64), b.pixel_mm))
+        picks = slice_indices(b.array, b.spec.modality, slices)
+        for z in picks:
+            uid = unit.unit_id if slices <= 1 else f"{unit.unit_id}@z{z}"
+            out.append((uid, b.spec.modality, np.asarray(b.array[z], dtype=np.float64), b.pixel_mm))
     return out
 
 
@@ -152,14 +208,17 @@ def write_study(path: Path, modality: str, img: np.ndarray, pixel_mm: tuple[floa
                              pixel_mm=pixel_mm, tags=tags, key=key, seed=0, index=0)
 
 
-def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN) -> list[dict[str, Any]]:
-    """Every base image clean and at each kind's three strengths under ``root``; one row per file
-    (``file`` stem, ``unit``, ``modality``, ``kind``, ``step`` 0–3)."""
+def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN, modalities: Iterable[str] | None = None,
+              slices: int = 1) -> list[dict[str, Any]]:
+    """Every base image (``base_images(modalities, slices)``) clean and at each kind's three
+    strengths under ``root``; one row per file (``file`` stem, ``unit``, ``modality``, ``kind``,
+    ``step`` 0–3)."""
     rows = []
-    for i, (unit, modality, arr, pixel_mm) in enumerate(base_images()):
+    kinds = tuple(kinds)
+    for i, (unit, modality, arr, pixel_mm) in enumerate(base_images(modalities, slices)):
         lo, hi = float(arr.min()), float(arr.max())
         u = (arr - lo) / max(hi - lo, 1e-6)
-        stem = f"{i:02d}-{unit.replace('#', '_')}"
+        stem = f"{i:02d}-{unit.replace('#', '_').replace('@', '_')}"
         write_study(root / f"{stem}-clean", modality, arr, pixel_mm, f"{stem}-clean")
         rows.append({"file": f"{stem}-clean", "unit": unit, "modality": modality, "kind": "clean", "step": 0})
         for kind in kinds:
@@ -174,12 +233,13 @@ def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN) -> list[dict[str
 
 def summarise(rows: list[Mapping[str, Any]], scores: Mapping[str, float]) -> dict[str, dict[str, Any]]:
     """Per ``modality/kind``: the mean over base images of SRCC(score, −step) over clean + the
-    kind's three files, its per-image values, and the fraction of images whose clean file scores
-    above the strongest one. Files without a score leave their image out of that kind."""
+    kind's three files, its per-image values (``per_image``, in the order of ``units``), and the
+    fraction of images whose clean file scores above the strongest one. Files without a score
+    leave their image out of that kind."""
     from scipy.stats import spearmanr
 
     clean = {r["unit"]: scores.get(r["file"]) for r in rows if r["kind"] == "clean"}
-    per: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    per: dict[tuple[str, str], list[tuple[float, bool, str]]] = {}
     units = {(r["unit"], r["modality"]) for r in rows}
     kinds = sorted({r["kind"] for r in rows} - {"clean"})
     for unit, modality in sorted(units):
@@ -189,11 +249,37 @@ def summarise(rows: list[Mapping[str, Any]], scores: Mapping[str, float]) -> dic
             if len(s) < 2 or any(v is None for v in s):
                 continue
             rho = float(spearmanr(s, -np.arange(len(s)))[0]) if np.ptp(s) > 0 else 0.0
-            per.setdefault((modality, kind), []).append((rho, s[0] > s[-1]))
-    return {f"{m}/{k}": {"n_images": len(v), "srcc": float(np.mean([a for a, _ in v])),
-                         "per_image": [round(a, 3) for a, _ in v],
-                         "clean_above_strongest": float(np.mean([b for _, b in v]))}
+            per.setdefault((modality, kind), []).append((rho, s[0] > s[-1], unit))
+    return {f"{m}/{k}": {"n_images": len(v), "srcc": float(np.mean([a for a, _, _ in v])),
+                         "per_image": [round(a, 3) for a, _, _ in v], "units": [u for _, _, u in v],
+                         "clean_above_strongest": float(np.mean([b for _, b, _ in v]))}
             for (m, k), v in sorted(per.items())}
+
+
+def image_means(table: Mapping[str, Mapping[str, Any]], modality: str | None = None) -> dict[str, float]:
+    """Per base image (of ``modality``, or all), the mean of its SRCCs over the kinds it has."""
+    acc: dict[str, list[float]] = {}
+    for key, row in table.items():
+        if modality is not None and key.split("/")[0] != modality:
+            continue
+        for unit, rho in zip(row["units"], row["per_image"]):
+            acc.setdefault(unit, []).append(float(rho))
+    return {u: float(np.mean(v)) for u, v in sorted(acc.items())}
+
+
+def paired_gain(a: Mapping[str, float], b: Mapping[str, float], n_resamples: int = 2000, seed: int = 0,
+                confidence: float = 0.95) -> dict[str, float]:
+    """Mean of ``a`` − ``b`` over the base images both have, with a percentile bootstrap interval
+    (resampling images)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("no base image in common")
+    d = np.array([a[u] - b[u] for u in common])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(n_resamples, len(d)))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    return {"n": len(common), "mean": float(d.mean()), "lo": float(np.quantile(boot, tail)),
+            "hi": float(np.quantile(boot, 1.0 - tail))}
 
 
 def seen(modality: str, kind: str) -> bool:
@@ -201,28 +287,7 @@ def seen(modality: str, kind: str) -> bool:
     return kind in SEEN_BY_MODALITY.get(modality, ())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--tta", default="auto", help="test-time augmentation, as `mediqa score --tta`")
-    ap.add_argument("--no-features", dest="features", action="store_false",
-                    help="the network alone, without the card's feature head")
-    ap.add_argument("--json", default=None, help="also write the summary and every score here")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    from engines.artifact import bundled_model_path
-    from engines.pipeline import ScoreConfig, score_studies
-
-    model = args.model or str(bundled_model_path())
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        rows = write_set(root)
-        cfg = ScoreConfig(workers=2, batch_size=16, tta=args.tta, features=args.features)
-        results = {Path(r.path).name.split(".")[0]: r for r in score_studies(root, model, cfg)}
-    scores = {k: r.score for k, r in results.items() if r.score is not None}
-    table = summarise(rows, scores)
-    print(f"model: {model} (tta {args.tta}, feature head {'on' if args.features else 'off'}); "
-          f"{len(scores)} of {len(rows)} files scored")
+def _print_table(table: Mapping[str, Mapping[str, Any]]) -> None:
     print("| modality | kind | seen in training | images | mean SRCC (score vs strength) | clean above strongest |")
     print("|---|---|---|---|---|---|")
     for key, row in table.items():
@@ -231,11 +296,71 @@ def main() -> None:
               f"{row['clean_above_strongest']:.2f} |")
     for flag in (False, True):
         vals = [r["srcc"] for key, r in table.items() if seen(*key.split("/")) == flag]
-        print(f"mean over {'seen' if flag else 'unseen'} modality / kind rows ({len(vals)}): {np.mean(vals):+.3f}")
+        if vals:
+            print(f"mean over {'seen' if flag else 'unseen'} modality / kind rows ({len(vals)}): {np.mean(vals):+.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tta", default="auto",
+                    help="test-time augmentation as `mediqa score --tta`; several, comma-separated (e.g. "
+                         "d4,none,flip), score the same files once per mode and compare each with the first")
+    ap.add_argument("--no-features", dest="features", action="store_false",
+                    help="the network alone, without the card's feature head")
+    ap.add_argument("--modality", action="append", default=None, choices=("ct", "mr", "xr", "fundus"),
+                    help="only the base images of this modality (repeatable; default: all)")
+    ap.add_argument("--slices", type=int, default=1,
+                    help="base images per volume: 1 = its middle slice, K = its distinct salient slices for k = K")
+    ap.add_argument("--kinds", default=",".join(UNSEEN + SEEN),
+                    help=f"comma-separated degradations (default: the unseen and reference kinds; "
+                         f"MR also: {', '.join(MR_SEEN)})")
+    ap.add_argument("--json", default=None, help="also write the summary and every score here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from engines.artifact import bundled_model_path
+    from engines.pipeline import ScoreConfig, score_studies
+
+    model = args.model or str(bundled_model_path())
+    modes = [m.strip() for m in args.tta.split(",") if m.strip()]
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = set(kinds) - set(UNSEEN + SEEN + MR_SEEN)
+    if unknown:
+        ap.error(f"unknown kinds {sorted(unknown)}")
+    per_mode: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = write_set(root, kinds, args.modality, args.slices)
+        for mode in modes:
+            cfg = ScoreConfig(workers=2, batch_size=16, tta=mode, features=args.features)
+            results = {Path(r.path).name.split(".")[0]: r for r in score_studies(root, model, cfg)}
+            scores = {k: r.score for k, r in results.items() if r.score is not None}
+            per_mode[mode] = {"scores": scores, "summary": summarise(rows, scores)}
+    n_images = len({r["unit"] for r in rows})
+    for mode, res in per_mode.items():
+        print(f"\nmodel: {model} (tta {mode}, feature head {'on' if args.features else 'off'}); "
+              f"{len(res['scores'])} of {len(rows)} files scored, {n_images} base images")
+        _print_table(res["summary"])
+    paired: dict[str, dict[str, Any]] = {}
+    if len(modes) > 1:
+        ref = modes[0]
+        mods = sorted({r["modality"] for r in rows})
+        print(f"\nper base image, the mean SRCC over its kinds; paired against {ref} (95 % bootstrap over images)")
+        print("| modality | mode | images | mean | − " + ref + " | 95 % interval |")
+        print("|---|---|---|---|---|---|")
+        for m in mods:
+            base = image_means(per_mode[ref]["summary"], m)
+            for mode in modes:
+                means = image_means(per_mode[mode]["summary"], m)
+                g = paired_gain(means, base)
+                paired[f"{m}/{mode}"] = {"image_mean": float(np.mean(list(means.values()))), **g}
+                print(f"| {m} | {mode} | {len(means)} | {np.mean(list(means.values())):+.3f} | {g['mean']:+.3f} | "
+                      f"[{g['lo']:+.3f}, {g['hi']:+.3f}] |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "tta": args.tta, "features": args.features,
-                                               "summary": table, "scores": scores,
-                                               "files": rows}, indent=1))
+        first = per_mode[modes[0]]
+        Path(args.json).write_text(json.dumps({"model": model, "tta": modes[0], "features": args.features,
+                                               "summary": first["summary"], "scores": first["scores"],
+                                               "modes": per_mode, "paired": paired, "files": rows}, indent=1))
 
 
 if __name__ == "__main__":

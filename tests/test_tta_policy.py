@@ -323,16 +323,25 @@ def test_score_pipeline_with_auto_matches_the_fixed_modes_per_study(artifact: Pa
 def test_bundled_models_policy_was_chosen_on_validation_data() -> None:
     """The bundled card's ``--tta auto`` policy is well-formed, was chosen on the validation split
     (never the test split the README reports), and is exactly what its own measurements and rule
-    give: every listed modality's chosen mode has a paired gain interval above the margin."""
+    give — every measured choice has a paired gain interval above the margin — except where an
+    override, recorded with its reason and evidence, set a modality by hand (MR: d4 → none after
+    the real-MR check, ``benchmarks/unseen_degradations.py --modality mr --slices 7``)."""
     from engines.artifact import bundled_model_path, load_card
     from engines.tta import TTAPolicy
+    from training.tta_policy import effective_choice
 
     card = load_card(bundled_model_path())
     pol = TTAPolicy.from_dict(card.tta_policy)
     sel = pol.selection
-    assert sel["split"] == "val" and len(sel["model_sha256"]) == 64 and not pol.is_plain
+    assert sel["split"] == "val" and len(sel["model_sha256"]) == 64
+    overridden = {o["modality"] for o in sel.get("overrides", [])}
+    for o in sel.get("overrides", []):
+        assert o["reason"] and len(o["evidence"]["sha256"]) == 64 and o["from"] != o["to"]
     for modality, row in sel["modalities"].items():
         assert row["n"] >= sel["min_studies"] or row["chosen"] == "none"
+        assert pol.mode_for(modality) == effective_choice(pol, modality)
+        if modality in overridden:
+            continue
         if row["chosen"] == "none":
             assert modality not in pol.modes
             assert all(ci[0] is None or ci[0] <= sel["min_gain"] or row["n"] < sel["min_studies"]
@@ -341,6 +350,67 @@ def test_bundled_models_policy_was_chosen_on_validation_data() -> None:
             assert pol.modes[modality] == row["chosen"] and row["gain_ci"][row["chosen"]][0] > sel["min_gain"]
             assert row["srcc"][row["chosen"]] == max(row["srcc"][m] for m in row["gain_ci"]
                                                      if row["gain_ci"][m][0] > sel["min_gain"])
+
+
+def test_override_keeps_the_measured_choice_and_records_why(tmp_path: Path) -> None:
+    import hashlib
+
+    from engines.tta import TTAPolicy
+    from training.tta_policy import effective_choice, override_policy
+
+    measured = {"split": "val", "modalities": {"mr": {"chosen": "d4"}, "ct": {"chosen": "none"}}}
+    pol = TTAPolicy(modes={"mr": "d4", "fundus": "flip"}, selection=measured)
+    ev = tmp_path / "real-mr.json"
+    ev.write_text('{"paired": 1}')
+    out = override_policy(pol, {"mr": "none", "ct": "flip"}, reason="real MR check", evidence=ev,
+                          when="2026-12-06T18:00:00Z")
+    assert out.modes == {"fundus": "flip", "ct": "flip"}           # mr back to the fallback: unlisted
+    assert out.mode_for("mr") == "none" and out.selection["modalities"] == measured["modalities"]
+    ov = {o["modality"]: o for o in out.selection["overrides"]}
+    assert ov["mr"]["from"] == "d4" and ov["mr"]["to"] == "none" and ov["ct"]["from"] == "none"
+    assert ov["mr"]["evidence"] == {"file": "real-mr.json", "sha256": hashlib.sha256(b'{"paired": 1}').hexdigest()}
+    assert effective_choice(out, "mr") == "none" and effective_choice(pol, "mr") == "d4"
+    assert effective_choice(out, "xr") == "none"
+    again = override_policy(out, {"mr": "flip"}, reason="second look", when="2026-12-07T00:00:00Z")
+    assert [o["to"] for o in again.selection["overrides"] if o["modality"] == "mr"] == ["none", "flip"]
+    assert effective_choice(again, "mr") == "flip" == again.mode_for("mr")
+    assert pol.mode_for("mr") == "d4" and "overrides" not in pol.selection      # the input is untouched
+    with pytest.raises(ValueError, match="reason"):
+        override_policy(pol, {"mr": "none"}, reason=" ")
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        override_policy(pol, {"mr": "d8"}, reason="x")
+
+
+def test_cli_tta_set_rewrites_only_the_policy(artifact: Path, tmp_path: Path) -> None:
+    import torch
+
+    from engines.artifact import load_card, load_tensors
+    from training.tta_policy import write_policy
+    from engines.tta import TTAPolicy
+
+    src = write_policy(artifact, TTAPolicy(modes={"mr": "d4"}, selection={"split": "val"}), tmp_path / "p.safetensors")
+    ev = tmp_path / "ev.json"
+    ev.write_text("{}")
+    out = tmp_path / "set.safetensors"
+    code, stdout, stderr = _run(["train", "tta-set", str(src), "mr=none", "xr=flip", "--reason", "real images",
+                                 "--evidence", str(ev), "--output", str(out)])
+    assert code == 0, stderr
+    pol = load_card(out).tta_policy
+    assert pol["modes"] == {"xr": "flip"} and pol["selection"]["split"] == "val"
+    assert [(o["modality"], o["from"], o["to"]) for o in pol["selection"]["overrides"]] == \
+        [("mr", "d4", "none"), ("xr", "none", "flip")]
+    a, card_a = load_tensors(src)
+    b, card_b = load_tensors(out)
+    assert all(torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])
+    assert {**card_b.to_dict(), "tta_policy": None} == {**card_a.to_dict(), "tta_policy": None}
+    code, stdout, _ = _run(["info", "--json", "--model", str(out)])
+    shown = json.loads(stdout)["model"]["tta_auto_overrides"]
+    assert code == 0 and len(shown) == 2 and shown[0].startswith("mr d4 -> none (") and "real images" in shown[0]
+    for bad, msg in ((["mr"], "MODALITY=MODE"), (["pet=none"], "unknown modalities"), (["mr=d8"], "unknown TTA mode")):
+        code, _, stderr = _run(["train", "tta-set", str(src), *bad, "--reason", "x", "--output", str(out)])
+        assert code == 2 and msg in stderr, stderr
+    code, _, stderr = _run(["train", "tta-set", str(src), "mr=none"])
+    assert code == 2 and "--reason" in stderr
 
 
 def test_auto_predictions_take_each_studys_mode_from_the_reports() -> None:

@@ -21,7 +21,7 @@ def _texture(shape: tuple[int, ...] = (120, 160)) -> np.ndarray:
     return np.clip(0.5 + 3.0 * ndimage.gaussian_filter(rng.standard_normal(shape), 3.0), 0.0, 1.0)
 
 
-@pytest.mark.parametrize("kind", ud.UNSEEN + ud.SEEN)
+@pytest.mark.parametrize("kind", ud.UNSEEN + ud.SEEN + ud.MR_SEEN)
 def test_each_kind_departs_further_from_the_clean_image_at_each_step(kind: str) -> None:
     u = _texture()
     levels = ud.strengths(kind, u.shape)
@@ -86,3 +86,54 @@ def test_summary_ranks_each_image_and_kind() -> None:
     del scores["b-k2"]                                                   # unscored: b leaves the row
     assert ud.summarise(rows, scores)["xr/k"]["n_images"] == 1
     assert ud.seen("xr", "blur") and not ud.seen("mr", "blur") and ud.seen("mr", "noise")
+
+
+def test_mr_kinds_ring_at_edges_and_ghost_along_the_phase_encode_axis() -> None:
+    rng = np.random.default_rng(3)
+    step = np.zeros((64, 64))
+    step[:, 32:] = 0.5                                   # a vertical edge: ringing runs along x
+    ring = ud.degrade(step, "ringing", 0.25, rng)
+    assert ring[:, 32:40].max() > 0.53                   # Gibbs overshoot on the bright side
+    assert ring[:, 24:31].max() > 0.02                   # and ripples on the dark side
+    disk = np.zeros((64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    disk[(yy - 32) ** 2 + (xx - 32) ** 2 < 12 ** 2] = 1.0
+    ghost = [ud.degrade(disk, "ghosting", a, np.random.default_rng(4)) for a in ud.strengths("ghosting", disk.shape)]
+    above, beside = slice(0, 14), slice(0, 14)
+    # ghosts are copies shifted along y (rows): signal above the object, little beside it
+    assert ghost[0][above, 26:38].mean() < ghost[2][above, 26:38].mean()
+    assert ghost[2][above, 26:38].mean() > 5 * ghost[2][26:38, beside].mean()
+    assert ud.strengths("ghosting", (64, 64)) == (0.375, 0.75, 1.5)     # 1.5 / 3 / 6 px at 256
+    with pytest.raises(ValueError, match="grey"):
+        ud.degrade(np.zeros((8, 8, 3)), "ringing", 0.5, rng)
+    assert ud.seen("mr", "ringing") and ud.seen("mr", "ghosting") and not ud.seen("ct", "ringing")
+
+
+def test_salient_slices_of_a_volume_are_distinct_anatomy_slices() -> None:
+    vol = np.zeros((20, 32, 32), dtype=np.float32)
+    vol[4:16, 8:24, 8:24] = 100.0 + np.arange(12, dtype=np.float32)[:, None, None]
+    assert ud.slice_indices(vol, "mr", 1) == [10]                       # the middle slice
+    picks = ud.slice_indices(vol, "mr", 7)
+    assert len(picks) == 7 and len(set(picks)) == 7 and all(4 <= z < 16 for z in picks)
+    assert ud.slice_indices(vol[:1], "mr", 7) == [0]
+
+
+def test_paired_gain_over_base_images() -> None:
+    rows = []
+    for u in ("a", "b", "c"):
+        rows += [{"file": f"{u}-clean", "unit": u, "modality": "mr", "kind": "clean", "step": 0}]
+        rows += [{"file": f"{u}-{k}{s}", "unit": u, "modality": "mr", "kind": k, "step": s}
+                 for k in ("p", "q") for s in (1, 2, 3)]
+    good = {r["file"]: 1.0 - 0.2 * r["step"] for r in rows}                       # every kind ordered
+    bad = dict(good, **{f"{u}-p{s}": 1.0 + 0.2 * s for u in ("a", "b", "c") for s in (1, 2, 3)})  # p reversed
+    tg, tb = ud.summarise(rows, good), ud.summarise(rows, bad)
+    assert ud.image_means(tg) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert ud.image_means(tb, "mr") == {"a": 0.0, "b": 0.0, "c": 0.0}              # (−1 + 1) / 2
+    assert ud.image_means(tb, "ct") == {}
+    g = ud.paired_gain(ud.image_means(tg), ud.image_means(tb))
+    assert g["n"] == 3 and g["mean"] == pytest.approx(1.0) and g["lo"] == pytest.approx(1.0)
+    mixed = {"a": 0.5, "b": -0.5, "c": 0.0}
+    g = ud.paired_gain(mixed, {"a": 0.0, "b": 0.0, "c": 0.0})
+    assert g["lo"] < 0 < g["hi"]
+    with pytest.raises(ValueError, match="in common"):
+        ud.paired_gain({"a": 1.0}, {"b": 1.0})

@@ -178,6 +178,51 @@ def kept_reports(reports_dir: str | Path, model_sha256: str, data: str | Path,
     return out
 
 
+def override_policy(policy: TTAPolicy, changes: Mapping[str, str], *, reason: str,
+                    evidence: str | Path | None = None, when: str | None = None) -> TTAPolicy:
+    """``policy`` with the modes of some modalities set by hand (``changes``: modality → mode),
+    for evidence the validation split cannot give (e.g. real images with degradations the corpus
+    lacks). The measured ``selection`` is kept as it was; ``selection["overrides"]`` gains one
+    entry per modality: its previous and new mode, the ``reason``, and the ``evidence`` file's
+    name and sha256 when one is given. A modality set to the fallback leaves ``modes``."""
+    import datetime  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+
+    if not reason.strip():
+        raise ValueError("an override needs a reason")
+    if not changes:
+        raise ValueError("no modality to override")
+    ev: dict[str, str] | None = None
+    if evidence is not None:
+        path = Path(evidence)
+        ev = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    stamp = when or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    modes = dict(policy.modes)
+    overrides = list(policy.selection.get("overrides", []))
+    for modality, mode in sorted(changes.items()):
+        if mode not in TTA_MODES:
+            raise ValueError(f"{modality}={mode}: unknown TTA mode; expected one of {list(TTA_MODES)}")
+        entry: dict[str, Any] = {"modality": modality, "from": policy.mode_for(modality), "to": mode,
+                                 "reason": reason.strip(), "at": stamp}
+        if ev is not None:
+            entry["evidence"] = ev
+        overrides.append(entry)
+        if mode == policy.fallback:
+            modes.pop(modality, None)
+        else:
+            modes[modality] = mode
+    return TTAPolicy(modes=modes, fallback=policy.fallback, selection={**policy.selection, "overrides": overrides})
+
+
+def effective_choice(policy: TTAPolicy, modality: str) -> str:
+    """The mode ``modality`` gets after the policy's overrides: the last override of it, else the
+    measured choice recorded in ``selection`` (``none`` when the selection does not list it)."""
+    for entry in reversed(policy.selection.get("overrides", [])):
+        if entry["modality"] == modality:
+            return str(entry["to"])
+    return str(policy.selection.get("modalities", {}).get(modality, {}).get("chosen", policy.fallback))
+
+
 def write_policy(model_path: str | Path, policy: TTAPolicy, output: str | Path | None = None) -> Path:
     """Copy of the ``.safetensors`` artifact at ``model_path`` whose card holds ``policy``
     (``output`` None: replaced in place, atomically). Tensors are copied as stored (fp16 stays

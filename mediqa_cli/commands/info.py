@@ -127,6 +127,10 @@ def model_summary(path: str) -> dict[str, Any]:
         "tta_auto": TTAPolicy.from_dict(card.tta_policy).describe(),
         "tta_auto_chosen_on": ({k: card.tta_policy.get("selection", {}).get(k) for k in ("data", "split")}
                                if card.tta_policy else None),
+        # modes set by hand afterwards (`mediqa train tta-set`): modality, from → to, why
+        "tta_auto_overrides": ([f"{o['modality']} {o['from']} -> {o['to']} ({o['at']}): {o['reason']}"
+                                for o in card.tta_policy.get("selection", {}).get("overrides", [])]
+                               if card.tta_policy else None) or None,
         # classical statistics blended into the score per modality (`mediqa train feature-head`)
         "feature_blend": ({mod: h.get("blend") for mod, h in (card.feature_head.get("heads") or {}).items()}
                           if card.feature_head else None),

@@ -280,3 +280,44 @@ def tta_policy(model: str, data: str, split: str, modes: str, min_gain: float, m
     click.echo(f"policy: {policy.describe()}")
     if not dry_run:
         click.echo(f"wrote {write_policy(model, policy, output)}")
+
+
+@train.command("tta-set")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("assignments", nargs=-1, required=True, metavar="MODALITY=MODE...")
+@click.option("--reason", required=True, help="Why the measured choice is overridden (kept in the card).")
+@click.option("--evidence", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The measurement behind it (its file name and sha256 are kept in the card).")
+@click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the artifact with the policy here (default: rewrite MODEL's card in place).")
+def tta_set(model: str, assignments: tuple[str, ...], reason: str, evidence: str | None,
+            output: str | None) -> None:
+    """Set MODEL's `--tta auto` mode of some modalities by hand, e.g. `mr=none`.
+
+    For evidence the validation split cannot give (real images, degradations the corpus lacks).
+    The measured choice and its table stay in the card; each override is recorded beside them
+    with its previous mode, reason, time and evidence. Tensors are copied as stored."""
+    from engines.artifact import load_card  # noqa: PLC0415
+    from engines.tta import TTAPolicy, card_vocab  # noqa: PLC0415
+    from training.tta_policy import override_policy, write_policy  # noqa: PLC0415
+
+    changes: dict[str, str] = {}
+    for item in assignments:
+        modality, sep, mode = item.partition("=")
+        if not sep or not modality.strip() or not mode.strip():
+            raise click.UsageError(f"expected MODALITY=MODE (e.g. mr=none), got {item!r}")
+        changes[modality.strip()] = mode.strip()
+    _card_target(model, output, False, "the policy")
+    with _click_errors():
+        card = load_card(model)
+    known = set(card_vocab(card).labels("modality"))
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise click.UsageError(f"unknown modalities {unknown}; the card's are {sorted(known)}")
+    try:
+        policy = override_policy(TTAPolicy.from_dict(card.tta_policy), changes, reason=reason, evidence=evidence)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"policy: {policy.describe()}")
+    with _click_errors():
+        click.echo(f"wrote {write_policy(model, policy, output)}")
