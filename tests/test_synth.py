@@ -620,6 +620,49 @@ def test_train_band_noise_draws_half_the_ct_and_mr_training_studies(tmp_path: Pa
     assert a.shape == b.shape and np.abs(np.diff(a, axis=1)).mean() < np.abs(np.diff(b, axis=1)).mean()
 
 
+def test_train_ct_fov_crops_half_the_ct_training_studies_after_the_acquisition(tmp_path: Path) -> None:
+    """Only CT training specs draw a small field of view (about half, side fraction in
+    ``TRAIN_CT_FOV``), every other spec is unchanged; a drawn study's pixels are exactly a square,
+    anatomy-centred crop of the same study rendered without the option (same acquisition, same
+    noise), at the same pixel spacing and with the same manifest row; 3D crops every slice alike."""
+    from training.synth.corpus import TRAIN_CT_FOV, render_study
+
+    plan, base = plan_corpus(5, "small", train_ct_fov=True), plan_corpus(5, "small")
+    assert [dataclasses.replace(s, fov=1.0) for s in plan] == base
+    drawn = [s for s in plan if s.fov < 1.0]
+    assert {(s.modality, s.split) for s in drawn} == {("ct", "train")}
+    train = [s for s in plan if s.modality == "ct" and s.split == "train"]
+    assert 0.3 < len(drawn) / len(train) < 0.7
+    assert all(TRAIN_CT_FOV[0] <= s.fov <= TRAIN_CT_FOV[1] for s in drawn)
+    assert plan_corpus(5, "small", train_ct_fov=True) == plan
+    for dim in ("2d", "3d"):
+        ct = next(s for s in drawn if s.dimension == dim)
+        new = render_study(ct, tmp_path / "new")
+        old = render_study(dataclasses.replace(ct, fov=1.0), tmp_path / "old")
+        assert new == old                                               # same row, score included
+        if dim == "2d":
+            files_new, files_old = [tmp_path / "new" / ct.relpath], [tmp_path / "old" / ct.relpath]
+        else:
+            files_new = sorted((tmp_path / "new" / ct.relpath).iterdir())
+            files_old = sorted((tmp_path / "old" / ct.relpath).iterdir())
+        a = [pydicom.dcmread(f) for f in files_new]
+        b = [pydicom.dcmread(f) for f in files_old]
+        assert len(a) == len(b)
+        big, small = b[len(b) // 2].pixel_array, a[len(a) // 2].pixel_array
+        side = small.shape[0]
+        assert small.shape == (side, side) and side == round(ct.fov * min(big.shape))
+        assert a[0].PixelSpacing == b[0].PixelSpacing
+        # the crop is found in the full image at one offset, the same for every slice
+        hits = [(y, x) for y in range(big.shape[0] - side + 1) for x in range(big.shape[1] - side + 1)
+                if big[y, x] == small[0, 0] and np.array_equal(big[y:y + side, x:x + side], small)]
+        assert len(hits) == 1
+        y, x = hits[0]
+        for fa, fb in zip(a, b):
+            assert np.array_equal(fa.pixel_array, fb.pixel_array[y:y + side, x:x + side])
+        hu = small.astype(np.float64) * float(a[0].RescaleSlope) + float(a[0].RescaleIntercept)
+        assert (hu > -500).mean() > 0.2                                 # centred on anatomy, not air
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 

@@ -189,6 +189,17 @@ TONE_LOG_GAMMA = 0.36
 # generator of its own, see ``_ct_window_rng``).
 CT_TRAIN_WINDOWS = ("soft", "lung", "bone")
 
+# ``train_ct_fov``: half of the CT training studies (a draw of their own) are written as a small
+# field of view: a square crop, centred on anatomy, whose side is a fraction (uniform in
+# ``TRAIN_CT_FOV``) of the reconstructed image, at the same pixel spacing. The acquisition is
+# simulated on the whole slice first, so dose, noise texture per mm, blur and streaks are those of
+# the full study, and so is the score; the file shows less of the body, as a targeted or cropped
+# reconstruction does. Why: the validation CT (``CT_small``) is an 85 mm field of view, which at the
+# network's 1 mm per pixel fills 85 of 224 pixels, while every CT training study fills the canvas;
+# every model ranks it at chance.
+TRAIN_CT_FOV_P = 0.5
+TRAIN_CT_FOV = (0.3, 0.6)
+
 # ``train_mr_matrix``: half of the MR training studies (a draw of their own, see ``_matrix_rng``)
 # draw an acquisition matrix from ``TRAIN_MR_MATRICES``; where it is coarser than the size they
 # would have had, they are simulated and written on it at the same field of view (so a larger
@@ -306,6 +317,10 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_band_noise", False, "Half of the CT and MR training studies lose resolution with "
                     "their noise: CT blur after the reconstruction (a soft kernel), truncated MR k-space "
                     "with its noise; val/test, the plan and the scores are unchanged."),
+    GeneratorOption("train_ct_fov", False, "Half of the CT training studies are written as a small field "
+                    "of view: a crop centred on anatomy, 0.3-0.6 of the image side, at the same pixel "
+                    "spacing, after the whole slice was acquired; val/test, the plan and the scores are "
+                    "unchanged."),
     GeneratorOption("train_more_mr", False, "One more MR training source: dipy's aniso_vox, a whole-brain "
                     "T2-weighted b0 volume on a 58 x 58 matrix at 4 mm (pip install dipy); val/test and "
                     "the other modalities are unchanged."),
@@ -387,6 +402,7 @@ class StudySpec:
     acq_matrix: int = 0                  # MR training study's drawn matrix, used where coarser (train_mr_matrix); 0 = none
     apodize: bool = False                # MR training study's truncated k-space Hamming-filtered (train_mr_apodize)
     band_noise: bool = False             # CT / MR training study's noise band-limited with its resolution (train_band_noise)
+    fov: float = 1.0                     # CT training study's written side as a fraction of the image (train_ct_fov)
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -442,7 +458,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 train_ct_windows: bool = False, mr_native_kspace: bool = False,
                 mr_native_matrix: bool = False, train_mr_matrix: bool = False,
                 train_mr_apodize: bool = False, train_band_noise: bool = False,
-                train_more_mr: bool = False) -> list[StudySpec]:
+                train_more_mr: bool = False, train_ct_fov: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -497,6 +513,10 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     ``StudySpec.band_noise``) are blurred after reconstruction (CT) or carry their noise through
     the k-space truncation (MR); see ``TRAIN_BAND_NOISE_P``. Everything else, the scores included,
     is the same either way.
+
+    ``train_ct_fov``: half of the CT training studies (``_draw_ct_fov``; ``StudySpec.fov``) are
+    written as a crop of ``TRAIN_CT_FOV`` of their side, centred on anatomy, after the whole slice
+    was acquired. Everything else, the scores included, is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -571,7 +591,9 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                    apodize=(train_mr_apodize and mod == "mr" and unit.split == "train"
                                             and _option_draw(int(seed), index, 0xA90D, TRAIN_MR_APODIZE_P)),
                                    band_noise=(train_band_noise and mod in ("ct", "mr") and unit.split == "train"
-                                               and _option_draw(int(seed), index, 0xB4D0, TRAIN_BAND_NOISE_P))))
+                                               and _option_draw(int(seed), index, 0xB4D0, TRAIN_BAND_NOISE_P)),
+                                   fov=(_draw_ct_fov(int(seed), index)
+                                        if train_ct_fov and mod == "ct" and unit.split == "train" else 1.0)))
     return specs
 
 
@@ -680,6 +702,37 @@ def _option_draw(seed: int, index: int, salt: int, p: float) -> bool:
     return bool(np.random.default_rng(np.random.SeedSequence([seed, index, salt])).uniform() < p)
 
 
+def _fov_rng(seed: int, index: int) -> np.random.Generator:
+    """``train_ct_fov``'s own generator (the plan's and the study's streams are unchanged)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xF0F1]))
+
+
+def _draw_ct_fov(seed: int, index: int) -> float:
+    """1 (the whole image) with probability 1 − ``TRAIN_CT_FOV_P``, else a side fraction uniform in
+    ``TRAIN_CT_FOV``."""
+    rng = _fov_rng(seed, index)
+    if rng.uniform() >= TRAIN_CT_FOV_P:
+        return 1.0
+    return round(float(rng.uniform(*TRAIN_CT_FOV)), 4)
+
+
+def crop_fov(hu: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A square crop of (Z, H, W) ``hu`` whose side is ``fraction`` of the shorter side, centred on
+    a random anatomy pixel (> −500 HU) of the middle slice and shifted to lie inside the image;
+    the same crop for every slice."""
+    z, h, w = hu.shape
+    side = max(8, int(round(fraction * min(h, w))))
+    ys, xs = np.nonzero(hu[z // 2] > -500.0)
+    if len(ys):
+        i = int(rng.integers(len(ys)))
+        cy, cx = int(ys[i]), int(xs[i])
+    else:
+        cy, cx = h // 2, w // 2
+    y0 = min(max(0, cy - side // 2), h - side)
+    x0 = min(max(0, cx - side // 2), w - side)
+    return np.ascontiguousarray(hu[:, y0:y0 + side, x0:x0 + side])
+
+
 def _draw_acq_matrix(seed: int, index: int) -> int:
     """0 (the study's own size) with probability 1 − ``TRAIN_MR_MATRIX_P``, else one of
     ``TRAIN_MR_MATRICES``."""
@@ -780,6 +833,8 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
         mrng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0xD05E]))
         measured["noise_hu"] = degrade.ct_noise_sigma(degrade.gaussian_blur(clean[mid], blur_px), mas,
                                                       pixel, mrng)
+    if spec.fov < 1.0:   # train_ct_fov: a small field of view of the acquired slice(s)
+        hu = crop_fov(hu, spec.fov, np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0xF0F2])))
     time_ms = int(p["exposure_time_ms"])
     current = int(round(mas * 1000.0 / time_ms))
     centre, width = CT_WINDOWS.get(spec.type, CT_WINDOWS["soft"])
