@@ -17,6 +17,8 @@ on a tie; a modality with fewer than ``min_studies`` studies, or no eligible mod
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import logging
 import math
@@ -185,9 +187,6 @@ def override_policy(policy: TTAPolicy, changes: Mapping[str, str], *, reason: st
     lacks). The measured ``selection`` is kept as it was; ``selection["overrides"]`` gains one
     entry per modality: its previous and new mode, the ``reason``, and the ``evidence`` file's
     name and sha256 when one is given. A modality set to the fallback leaves ``modes``."""
-    import datetime  # noqa: PLC0415
-    import hashlib  # noqa: PLC0415
-
     if not reason.strip():
         raise ValueError("an override needs a reason")
     if not changes:
