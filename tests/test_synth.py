@@ -692,7 +692,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
-                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr"]
+                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr", "train_ct_fov"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -317,13 +317,13 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_band_noise", False, "Half of the CT and MR training studies lose resolution with "
                     "their noise: CT blur after the reconstruction (a soft kernel), truncated MR k-space "
                     "with its noise; val/test, the plan and the scores are unchanged."),
+    GeneratorOption("train_more_mr", False, "One more MR training source: dipy's aniso_vox, a whole-brain "
+                    "T2-weighted b0 volume on a 58 x 58 matrix at 4 mm (pip install dipy); val/test and "
+                    "the other modalities are unchanged."),
     GeneratorOption("train_ct_fov", False, "Half of the CT training studies are written as a small field "
                     "of view: a crop centred on anatomy, 0.3-0.6 of the image side, at the same pixel "
                     "spacing, after the whole slice was acquired; val/test, the plan and the scores are "
                     "unchanged."),
-    GeneratorOption("train_more_mr", False, "One more MR training source: dipy's aniso_vox, a whole-brain "
-                    "T2-weighted b0 volume on a 58 x 58 matrix at 4 mm (pip install dipy); val/test and "
-                    "the other modalities are unchanged."),
 )
 
 
