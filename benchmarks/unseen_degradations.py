@@ -142,28 +142,17 @@ def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) ->
     raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN + MR_SEEN}")
 
 
-class _ArraySlices:
-    """A (Z, H, W) array as an ``engines.io.volume.SliceSource``."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def get_slice(self, index: int) -> np.ndarray:
-        return np.asarray(self.array[index], dtype=np.float32)
-
-
 def slice_indices(array: np.ndarray, modality: str, slices: int) -> list[int]:
     """The middle slice of a volume (``slices`` = 1), or the distinct salient slices that
     ``engines.slices.select_salient_slices`` picks for ``k = slices`` (anatomy only, spread over
     z, as the scoring path chooses them)."""
     if slices <= 1 or array.shape[0] == 1:
         return [array.shape[0] // 2]
+    from engines.io.volume import Volume, VolumeSource
     from engines.slices import select_salient_slices
 
-    sel = select_salient_slices(_ArraySlices(array), k=slices, modality=modality)
+    source = VolumeSource(Volume(np.asarray(array, dtype=np.float32)))
+    sel = select_salient_slices(source, k=slices, modality=modality)
     return sorted(set(sel.indices))
 
 

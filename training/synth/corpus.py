@@ -679,38 +679,39 @@ def _warped(spec: "StudySpec", img: np.ndarray, fill: float) -> np.ndarray:
     return anatomy_warp(img, _warp_rng(spec), fill)
 
 
+def _own_rng(seed: int, index: int, salt: int) -> np.random.Generator:
+    """A generator of one option's own for study ``index`` (``salt`` names the option), so the
+    plan's and the study's main streams are the same with the option on or off."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, salt]))
+
+
 def _warp_rng(spec: "StudySpec") -> np.random.Generator:
     """The warp's own generator: the study's main stream stays as without ``train_warp`` /
     ``train_warp_2d``."""
-    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x3A4F]))
+    return _own_rng(spec.seed, spec.index, 0x3A4F)
 
 
 def _ct_window_rng(seed: int, index: int) -> np.random.Generator:
     """``train_ct_windows``' own generator (the plan's stream is unchanged)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xC7F1]))
+    return _own_rng(seed, index, 0xC7F1)
 
 
 def _matrix_rng(seed: int, index: int) -> np.random.Generator:
     """``train_mr_matrix``'s own generator (the plan's and the study's streams are unchanged)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index, 0x3A7C]))
+    return _own_rng(seed, index, 0x3A7C)
 
 
 def _option_draw(seed: int, index: int, salt: int, p: float) -> bool:
     """Whether study ``index`` takes a training option drawn with probability ``p``, on a generator
     of the option's own (``salt``), so the plan's and the study's streams are unchanged
     (``train_mr_apodize``, ``train_band_noise``)."""
-    return bool(np.random.default_rng(np.random.SeedSequence([seed, index, salt])).uniform() < p)
-
-
-def _fov_rng(seed: int, index: int) -> np.random.Generator:
-    """``train_ct_fov``'s own generator (the plan's and the study's streams are unchanged)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index, 0xF0F1]))
+    return bool(_own_rng(seed, index, salt).uniform() < p)
 
 
 def _draw_ct_fov(seed: int, index: int) -> float:
     """1 (the whole image) with probability 1 − ``TRAIN_CT_FOV_P``, else a side fraction uniform in
     ``TRAIN_CT_FOV``."""
-    rng = _fov_rng(seed, index)
+    rng = _own_rng(seed, index, 0xF0F1)
     if rng.uniform() >= TRAIN_CT_FOV_P:
         return 1.0
     return round(float(rng.uniform(*TRAIN_CT_FOV)), 4)
@@ -744,7 +745,7 @@ def _draw_acq_matrix(seed: int, index: int) -> int:
 
 def _tone_rng(spec: "StudySpec") -> np.random.Generator:
     """``train_tone_mr``'s own generator (neither the study's main stream nor the warp's)."""
-    return np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0x70E5]))
+    return _own_rng(spec.seed, spec.index, 0x70E5)
 
 
 def tone_curve(img: np.ndarray, rng: np.random.Generator, ref: float) -> np.ndarray:
@@ -830,11 +831,11 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     if spec.dose_label == "noise" and measured is not None:
         # on its own generator: the study's images are the same with either dose label
         mid = spec.n_air[0] + spec.n_anat // 2 if spec.dimension == "3d" else 0
-        mrng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0xD05E]))
+        mrng = _own_rng(spec.seed, spec.index, 0xD05E)
         measured["noise_hu"] = degrade.ct_noise_sigma(degrade.gaussian_blur(clean[mid], blur_px), mas,
                                                       pixel, mrng)
     if spec.fov < 1.0:   # train_ct_fov: a small field of view of the acquired slice(s)
-        hu = crop_fov(hu, spec.fov, np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index, 0xF0F2])))
+        hu = crop_fov(hu, spec.fov, _own_rng(spec.seed, spec.index, 0xF0F2))
     time_ms = int(p["exposure_time_ms"])
     current = int(round(mas * 1000.0 / time_ms))
     centre, width = CT_WINDOWS.get(spec.type, CT_WINDOWS["soft"])
