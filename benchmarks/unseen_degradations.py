@@ -35,16 +35,20 @@ correlation between the score and minus the strength over the four files (clean 
 whether the model orders them (1 = right, −1 = reversed); the table gives its mean per modality
 and kind, and how often the clean image scores above the strongest degradation. Usage:
 
-    python benchmarks/unseen_degradations.py [--model PATH] [--tta auto|none|flip|d4[,MODE…]]
-        [--no-features] [--modality mr] [--slices K] [--kinds impulse,…,ringing,ghosting]
+    python benchmarks/unseen_degradations.py [--model PATH[,PATH…]] [--tta auto|none|flip|d4[,MODE…]]
+        [--no-features] [--modality mr] [--slices K] [--kinds impulse,…,ringing,ghosting,dose,sparse]
         [--json out.json]
 
 ``--slices K`` takes up to K distinct salient slices of each volume as base images instead of its
-middle one; ``ringing`` (k-space truncation, 0.7 / 0.45 / 0.25 of each axis kept) and
+middle one; ``dose`` (200 / 50 / 15 mAs, every view) and ``sparse`` (90 / 45 / 24 views at
+400 mAs) are CT defects the corpus trains on, re-acquired in the projection domain by
+``training.synth.degrade.ct_acquire`` on the slice's own grid and pixel size; ``ringing``
+(k-space truncation, 0.7 / 0.45 / 0.25 of each axis kept) and
 ``ghosting`` (periodic phase-encode motion, 1.5 / 3 / 6 px at 256) are MR defects the corpus
-trains on, acquired with ``training.synth.degrade.mr_acquire``; several ``--tta`` modes score the
-same files once each and compare every mode with the first, per base image (its mean SRCC over
-the kinds) with a paired bootstrap interval over the images.
+trains on, acquired with ``training.synth.degrade.mr_acquire``; several ``--tta`` modes and / or
+several ``--model`` artifacts (comma-separated) score the same files once each, and every run is
+compared with the first, per base image (its mean SRCC over the kinds) with a paired bootstrap
+interval over the images.
 """
 
 from __future__ import annotations
@@ -62,8 +66,11 @@ UNSEEN: tuple[str, ...] = ("impulse", "pixelate", "posterize", "stripes", "contr
 SEEN: tuple[str, ...] = ("blur", "noise")
 #: two MR acquisition defects the corpus trains on, written only when asked for (``--kinds``)
 MR_SEEN: tuple[str, ...] = ("ringing", "ghosting")
+#: two CT acquisition defects the corpus trains on (projection domain), written only when asked for
+CT_SEEN: tuple[str, ...] = ("dose", "sparse")
 #: the reference kinds each modality's training degradations resemble (``SEEN`` minus MR blur)
-SEEN_BY_MODALITY: dict[str, tuple[str, ...]] = {"ct": SEEN, "mr": ("noise",) + MR_SEEN, "xr": SEEN, "fundus": SEEN}
+SEEN_BY_MODALITY: dict[str, tuple[str, ...]] = {"ct": SEEN + CT_SEEN, "mr": ("noise",) + MR_SEEN, "xr": SEEN,
+                                                "fundus": SEEN}
 LEVELS: dict[str, tuple[float, float, float]] = {
     "impulse": (0.002, 0.01, 0.04),      # fraction of pixels
     "pixelate": (160.0, 96.0, 56.0),     # blocks along the long side (``strengths``: pixels)
@@ -74,7 +81,10 @@ LEVELS: dict[str, tuple[float, float, float]] = {
     "noise": (0.02, 0.05, 0.1),          # σ, fraction of the range
     "ringing": (0.7, 0.45, 0.25),        # central fraction of k-space kept per axis
     "ghosting": (1.5, 3.0, 6.0),         # motion amplitude, px at 256 (``strengths``: pixels)
+    "dose": (200.0, 50.0, 15.0),         # tube current-time product, mAs (full views)
+    "sparse": (90.0, 45.0, 24.0),        # projection views over 180° (at SPARSE_MAS)
 }
+SPARSE_MAS = 400.0   # the sparse-view acquisitions' dose: their streaks, not noise, are the defect
 GHOST_PERIOD = 8.0   # phase-encode lines per motion cycle
 STRIPE_PERIODS = 40
 
@@ -139,7 +149,23 @@ def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) ->
         else:
             out = mr_acquire(x, rng, motion_px=level, motion_period=GHOST_PERIOD)
         return np.clip(out.astype(np.float64), 0.0, 1.0)
-    raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN + MR_SEEN}")
+    raise ValueError(f"unknown degradation {kind!r}; expected one of {UNSEEN + SEEN + MR_SEEN}"
+                     + (" (CT kinds act on HU: ct_degrade)" if kind in CT_SEEN else ""))
+
+
+def ct_degrade(hu: np.ndarray, kind: str, level: float, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A CT slice ``hu`` (H, W, in HU, pixels of ``pixel_mm``) re-acquired as the corpus acquires
+    CT (``training.synth.degrade.ct_acquire``): ``dose`` at ``level`` mAs with every view (its
+    quantum noise added to the slice), ``sparse`` from ``level`` views at ``SPARSE_MAS`` (the
+    slice reprojected and reconstructed from those views: streaks). On the slice's own grid, so
+    the noise per pixel is that of its pixel size. Returns HU."""
+    from training.synth.degrade import FULL_VIEWS, ct_acquire
+
+    if kind == "dose":
+        return ct_acquire(hu, level, pixel_mm, rng, n_views=FULL_VIEWS).astype(np.float64)
+    if kind == "sparse":
+        return ct_acquire(hu, SPARSE_MAS, pixel_mm, rng, n_views=int(level)).astype(np.float64)
+    raise ValueError(f"unknown CT acquisition defect {kind!r}; expected one of {CT_SEEN}")
 
 
 def slice_indices(array: np.ndarray, modality: str, slices: int) -> list[int]:
@@ -213,7 +239,12 @@ def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN, modalities: Iter
         for kind in kinds:
             for step, level in enumerate(strengths(kind, u.shape), start=1):
                 rng = np.random.default_rng([i, step, len(kind)])
-                img = lo + degrade(u, kind, level, rng) * (hi - lo)
+                if kind in CT_SEEN:
+                    if modality != "ct":
+                        continue
+                    img = ct_degrade(arr, kind, level, float(pixel_mm[0]), rng)
+                else:
+                    img = lo + degrade(u, kind, level, rng) * (hi - lo)
                 name = f"{stem}-{kind}{step}"
                 write_study(root / name, modality, img, pixel_mm, name)
                 rows.append({"file": name, "unit": unit, "modality": modality, "kind": kind, "step": step})
@@ -291,7 +322,9 @@ def _print_table(table: Mapping[str, Mapping[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None,
+                    help="the artifact to score with (default: the bundled one); several, comma-separated, score "
+                         "the same files once each and compare each with the first")
     ap.add_argument("--tta", default="auto",
                     help="test-time augmentation as `mediqa score --tta`; several, comma-separated (e.g. "
                          "d4,none,flip), score the same files once per mode and compare each with the first")
@@ -303,53 +336,73 @@ def main() -> None:
                     help="base images per volume: 1 = its middle slice, K = its distinct salient slices for k = K")
     ap.add_argument("--kinds", default=",".join(UNSEEN + SEEN),
                     help=f"comma-separated degradations (default: the unseen and reference kinds; "
-                         f"MR also: {', '.join(MR_SEEN)})")
+                         f"MR also: {', '.join(MR_SEEN)}; CT also: {', '.join(CT_SEEN)})")
     ap.add_argument("--json", default=None, help="also write the summary and every score here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from engines.artifact import bundled_model_path
     from engines.pipeline import ScoreConfig, score_studies
 
-    model = args.model or str(bundled_model_path())
+    models = [m.strip() for m in (args.model or str(bundled_model_path())).split(",") if m.strip()]
     modes = [m.strip() for m in args.tta.split(",") if m.strip()]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    unknown = set(kinds) - set(UNSEEN + SEEN + MR_SEEN)
+    unknown = set(kinds) - set(UNSEEN + SEEN + MR_SEEN + CT_SEEN)
     if unknown:
         ap.error(f"unknown kinds {sorted(unknown)}")
+    runs = run_labels(models, modes)
     per_mode: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = write_set(root, kinds, args.modality, args.slices)
-        for mode in modes:
+        for label, (model, mode) in runs.items():
             cfg = ScoreConfig(workers=2, batch_size=16, tta=mode, features=args.features)
             results = {Path(r.path).name.split(".")[0]: r for r in score_studies(root, model, cfg)}
             scores = {k: r.score for k, r in results.items() if r.score is not None}
-            per_mode[mode] = {"scores": scores, "summary": summarise(rows, scores)}
+            per_mode[label] = {"model": model, "tta": mode, "scores": scores, "summary": summarise(rows, scores)}
     n_images = len({r["unit"] for r in rows})
-    for mode, res in per_mode.items():
-        print(f"\nmodel: {model} (tta {mode}, feature head {'on' if args.features else 'off'}); "
+    for label, res in per_mode.items():
+        print(f"\nmodel: {res['model']} (tta {res['tta']}, feature head {'on' if args.features else 'off'}); "
               f"{len(res['scores'])} of {len(rows)} files scored, {n_images} base images")
         _print_table(res["summary"])
     paired: dict[str, dict[str, Any]] = {}
-    if len(modes) > 1:
-        ref = modes[0]
+    if len(runs) > 1:
+        ref = next(iter(runs))
         mods = sorted({r["modality"] for r in rows})
         print(f"\nper base image, the mean SRCC over its kinds; paired against {ref} (95 % bootstrap over images)")
-        print("| modality | mode | images | mean | − " + ref + " | 95 % interval |")
+        print("| modality | run | images | mean | − " + ref + " | 95 % interval |")
         print("|---|---|---|---|---|---|")
         for m in mods:
             base = image_means(per_mode[ref]["summary"], m)
-            for mode in modes:
-                means = image_means(per_mode[mode]["summary"], m)
+            for label in runs:
+                means = image_means(per_mode[label]["summary"], m)
                 g = paired_gain(means, base)
-                paired[f"{m}/{mode}"] = {"image_mean": float(np.mean(list(means.values()))), **g}
-                print(f"| {m} | {mode} | {len(means)} | {np.mean(list(means.values())):+.3f} | {g['mean']:+.3f} | "
+                paired[f"{m}/{label}"] = {"image_mean": float(np.mean(list(means.values()))), **g}
+                print(f"| {m} | {label} | {len(means)} | {np.mean(list(means.values())):+.3f} | {g['mean']:+.3f} | "
                       f"[{g['lo']:+.3f}, {g['hi']:+.3f}] |")
     if args.json:
-        first = per_mode[modes[0]]
-        Path(args.json).write_text(json.dumps({"model": model, "tta": modes[0], "features": args.features,
-                                               "summary": first["summary"], "scores": first["scores"],
-                                               "modes": per_mode, "paired": paired, "files": rows}, indent=1))
+        first = per_mode[next(iter(runs))]
+        Path(args.json).write_text(json.dumps({"model": first["model"], "tta": first["tta"],
+                                               "features": args.features, "summary": first["summary"],
+                                               "scores": first["scores"], "modes": per_mode, "paired": paired,
+                                               "files": rows}, indent=1))
+
+
+def run_labels(models: list[str], modes: list[str]) -> dict[str, tuple[str, str]]:
+    """One run per (model, TTA mode), in that order, keyed by a label: the mode when there is one
+    model, the model's file name when there is one mode, else both (``name/mode``). Models that
+    share a file name (``runs/X/model.safetensors``) are named ``folder:file``, and still equal
+    names get their position (``#2``)."""
+    files = [Path(m).name for m in models]
+    names: list[str] = []
+    for m, file in zip(models, files):
+        name = file if files.count(file) == 1 else f"{Path(m).parent.name}:{file}"
+        names.append(name if name not in names else f"{name}#{len(names) + 1}")
+    out: dict[str, tuple[str, str]] = {}
+    for name, model in zip(names, models):
+        for mode in modes:
+            label = mode if len(models) == 1 else name if len(modes) == 1 else f"{name}/{mode}"
+            out[label] = (model, mode)
+    return out
 
 
 if __name__ == "__main__":

@@ -137,3 +137,53 @@ def test_paired_gain_over_base_images() -> None:
     assert g["lo"] < 0 < g["hi"]
     with pytest.raises(ValueError, match="in common"):
         ud.paired_gain({"a": 1.0}, {"b": 1.0})
+
+
+def _phantom_hu(size: int = 96) -> np.ndarray:
+    """A water disc with a bone insert in air: a CT slice in HU."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    hu = np.full((size, size), -1000.0)
+    hu[xx ** 2 + yy ** 2 < (0.4 * size) ** 2] = 0.0
+    hu[(xx - 10) ** 2 + yy ** 2 < 36] = 800.0
+    return hu
+
+
+def test_ct_dose_adds_more_noise_at_lower_mas_and_sparse_views_streak_more() -> None:
+    hu = _phantom_hu()
+    water = np.zeros(hu.shape, bool)
+    water[30:66, 20:40] = True                                        # inside the disc, off the insert
+    sd = [float(ud.ct_degrade(hu, "dose", m, 0.7, np.random.default_rng(0))[water].std())
+          for m in ud.strengths("dose", hu.shape)]
+    assert 0 < sd[0] < sd[1] < sd[2]
+    assert sd[2] / sd[0] == pytest.approx(np.sqrt(200 / 15), rel=0.3)  # σ ∝ mAs^-½
+    air = np.zeros(hu.shape, bool)
+    air[:6, :] = True                                                 # outside the body: streaks land here
+    err = [float(np.abs(ud.ct_degrade(hu, "sparse", v, 0.7, np.random.default_rng(0)) - hu)[air].mean())
+           for v in ud.strengths("sparse", hu.shape)]
+    assert err[0] < err[1] < err[2]
+    assert ud.seen("ct", "dose") and ud.seen("ct", "sparse") and not ud.seen("mr", "dose")
+    with pytest.raises(ValueError, match="ct_degrade"):
+        ud.degrade(np.zeros((8, 8)), "dose", 50.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="CT acquisition"):
+        ud.ct_degrade(hu, "blur", 1.0, 0.7, np.random.default_rng(0))
+
+
+def test_ct_kinds_are_written_for_ct_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bases = [("ct-x", "ct", _phantom_hu(64), (0.7, 0.7)), ("xr-y", "xr", _texture((64, 64)), (0.15, 0.15))]
+    monkeypatch.setattr(ud, "base_images", lambda modalities=None, slices=1: bases)
+    rows = ud.write_set(tmp_path, ("dose", "noise"), None, 1)
+    kinds = {(r["modality"], r["kind"]) for r in rows}
+    assert kinds == {("ct", "clean"), ("ct", "dose"), ("ct", "noise"), ("xr", "clean"), ("xr", "noise")}
+    assert len(list(tmp_path.glob("*-dose*.dcm"))) == 3
+
+
+def test_run_labels_name_each_model_and_mode() -> None:
+    assert list(ud.run_labels(["m.safetensors"], ["d4", "none"])) == ["d4", "none"]
+    two = ud.run_labels(["runs/a/model.safetensors", "runs/b/model.safetensors", "x/s4.safetensors"], ["none"])
+    assert two == {"a:model.safetensors": ("runs/a/model.safetensors", "none"),
+                   "b:model.safetensors": ("runs/b/model.safetensors", "none"),
+                   "s4.safetensors": ("x/s4.safetensors", "none")}
+    both = ud.run_labels(["p/m.safetensors", "q/n.safetensors"], ["none", "d4"])
+    assert list(both) == ["m.safetensors/none", "m.safetensors/d4", "n.safetensors/none", "n.safetensors/d4"]
+    same = ud.run_labels(["m.safetensors", "m.safetensors"], ["none"])
+    assert list(same) == [":m.safetensors", ":m.safetensors#2"]
