@@ -663,6 +663,77 @@ def test_train_ct_fov_crops_half_the_ct_training_studies_after_the_acquisition(t
         assert (hu > -500).mean() > 0.2                                 # centred on anatomy, not air
 
 
+def test_train_extra_kinds_adds_a_scored_defect_to_some_training_studies_of_every_modality(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """About ``TRAIN_EXTRA_KINDS_P`` of the training specs of each modality, and no val / test spec,
+    get pixelation or quantisation: its parameter in ``params``, its name in ``degradation``, the
+    file name and everything else unchanged; the drawn study is the same render with the defect
+    applied on top (X-ray, CT, MR), and its score is the plain one times (1 − w·s)."""
+    from training.synth.corpus import (EXTRA_KINDS, SEVERITY, TRAIN_EXTRA_KINDS_P, apply_extra_kind,
+                                       render_study)
+
+    plan, base = plan_corpus(5, "small", train_extra_kinds=True), plan_corpus(5, "small")
+    assert plan_corpus(5, "small", train_extra_kinds=True) == plan
+    drawn = [(s, b) for s, b in zip(plan, base) if s != b]
+    assert all(s.split == "train" for s, _ in drawn)
+    for mod in ("ct", "mr", "xr", "fundus"):
+        train = [b for b in base if b.modality == mod and b.split == "train"]
+        mine = [s for s, _ in drawn if s.modality == mod]
+        assert abs(len(mine) / len(train) - TRAIN_EXTRA_KINDS_P) < 0.15, mod
+    kinds = set()
+    for s, b in drawn:
+        kind = s.degradation.split("+")[-1]
+        kinds.add(kind)
+        assert s.degradation == f"{b.degradation}+{kind}" and s.relpath == b.relpath and s.primary == b.primary + (kind,)
+        param = SEVERITY[kind].param
+        assert {k: v for k, v in s.params.items() if k != param} == b.params and param not in b.params
+        assert 0.0 <= SEVERITY[kind].to_s(s.params[param]) <= 1.0
+    assert kinds == set(EXTRA_KINDS)
+    import training.synth.corpus as corpus_mod
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def recording(x, params, modality, size):   # what each render puts on top, and of what
+        out = apply_extra_kind(x, params, modality, size)
+        seen.append((np.array(x, copy=True), np.array(out, copy=True)))
+        return out
+
+    monkeypatch.setattr(corpus_mod, "apply_extra_kind", recording)
+    for mod in ("xr", "ct", "mr"):
+        s, b = next((s, b) for s, b in drawn if s.modality == mod and s.dimension == "2d")
+        kind = s.degradation.split("+")[-1]
+        seen.clear()
+        new, old = render_study(s, tmp_path / "new"), render_study(b, tmp_path / "old")
+        (x_new, y_new), (x_old, y_old) = seen
+        assert np.array_equal(x_new, x_old) and np.array_equal(y_old, x_old)   # same render; old: nothing on top
+        assert np.array_equal(y_new, apply_extra_kind(x_old, s.params, mod, s.image_size))
+        sev = SEVERITY[kind].to_s(s.params[SEVERITY[kind].param])
+        if sev > 0:
+            assert not np.array_equal(y_new, x_new)
+        assert float(new["score"]) == pytest.approx(float(old["score"]) * (1 - SEVERITY[kind].weight * sev), abs=2e-6)
+        assert json.loads(new["params"])["severities"][kind] == pytest.approx(sev, abs=1e-6)
+        assert new["degradation"] == s.degradation and new["path"] == old["path"]
+
+
+def test_extra_kinds_pixelate_in_blocks_and_quantise_to_levels() -> None:
+    from training.synth.corpus import apply_extra_kind
+
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(64, 64))
+    pix = apply_extra_kind(img, {"pixel_block": 8.0}, "xr", 64)         # 8 px at 256 → 2 px on a 64 grid
+    assert np.array_equal(pix[::2, ::2], pix[1::2, 1::2]) and pix[0, 0] == pytest.approx(img[:2, :2].mean())
+    assert np.array_equal(apply_extra_kind(img, {"pixel_block": 1.0}, "xr", 256), img)
+    q = apply_extra_kind(img, {"levels": 4.0}, "fundus", 256)
+    assert len(np.unique(q)) == 4
+    hu = rng.uniform(-1000, 1000, size=(3, 32, 32))
+    qh = apply_extra_kind(hu, {"levels": 8.0}, "ct", 256)              # steps of 400 / 8 = 50 HU
+    assert qh.shape == hu.shape and np.allclose(qh / 50.0, np.round(qh / 50.0)) and np.abs(qh - hu).max() <= 25.0
+    vol = apply_extra_kind(hu, {"pixel_block": 4.0}, "mr", 256)        # every slice in 4 × 4 blocks
+    assert np.array_equal(vol[:, 0, 0], vol[:, 3, 3]) and not np.array_equal(vol[0], vol[1])
+    rgb = apply_extra_kind(np.repeat(img[..., None], 3, axis=2), {"pixel_block": 8.0}, "fundus", 64)
+    assert rgb.shape == (64, 64, 3) and np.allclose(rgb[..., 0], pix)
+
+
 def test_warp_2d_moves_every_channel_together_and_changes_the_tone() -> None:
     from training.synth.corpus import TONE_LOG_GAMMA, warp_2d
 
@@ -692,7 +763,8 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     names = [o.name for o in GENERATOR_OPTIONS]
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
-                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr", "train_ct_fov"]
+                     "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr", "train_ct_fov",
+                     "train_extra_kinds"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

@@ -27,7 +27,11 @@ blur (2D)      σ ∈ [0, 3] px@256      σ / 3                                 
 noise (2D)     σ ∈ [0, 0.12]          σ / 0.12                                     0.90
 jpeg (2D)      quality q ∈ [5, 95]    log(95 / q) / log(19)                        0.85
 illumination   strength b ∈ [0, 0.7]  b / 0.7                                      0.60
+pixelation     block b ∈ {1 … 8} px   (b − 1) / 7                                  0.80
+quantisation   levels n ∈ [4, 64]     log2(64 / n) / 4                             0.70
 =============  =====================  ===========================================  =====
+
+The last two are drawn only with ``train_extra_kinds`` (training studies, any modality).
 
 The noise severities are proportional to the noise standard deviation the physics predicts
 (σ ∝ mAs^-½ for CT, σ ∝ 1/B0 for MR), shifted so the best setting is 0. Severities are drawn
@@ -122,6 +126,10 @@ SEVERITY: dict[str, Severity] = {
     "jpeg": Severity("quality", 0.85, lambda q: math.log(95.0 / q) / math.log(19.0),
                      lambda s: 95.0 / 19.0 ** s),
     "illumination": Severity("illumination", 0.60, *_linear(0.7)),
+    # train_extra_kinds only (``EXTRA_KINDS``): storage / display defects of any modality
+    "pixelation": Severity("pixel_block", 0.80, lambda b: (b - 1.0) / 7.0, lambda s: 1.0 + 7.0 * s),
+    "quantisation": Severity("levels", 0.70, lambda n: math.log2(64.0 / n) / 4.0,
+                             lambda s: 64.0 / 2.0 ** (4.0 * s)),
 }
 
 # Degradation kinds per modality: name → the severity keys it varies.
@@ -229,6 +237,25 @@ TRAIN_MR_APODIZE_P = 0.5
 # pixelation as better (benchmarks/unseen_degradations.py, 2026-12-06).
 TRAIN_BAND_NOISE_P = 0.5
 
+# ``train_extra_kinds``: a fraction ``TRAIN_EXTRA_KINDS_P`` of the training studies of every
+# modality (a draw of their own, see ``_draw_extra_kind``) get one more defect, drawn from
+# ``EXTRA_KINDS``, on top of what the plan gave them, after the acquisition and before the file is
+# written, with its severity in the score (table above):
+# * ``pixelation``: block averages of b × b pixels of the 256 working grid (b = 2 … 8; scaled to
+#   a smaller MR matrix, at least 2) shown at full size — a low-resolution image upscaled with
+#   nearest neighbours;
+# * ``quantisation``: the intensities rounded to n levels (4 … 64) across the modality's display
+#   range: CT steps of 400 / n HU (n levels over a soft-tissue window), MR steps of its 99th
+#   percentile / n, 2D images n levels over [0, 1] — bit-depth loss, banding.
+# Why: the corpus' CT and MR degradations are noise-led, and every model here scores a smooth or
+# blocky CT / MR image as better (posterisation, pixelation; benchmarks/unseen_degradations.py).
+# Two more kinds of every modality make the training degradations more diverse; impulse noise,
+# stripes and contrast loss stay unseen, to tell whether diversity generalises. Val / test are
+# unchanged, and so are the drawn studies' other parameters.
+EXTRA_KINDS = ("pixelation", "quantisation")
+TRAIN_EXTRA_KINDS_P = 0.3
+CT_QUANT_WINDOW_HU = 400.0
+
 DOSE_LABELS = ("mas", "noise")
 # ``val_sources="two"``: one more CT and one more MR source move from training to validation, so
 # that validation holds two sources of each (CT_small + the skull-base CT; the 3 T head T1 + the
@@ -324,6 +351,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
                     "of view: a crop centred on anatomy, 0.3-0.6 of the image side, at the same pixel "
                     "spacing, after the whole slice was acquired; val/test, the plan and the scores are "
                     "unchanged."),
+    GeneratorOption("train_extra_kinds", False, "30 % of the training studies of every modality get one more "
+                    "defect, pixelation (2-8 px blocks) or quantisation (4-64 levels), with its severity in "
+                    "the score; val/test are unchanged."),
 )
 
 
@@ -458,7 +488,8 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 train_ct_windows: bool = False, mr_native_kspace: bool = False,
                 mr_native_matrix: bool = False, train_mr_matrix: bool = False,
                 train_mr_apodize: bool = False, train_band_noise: bool = False,
-                train_more_mr: bool = False, train_ct_fov: bool = False) -> list[StudySpec]:
+                train_more_mr: bool = False, train_ct_fov: bool = False,
+                train_extra_kinds: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -517,6 +548,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     ``train_ct_fov``: half of the CT training studies (``_draw_ct_fov``; ``StudySpec.fov``) are
     written as a crop of ``TRAIN_CT_FOV`` of their side, centred on anatomy, after the whole slice
     was acquired. Everything else, the scores included, is the same either way.
+
+    ``train_extra_kinds``: a fraction ``TRAIN_EXTRA_KINDS_P`` of the training studies of every
+    modality (``_draw_extra_kind``) get pixelation or quantisation on top: its parameter in
+    ``params``, its name appended to ``degradation`` (``dose+pixelation``) and its severity in the
+    score. File names, the other parameters and every other study are the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -574,6 +610,12 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
             suffix = {"dicom": "" if dim == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
                       "jpeg": ".jpg"}[fmt]
             rel = f"{unit.split}/{mod}-{dim}/{index:05d}-{degr.replace('+', '-')}{suffix}"
+            if train_extra_kinds and unit.split == "train":
+                extra = _draw_extra_kind(int(seed), index)
+                if extra is not None:   # the file name keeps the plan's names
+                    degr = f"{degr}+{extra[0]}"
+                    primary = primary + (extra[0],)
+                    params = {**params, SEVERITY[extra[0]].param: extra[1]}
             specs.append(StudySpec(index=index, modality=mod, dimension=dim, split=unit.split,
                                    unit=unit, region=src.region, type=ptype, degradation=degr,
                                    primary=primary, params=params, fmt=fmt, relpath=rel,
@@ -708,6 +750,50 @@ def _option_draw(seed: int, index: int, salt: int, p: float) -> bool:
     return bool(_own_rng(seed, index, salt).uniform() < p)
 
 
+def _draw_extra_kind(seed: int, index: int) -> tuple[str, float] | None:
+    """``train_extra_kinds``: None with probability 1 − ``TRAIN_EXTRA_KINDS_P``, else a kind of
+    ``EXTRA_KINDS`` and its parameter (``SEVERITY``) at a severity uniform in [0, 1] — the block
+    size rounded to whole pixels, the number of levels to an integer — on a generator of its own."""
+    rng = _own_rng(seed, index, 0xE7A5)
+    if rng.uniform() >= TRAIN_EXTRA_KINDS_P:
+        return None
+    kind = EXTRA_KINDS[int(rng.integers(len(EXTRA_KINDS)))]
+    value = float(round(SEVERITY[kind].from_s(float(rng.uniform(0.0, 1.0)))))
+    return kind, max(value, 1.0 if kind == "pixelation" else 4.0)
+
+
+def apply_extra_kind(x: np.ndarray, params: dict[str, float], modality: str, size: int) -> np.ndarray:
+    """``train_extra_kinds``' defect named by ``params`` (``pixel_block`` or ``levels``; neither:
+    ``x`` unchanged) on a rendered image or volume (H, W[, 3]) / (Z, H, W) of ``modality`` in its
+    stored units (CT HU, MR magnitudes, 2D [0, 1]) on a ``size`` grid; the block is in pixels of
+    the 256 grid."""
+    x = np.asarray(x)
+    vol = modality in ("ct", "mr")   # (Z, H, W); 2D images are (H, W[, 3])
+    if "pixel_block" in params:
+        b = int(round(params["pixel_block"] * size / 256.0))
+        b = max(b, 2) if params["pixel_block"] > 1 else 1
+        if b > 1:
+            arr = x if vol else x[None]
+            z, h, w = arr.shape[:3]
+            hb, wb = -(-h // b), -(-w // b)
+            pad = [(0, 0), (0, hb * b - h), (0, wb * b - w)] + [(0, 0)] * (arr.ndim - 3)
+            p = np.pad(arr, pad, mode="edge")
+            blocks = p.reshape(z, hb, b, wb, b, *arr.shape[3:]).mean(axis=(2, 4))
+            out = np.repeat(np.repeat(blocks, b, axis=1), b, axis=2)[:, :h, :w].astype(x.dtype)
+            x = out if vol else out[0]
+    if "levels" in params:
+        n = float(params["levels"])
+        if modality == "ct":
+            step = CT_QUANT_WINDOW_HU / n
+            x = (np.round(x / step) * step).astype(x.dtype)
+        elif modality == "mr":
+            step = max(float(np.percentile(x, 99.0)), 1e-6) / n
+            x = (np.round(x / step) * step).astype(x.dtype)
+        else:
+            x = (np.round(np.clip(x, 0.0, 1.0) * (n - 1)) / (n - 1)).astype(x.dtype)
+    return x
+
+
 def _draw_ct_fov(seed: int, index: int) -> float:
     """1 (the whole image) with probability 1 − ``TRAIN_CT_FOV_P``, else a side fraction uniform in
     ``TRAIN_CT_FOV``."""
@@ -836,6 +922,7 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
                                                       pixel, mrng)
     if spec.fov < 1.0:   # train_ct_fov: a small field of view of the acquired slice(s)
         hu = crop_fov(hu, spec.fov, _own_rng(spec.seed, spec.index, 0xF0F2))
+    hu = apply_extra_kind(hu, p, "ct", size)   # train_extra_kinds (nothing when not drawn)
     time_ms = int(p["exposure_time_ms"])
     current = int(round(mas * 1000.0 / time_ms))
     centre, width = CT_WINDOWS.get(spec.type, CT_WINDOWS["soft"])
@@ -912,6 +999,7 @@ def _render_mr(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
                            motion_period=p["motion_period"],
                            band=mr_band(arr.shape[1:3], size) if spec.native_kspace else 1.0,
                            apodize=spec.apodize, kspace_noise=spec.band_noise)
+    x = apply_extra_kind(x, p, "mr", size)   # train_extra_kinds (nothing when not drawn)
     hdr = base.spec.header
     tags = {
         "BodyPartExamined": hdr.get("BodyPartExamined"),
@@ -951,6 +1039,7 @@ def _render_2d(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
     x = degrade.uneven_illumination(img, p.get("illumination", 0.0), rng)
     x = degrade.gaussian_blur(x, p.get("blur_px", 0.0) * size / 256.0)
     x = degrade.add_gaussian_noise(x, p.get("noise_sigma", 0.0), rng)
+    x = apply_extra_kind(x, p, spec.modality, size)   # train_extra_kinds (nothing when not drawn)
     if spec.fmt == "jpeg":
         write_jpeg(out / spec.relpath, x, int(p["quality"]))
     elif spec.fmt == "png":
