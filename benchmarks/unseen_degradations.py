@@ -227,7 +227,8 @@ def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN, modalities: Iter
               slices: int = 1) -> list[dict[str, Any]]:
     """Every base image (``base_images(modalities, slices)``) clean and at each kind's three
     strengths under ``root``; one row per file (``file`` stem, ``unit``, ``modality``, ``kind``,
-    ``step`` 0–3)."""
+    ``step`` 0–3). The CT and MR acquisition kinds (``CT_SEEN``, ``MR_SEEN``) are written for
+    their own modality's images only."""
     rows = []
     kinds = tuple(kinds)
     for i, (unit, modality, arr, pixel_mm) in enumerate(base_images(modalities, slices)):
@@ -239,9 +240,9 @@ def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN, modalities: Iter
         for kind in kinds:
             for step, level in enumerate(strengths(kind, u.shape), start=1):
                 rng = np.random.default_rng([i, step, len(kind)])
+                if (kind in CT_SEEN and modality != "ct") or (kind in MR_SEEN and modality != "mr"):
+                    continue   # a scanner's own acquisition defect: only on its modality's images
                 if kind in CT_SEEN:
-                    if modality != "ct":
-                        continue
                     img = ct_degrade(arr, kind, level, float(pixel_mm[0]), rng)
                 else:
                     img = lo + degrade(u, kind, level, rng) * (hi - lo)
@@ -371,10 +372,11 @@ def main() -> None:
         print(f"\nper base image, the mean SRCC over its kinds; paired against {ref} (95 % bootstrap over images)")
         print("| modality | run | images | mean | − " + ref + " | 95 % interval |")
         print("|---|---|---|---|---|---|")
-        for m in mods:
-            base = image_means(per_mode[ref]["summary"], m)
+        for m in mods + (["all"] if len(mods) > 1 else []):   # "all": every base image together
+            m_sel = None if m == "all" else m
+            base = image_means(per_mode[ref]["summary"], m_sel)
             for label in runs:
-                means = image_means(per_mode[label]["summary"], m)
+                means = image_means(per_mode[label]["summary"], m_sel)
                 g = paired_gain(means, base)
                 paired[f"{m}/{label}"] = {"image_mean": float(np.mean(list(means.values()))), **g}
                 print(f"| {m} | {label} | {len(means)} | {np.mean(list(means.values())):+.3f} | {g['mean']:+.3f} | "

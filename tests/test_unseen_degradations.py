@@ -168,10 +168,10 @@ def test_ct_dose_adds_more_noise_at_lower_mas_and_sparse_views_streak_more() -> 
         ud.ct_degrade(hu, "blur", 1.0, 0.7, np.random.default_rng(0))
 
 
-def test_ct_kinds_are_written_for_ct_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ct_and_mr_acquisition_kinds_are_written_for_their_modality_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bases = [("ct-x", "ct", _phantom_hu(64), (0.7, 0.7)), ("xr-y", "xr", _texture((64, 64)), (0.15, 0.15))]
     monkeypatch.setattr(ud, "base_images", lambda modalities=None, slices=1: bases)
-    rows = ud.write_set(tmp_path, ("dose", "noise"), None, 1)
+    rows = ud.write_set(tmp_path, ("dose", "noise", "ringing"), None, 1)
     kinds = {(r["modality"], r["kind"]) for r in rows}
     assert kinds == {("ct", "clean"), ("ct", "dose"), ("ct", "noise"), ("xr", "clean"), ("xr", "noise")}
     assert len(list(tmp_path.glob("*-dose*.dcm"))) == 3
