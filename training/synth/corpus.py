@@ -241,9 +241,10 @@ TRAIN_BAND_NOISE_P = 0.5
 # modality (a draw of their own, see ``_draw_extra_kind``) get one more defect, drawn from
 # ``EXTRA_KINDS``, on top of what the plan gave them, after the acquisition and before the file is
 # written, with its severity in the score (table above):
-# * ``pixelation``: block averages of b × b pixels of the 256 working grid (b = 2 … 8; scaled to
-#   a smaller MR matrix, at least 2) shown at full size — a low-resolution image upscaled with
-#   nearest neighbours;
+# * ``pixelation``: block averages of b × b pixels of the 256 working grid (b = 1 … 8, rounded
+#   from a uniform severity, so b = 1, nothing, now and then; scaled to a smaller MR matrix, at
+#   least 2 when b > 1) shown at full size — a low-resolution image upscaled with nearest
+#   neighbours;
 # * ``quantisation``: the intensities rounded to n levels (4 … 64) across the modality's display
 #   range: CT steps of 400 / n HU (n levels over a soft-tissue window), MR steps of its 99th
 #   percentile / n, 2D images n levels over [0, 1] — bit-depth loss, banding.
@@ -352,7 +353,7 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
                     "spacing, after the whole slice was acquired; val/test, the plan and the scores are "
                     "unchanged."),
     GeneratorOption("train_extra_kinds", False, "30 % of the training studies of every modality get one more "
-                    "defect, pixelation (2-8 px blocks) or quantisation (4-64 levels), with its severity in "
+                    "defect, pixelation (1-8 px blocks) or quantisation (4-64 levels), with its severity in "
                     "the score; val/test are unchanged."),
 )
 
