@@ -976,6 +976,54 @@ def test_shipped_recipes_validate_and_the_bundled_card_names_them_byte_for_byte(
         assert [m["sha256"] for m in d["soup"]["members"]] == [m["sha256"] for m in training["soup"]]
 
 
+def test_soup_maps_a_member_with_another_label_range_onto_the_first_only_when_asked(tmp_path: Path) -> None:
+    """``align_label_scale``: a member whose labels were scaled to another [min, max] has the last
+    Linear of its score head mapped so that its label-unit outputs are unchanged, then averaged;
+    without it, or with another label name, it is refused; the map is in the returned card."""
+    import dataclasses
+
+    from engines.artifact import save_artifact
+    from training.soup import average_iqa, map_label_scale
+
+    torch.manual_seed(0)
+    card = ModelCard(task="iqa", preset="mediqa-test", prompt_vocab={}, preprocess={},
+                     label_scale={"min": 0.0, "max": 1.0, "name": "score"})
+    wide = dataclasses.replace(card, label_scale={"min": -1.0, "max": 1.0, "name": "score"})
+    cls = {"w": torch.ones(2)}
+
+    def head() -> dict[str, torch.Tensor]:
+        return {"score_head.0.weight": torch.randn(4, 3), "score_head.0.bias": torch.randn(4),
+                "score_head.3.weight": torch.randn(1, 4), "score_head.3.bias": torch.tensor([20.0]),   # above the floor
+                "weight_head.3.weight": torch.randn(1, 4), "weight_head.3.bias": torch.randn(1)}
+
+    ha, hb = head(), head()
+    a = save_artifact(tmp_path / "a.safetensors", {"iqa": ha, "classifier": cls}, card)
+    b = save_artifact(tmp_path / "b.safetensors", {"iqa": hb, "classifier": cls}, wide)
+    with pytest.raises(ConfigError, match="label_scale"):
+        average_iqa([a, b])
+    modules, cards = average_iqa([a, b], align_label_scale=True)
+    assert cards[1].training["label_scale_map"] == {"a": 2.0, "b": -1.0, "from": dict(wide.label_scale)}
+    mapped = {k: (2 * modules["iqa"][k] - ha[k]) for k in ha}             # b's mapped tensors, back out of the mean
+    assert torch.allclose(mapped["score_head.3.weight"], 2 * hb["score_head.3.weight"], atol=1e-5)
+    assert torch.allclose(mapped["score_head.3.bias"], 2 * hb["score_head.3.bias"] - 1, atol=1e-5)
+    for k in ("score_head.0.weight", "weight_head.3.weight", "weight_head.3.bias"):   # the rest: as stored
+        assert torch.allclose(mapped[k], hb[k], atol=1e-5)
+    # in label units: a weighted mean of ReLU(last Linear) token scores maps exactly above the floor
+    x = torch.relu(torch.randn(16, 4)) + 1.0
+    w = torch.rand(16) + 0.1
+    def label(h: dict[str, torch.Tensor], lo: float, hi: float) -> torch.Tensor:
+        s = torch.relu(x @ h["score_head.3.weight"].T + h["score_head.3.bias"]).squeeze(-1)
+        return lo + (w * s).sum() / w.sum() * (hi - lo)
+    m, _, _ = map_label_scale(hb, wide.label_scale, card.label_scale)
+    assert label(m, 0.0, 1.0) == pytest.approx(float(label(hb, -1.0, 1.0)), abs=1e-5)
+    other = dataclasses.replace(card, label_scale={"min": 0.0, "max": 2.0, "name": "mAs"})
+    c = save_artifact(tmp_path / "c.safetensors", {"iqa": head(), "classifier": cls}, other)
+    with pytest.raises(ConfigError, match="different things"):
+        average_iqa([a, c], align_label_scale=True)
+    with pytest.raises(ConfigError, match="no score head"):
+        map_label_scale({"w": torch.ones(1)}, wide.label_scale, card.label_scale)
+
+
 def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> None:
     """``average_iqa`` on hand-made members: floating tensors (fp16 stored) are averaged in float32,
     a batch-norm counter takes the largest value, any other integer tensor must agree, and card

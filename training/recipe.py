@@ -29,7 +29,10 @@ its score head) and step 5 packs the result with the base's classifier unchanged
 records the base's sha256, recipe and data summary.
 
 A *soup* recipe has a ``soup`` section instead of ``base`` and the training sections:
-``members``, a list of at least two mappings like ``base`` (``artifact``, ``sha256``, ``git``).
+``members``, a list of at least two mappings like ``base`` (``artifact``, ``sha256``, ``git``),
+and ``align_label_scale`` (default false: members whose label range differs are refused; true:
+they are mapped onto the first member's range, ``training.soup.map_label_scale``, and the map is
+recorded with the member in the card).
 Nothing is trained: the members' IQA networks are averaged uniformly (``training.soup``; they
 must share their card's preset, prompts, preprocessing and label scale and carry the same
 classifier, as siblings continued from one base do), packed with that classifier, scored on the
@@ -71,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("preset", "device", "output", "work_dir", "synth", "common", "pretrain", "finetune", "classifier",
             "base", "tta_policy", "feature_head", "soup")
-SOUP_KEYS = ("members",)
+SOUP_KEYS = ("members", "align_label_scale")
 BASE_KEYS = ("artifact", "sha256", "git")
 CORPUS_STAMP = ".recipe-synth.json"   # size, seed and source fingerprint of a recipe's corpus
 SYNTH_KEYS = ("size", "seed", "workers")   # and every generator option (``_synth_keys``)
@@ -118,6 +121,8 @@ def _soup_members(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(sec, dict):
         raise ConfigError("soup must be a mapping with 'members' (a list of artifact / sha256 / git)")
     _check_keys(sec, SOUP_KEYS, "soup")
+    if not isinstance(sec.get("align_label_scale", False), bool):
+        raise ConfigError(f"soup.align_label_scale must be true or false, got {sec['align_label_scale']!r}")
     extra = [k for k in ("base", "pretrain", "finetune", "classifier") if k in recipe]
     if extra:
         raise ConfigError(f"a soup recipe averages finished artifacts and trains nothing; remove {extra}")
@@ -429,14 +434,15 @@ def _run_soup(path: str | Path, recipe: dict[str, Any], sha: str, device: str | 
     paths = [ensure_base(path, m) for m in members]
     work, out_path, manifest, _ = _prepare(path, recipe, work_dir, output, progress)
     cfg = _stage_config(recipe, "common", "finetune", work / "runs" / "soup", work / "cache", device, progress)
-    modules, cards = average_iqa(paths)
+    modules, cards = average_iqa(paths, align_label_scale=recipe["soup"].get("align_label_scale", False))
     first = cards[0]
     soup = []
     for m, c in zip(members, cards):
         tr = c.training or {}
         soup.append({"sha256": str(m["sha256"]).lower(), "git": m.get("git"), "recipe": tr.get("recipe"),
                      "recipe_sha256": tr.get("recipe_sha256"), "finetune": tr.get("finetune"),
-                     "base": tr.get("base")})
+                     "base": tr.get("base"), **({"label_scale_map": tr["label_scale_map"]}
+                                                 if "label_scale_map" in tr else {})})
     training: dict[str, Any] = {"recipe": Path(path).name, "recipe_sha256": sha, "recipe_config": recipe,
                                 "soup": soup, "classifier": (first.training or {}).get("classifier")}
     card = ModelCard(
