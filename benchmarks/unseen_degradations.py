@@ -120,15 +120,13 @@ def degrade(u: np.ndarray, kind: str, level: float, rng: np.random.Generator) ->
         out[hit & ~salt] = 0.0
         return out
     if kind == "pixelate":
-        b = int(level)
-        hb, wb = -(-h // b), -(-w // b)
-        pad = [(0, hb * b - h), (0, wb * b - w)] + [(0, 0)] * (x.ndim - 2)
-        p = np.pad(x, pad, mode="edge")
-        blocks = p.reshape(hb, b, wb, b, *x.shape[2:]).mean(axis=(1, 3))
-        return np.repeat(np.repeat(blocks, b, axis=0), b, axis=1)[:h, :w]
+        from training.synth.degrade import pixelate
+
+        return pixelate(x, int(level))
     if kind == "posterize":
-        n = int(level)
-        return np.round(x * (n - 1)) / (n - 1)
+        from training.synth.degrade import posterize
+
+        return posterize(x, int(level))
     if kind == "stripes":
         rows = level * np.sin(2 * np.pi * STRIPE_PERIODS * np.arange(h) / h)
         return np.clip(x + rows.reshape((h,) + (1,) * (x.ndim - 1)), 0.0, 1.0)

@@ -769,29 +769,17 @@ def apply_extra_kind(x: np.ndarray, params: dict[str, float], modality: str, siz
     stored units (CT HU, MR magnitudes, 2D [0, 1]) on a ``size`` grid; the block is in pixels of
     the 256 grid."""
     x = np.asarray(x)
-    vol = modality in ("ct", "mr")   # (Z, H, W); 2D images are (H, W[, 3])
+    axis = 1 if modality in ("ct", "mr") else 0   # (Z, H, W) volumes; 2D (H, W[, 3])
     if "pixel_block" in params:
         b = int(round(params["pixel_block"] * size / 256.0))
-        b = max(b, 2) if params["pixel_block"] > 1 else 1
-        if b > 1:
-            arr = x if vol else x[None]
-            z, h, w = arr.shape[:3]
-            hb, wb = -(-h // b), -(-w // b)
-            pad = [(0, 0), (0, hb * b - h), (0, wb * b - w)] + [(0, 0)] * (arr.ndim - 3)
-            p = np.pad(arr, pad, mode="edge")
-            blocks = p.reshape(z, hb, b, wb, b, *arr.shape[3:]).mean(axis=(2, 4))
-            out = np.repeat(np.repeat(blocks, b, axis=1), b, axis=2)[:, :h, :w].astype(x.dtype)
-            x = out if vol else out[0]
+        x = degrade.pixelate(x, max(b, 2) if params["pixel_block"] > 1 else 1, axis)
     if "levels" in params:
         n = float(params["levels"])
-        if modality == "ct":
-            step = CT_QUANT_WINDOW_HU / n
-            x = (np.round(x / step) * step).astype(x.dtype)
-        elif modality == "mr":
-            step = max(float(np.percentile(x, 99.0)), 1e-6) / n
+        if modality in ("ct", "mr"):   # CT: n levels over a soft-tissue window; MR: over its 99th percentile
+            step = (CT_QUANT_WINDOW_HU if modality == "ct" else max(float(np.percentile(x, 99.0)), 1e-6)) / n
             x = (np.round(x / step) * step).astype(x.dtype)
         else:
-            x = (np.round(np.clip(x, 0.0, 1.0) * (n - 1)) / (n - 1)).astype(x.dtype)
+            x = degrade.posterize(x, int(n))
     return x
 
 

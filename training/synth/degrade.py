@@ -48,7 +48,8 @@ MR models
 ---------
 Gaussian blur (σ px), additive Gaussian noise (σ in [0, 1] units), JPEG compression (Pillow,
 quality q; returns the decoded pixels), uneven illumination (multiplicative smooth field
-``1 + b * g``).
+``1 + b * g``); pixelation (block averages) and posterisation (n levels), used by
+``train_extra_kinds`` and ``benchmarks/unseen_degradations.py``.
 """
 
 from __future__ import annotations
@@ -317,6 +318,32 @@ def uneven_illumination(img: np.ndarray, strength: float, rng: np.random.Generat
     if x.ndim == 3:
         field = field[..., None]
     return np.clip(x * field, 0.0, 1.0).astype(np.float32)
+
+
+def pixelate(img: np.ndarray, block: int, axis: int = 0) -> np.ndarray:
+    """Block averages of ``block`` × ``block`` pixels over the spatial axes ``axis`` and ``axis`` + 1
+    (0 for (H, W[, 3]) images, 1 for (Z, H, W) volumes), shown at full size (nearest-neighbour
+    upscaling); the last partial blocks average the edge-padded image. Same shape and dtype;
+    ``block`` ≤ 1 returns a copy."""
+    x = np.asarray(img)
+    b = int(block)
+    if b <= 1:
+        return x.copy()
+    h, w = x.shape[axis], x.shape[axis + 1]
+    hb, wb = -(-h // b), -(-w // b)
+    pad = [(0, 0)] * x.ndim
+    pad[axis], pad[axis + 1] = (0, hb * b - h), (0, wb * b - w)
+    p = np.pad(x, pad, mode="edge")
+    blocks = p.reshape(x.shape[:axis] + (hb, b, wb, b) + x.shape[axis + 2:]).mean(axis=(axis + 1, axis + 3))
+    out = np.repeat(np.repeat(blocks, b, axis=axis), b, axis=axis + 1)
+    return out[(slice(None),) * axis + (slice(0, h), slice(0, w))].astype(x.dtype)
+
+
+def posterize(img: np.ndarray, levels: int) -> np.ndarray:
+    """[0, 1] intensities rounded to ``levels`` evenly spaced values (bit-depth loss); same dtype."""
+    x = np.asarray(img)
+    n = int(levels) - 1
+    return (np.round(np.clip(x, 0.0, 1.0) * n) / n).astype(x.dtype)
 
 
 def water_phantom(size: int = 256, pixel_mm: float = 1.0, diameter_mm: float = 200.0) -> np.ndarray:
