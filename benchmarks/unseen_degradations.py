@@ -236,10 +236,10 @@ def write_set(root: Path, kinds: Iterable[str] = UNSEEN + SEEN, modalities: Iter
         write_study(root / f"{stem}-clean", modality, arr, pixel_mm, f"{stem}-clean")
         rows.append({"file": f"{stem}-clean", "unit": unit, "modality": modality, "kind": "clean", "step": 0})
         for kind in kinds:
+            if (kind in CT_SEEN and modality != "ct") or (kind in MR_SEEN and modality != "mr"):
+                continue   # a scanner's own acquisition defect: only on its modality's images
             for step, level in enumerate(strengths(kind, u.shape), start=1):
                 rng = np.random.default_rng([i, step, len(kind)])
-                if (kind in CT_SEEN and modality != "ct") or (kind in MR_SEEN and modality != "mr"):
-                    continue   # a scanner's own acquisition defect: only on its modality's images
                 if kind in CT_SEEN:
                     img = ct_degrade(arr, kind, level, float(pixel_mm[0]), rng)
                 else:

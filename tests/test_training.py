@@ -1014,14 +1014,14 @@ def test_soup_maps_a_member_with_another_label_range_onto_the_first_only_when_as
     def label(h: dict[str, torch.Tensor], lo: float, hi: float) -> torch.Tensor:
         s = torch.relu(x @ h["score_head.3.weight"].T + h["score_head.3.bias"]).squeeze(-1)
         return lo + (w * s).sum() / w.sum() * (hi - lo)
-    m, _, _ = map_label_scale(hb, wide.label_scale, card.label_scale)
+    m, _, _ = map_label_scale(hb, wide, card)
     assert label(m, 0.0, 1.0) == pytest.approx(float(label(hb, -1.0, 1.0)), abs=1e-5)
     other = dataclasses.replace(card, label_scale={"min": 0.0, "max": 2.0, "name": "mAs"})
     c = save_artifact(tmp_path / "c.safetensors", {"iqa": head(), "classifier": cls}, other)
     with pytest.raises(ConfigError, match="different things"):
         average_iqa([a, c], align_label_scale=True)
     with pytest.raises(ConfigError, match="no score head"):
-        map_label_scale({"w": torch.ones(1)}, wide.label_scale, card.label_scale)
+        map_label_scale({"w": torch.ones(1)}, wide, card)
 
 
 def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> None:

@@ -29,20 +29,21 @@ SHARED_FIELDS = ("task", "preset", "prompt_vocab", "preprocess", "label_scale", 
                  "classifier_preset")
 
 
-def map_label_scale(iqa: Mapping[str, Any], src: Mapping[str, Any], dst: Mapping[str, Any]
-                    ) -> tuple[dict[str, Any], float, float]:
-    """``iqa`` (a MANIQA state dict whose labels were min-max scaled by ``src``) with the last Linear
-    of every score head mapped so that its outputs are in ``dst``'s scale, and the map (a, b):
+def map_label_scale(iqa: Mapping[str, Any], src: Any, dst: Any) -> tuple[dict[str, Any], float, float]:
+    """``iqa`` (a MANIQA state dict whose labels were min-max scaled as card ``src`` says) with the
+    last Linear of every score head mapped so that its outputs are in card ``dst``'s scale (both read
+    by ``ModelCard.label_range``), and the map (a, b):
     ``q_dst = a · q_src + b`` with ``a = (hi_src − lo_src) / (hi_dst − lo_dst)`` and
     ``b = (lo_src − lo_dst) / (hi_dst − lo_dst)``, applied to that Linear's weight and bias. The
     image score is a weighted mean of the token scores, so it maps alike; exact wherever the
     token scores stay above the score head's ReLU floor (measured on 24 corpus studies: within
     0.0009, fp16 storage included). ConfigError without a score head or with another label name."""
-    if src.get("name") != dst.get("name"):
-        raise ConfigError(f"label scales {src.get('name')!r} and {dst.get('name')!r} measure different things")
-    lo_s, hi_s, lo_d, hi_d = (float(v) for v in (src["min"], src["max"], dst["min"], dst["max"]))
+    names = [(c.label_scale or {}).get("name") for c in (src, dst)]
+    if names[0] != names[1]:
+        raise ConfigError(f"label scales {names[0]!r} and {names[1]!r} measure different things")
+    (lo_s, hi_s), (lo_d, hi_d) = src.label_range(), dst.label_range()
     if hi_d <= lo_d or hi_s <= lo_s:
-        raise ConfigError(f"empty label range: {src} / {dst}")
+        raise ConfigError(f"empty label range: {src.label_scale} / {dst.label_scale}")
     a, b = (hi_s - lo_s) / (hi_d - lo_d), (lo_s - lo_d) / (hi_d - lo_d)
     last: dict[str, int] = {}   # prefix → index of the last Linear of that score head
     for key in iqa:
@@ -104,7 +105,7 @@ def average_iqa(paths: list[Path], align_label_scale: bool = False
         for i, (mods, card) in enumerate(loaded[1:], start=1):
             if card.label_scale == first_card.label_scale:
                 continue
-            mapped, a, b = map_label_scale(mods["iqa"], card.label_scale, first_card.label_scale)
+            mapped, a, b = map_label_scale(mods["iqa"], card, first_card)
             logger.info("%s: label scale %s mapped onto %s (a %.6f, b %+.6f)", paths[i].name,
                         card.label_scale, first_card.label_scale, a, b)
             training = {**(card.training or {}), "label_scale_map": {"a": a, "b": b,
