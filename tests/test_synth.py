@@ -715,6 +715,67 @@ def test_train_extra_kinds_adds_a_scored_defect_to_some_training_studies_of_ever
         assert new["degradation"] == s.degradation and new["path"] == old["path"]
 
 
+def test_train_siblings_show_the_same_anatomy_with_other_degradations(tmp_path: Path) -> None:
+    """``train_siblings``: the planned studies are unchanged, about ``TRAIN_SIBLINGS_P`` of the
+    training studies (and no val / test study) get a sibling appended after them, which renders the
+    same anatomy with its own degradation, scored by its own parameters, and names its original in
+    the manifest's ``content`` column (absent from a corpus without siblings)."""
+    from training.synth.corpus import TRAIN_SIBLINGS_P, render_corpus, render_study
+
+    plan, base = plan_corpus(5, "small", train_siblings=True), plan_corpus(5, "small")
+    assert plan_corpus(5, "small", train_siblings=True) == plan
+    assert plan[:len(base)] == base
+    sibs = plan[len(base):]
+    by_index = {s.index: s for s in base}
+    train = [s for s in base if s.split == "train"]
+    assert abs(len(sibs) / len(train) - TRAIN_SIBLINGS_P) < 0.1
+    assert [s.index for s in sibs] == list(range(len(base), len(plan)))
+    assert len({s.relpath for s in plan}) == len(plan)
+    for s in sibs:
+        o = by_index[s.content]
+        assert o.split == "train" and s.content_path == o.relpath and s.content_index == o.index
+        assert (s.modality, s.dimension, s.unit, s.n_anat, s.n_air, s.warp, s.window) == \
+               (o.modality, o.dimension, o.unit, o.n_anat, o.n_air, o.warp, o.window)
+        assert s.fmt == "jpeg" if "jpeg" in s.degradation else s.fmt != "jpeg"
+    assert sum(s.params != by_index[s.content].params for s in sibs) == len(sibs)
+    assert {s.modality for s in sibs} == {"ct", "mr", "xr", "fundus"}
+    # same anatomy: a 2D sibling and its original re-rendered without degradation (CT at a huge
+    # dose, MR at 7 T) correlate; another study of the same source does not as much
+    from PIL import Image
+
+    from training.synth.degrade import FULL_VIEWS
+
+    clean = {"xr": {}, "ct": {"mas": 1e7, "views": float(FULL_VIEWS), "exposure_time_ms": 1000.0},
+             "mr": {"tesla": 7.0, "motion_period": 5.0}}
+
+    def pixels(spec, tag: str) -> np.ndarray:
+        rel = f"{tag}/{spec.modality}-{spec.index}" + (".png" if spec.modality == "xr" else ".dcm")
+        row = render_study(dataclasses.replace(spec, params=clean[spec.modality], relpath=rel,
+                                               fmt="png" if spec.modality == "xr" else spec.fmt), tmp_path)
+        f = tmp_path / row["path"]
+        return np.asarray(Image.open(f) if f.suffix == ".png" else pydicom.dcmread(f).pixel_array, np.float64)
+
+    for mod in ("xr", "ct", "mr"):
+        s = next(s for s in sibs if s.modality == mod and s.dimension == "2d")
+        o = by_index[s.content]
+        a, b = pixels(s, "a"), pixels(o, "b")
+        corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        assert corr > 0.99, (mod, corr)
+        other = next(x for x in base if x.modality == mod and x.dimension == "2d" and x.split == "train"
+                     and x.unit.source == o.unit.source and x.index != o.index)
+        c = pixels(other, "c")
+        if c.shape == b.shape:
+            assert np.corrcoef(c.ravel(), b.ravel())[0, 1] < corr - 0.02, mod
+    # the manifest names the original; a corpus without siblings has no content column
+    few = [s for s in plan if s.index in (sibs[0].index, sibs[0].content)]
+    rows = {r["path"]: r for r in csv.DictReader(open(render_corpus(tmp_path / "m", few)))}
+    sib = rows[sibs[0].relpath]
+    assert sib["content"] == sibs[0].content_path and rows[sibs[0].content_path]["content"] == ""
+    assert float(sib["score"]) == pytest.approx(float(render_study(sibs[0], tmp_path / "r")["score"]))
+    plain = open(render_corpus(tmp_path / "p", [by_index[sibs[0].content]])).readline()
+    assert "content" not in plain
+
+
 def test_extra_kinds_pixelate_in_blocks_and_quantise_to_levels() -> None:
     from training.synth.corpus import apply_extra_kind
 
@@ -764,7 +825,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
                      "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr", "train_ct_fov",
-                     "train_extra_kinds"]
+                     "train_extra_kinds", "train_siblings"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with

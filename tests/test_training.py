@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import json
 import os
 from pathlib import Path
@@ -317,6 +319,102 @@ def test_grouped_plcc_loss_judges_ranking_within_each_group() -> None:
     task.outputs = lambda *a: (p.detach(), t, None, 6)  # type: ignore[method-assign]  # outputs() stubbed
     want = float(torch.nn.functional.mse_loss(p, t) + plcc_loss(p, t) + grouped_plcc_loss(p, t, g))
     assert float(task.loss(None, batch, torch.device("cpu"), False)[0]) == pytest.approx(want, abs=1e-5)
+
+
+def test_pair_difference_loss_fits_differences_within_one_content() -> None:
+    """An offset shared by a content's studies costs nothing; two siblings placed the wrong way
+    round cost the squared error of their difference; studies of different contents never pair;
+    no pair gives 0 with a gradient path. IQATask adds it to MSE (+ PLCC) with the batch's content
+    ids, 2D items first, then 3D."""
+    import torch
+
+    from training.loop import IQATask, pair_difference_loss, plcc_loss
+
+    t = torch.tensor([0.2, 0.6, 0.3, 0.9])
+    c = torch.tensor([0, 0, 1, 1])
+    p = t + torch.tensor([0.3, 0.3, -0.2, -0.2])                    # an offset per content
+    assert float(pair_difference_loss(p, t, c)) == pytest.approx(0.0, abs=1e-7)
+    swapped = torch.tensor([0.6, 0.2, 0.3, 0.9])                      # content 0 backwards
+    assert float(pair_difference_loss(swapped, t, c)) == pytest.approx((0.8 ** 2 + 0.0) / 2, abs=1e-6)
+    triple = torch.tensor([0, 0, 0, 1])                                # three siblings: three pairs
+    want = (((0.1 - 0.5) - (0.2 - 0.6)) ** 2 + ((0.1 - 0.0) - (0.2 - 0.3)) ** 2
+            + ((0.5 - 0.0) - (0.6 - 0.3)) ** 2) / 3
+    assert float(pair_difference_loss(torch.tensor([0.1, 0.5, 0.0, 0.0]), t, triple)) == pytest.approx(want, abs=1e-6)
+    q = torch.tensor([0.9, 0.1, 0.5, 0.5], requires_grad=True)
+    alone = pair_difference_loss(q, t, torch.arange(4))
+    alone.backward()
+    assert float(alone) == 0.0 and q.grad is not None
+    task = IQATask("mse+plcc+pairdiff", slice(1, 3))
+    batch = {"2d": {"content": c[:3]}, "3d": {"content": c[3:]}}
+    task.outputs = lambda *a: (swapped, t, None, 4)  # type: ignore[method-assign]  # outputs() stubbed
+    want = float(torch.nn.functional.mse_loss(swapped, t) + plcc_loss(swapped, t) + pair_difference_loss(swapped, t, c))
+    assert float(task.loss(None, batch, torch.device("cpu"), False)[0]) == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ConfigError, match="batches siblings together"):
+        TrainConfig(loss="mse+pairdiff", batch_group="modality")
+
+
+def test_content_batch_sampler_keeps_siblings_together() -> None:
+    """Every index once per epoch, a fixed number of batches of near-equal size, a content's
+    studies never split across batches, the order drawn from the generator (reproducible, changes
+    between epochs)."""
+    import torch
+
+    from training.data.torchdata import ContentBatchSampler
+
+    content = [0, 1, 1, 2, 3, 3, 3, 4, 5, 5, 6, 7, 8, 8, 9]
+    sampler = ContentBatchSampler(content, 4, torch.Generator().manual_seed(0))
+    epochs = [list(sampler) for _ in range(3)]
+    for batches in epochs:
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(content)))
+        assert all(3 <= len(b) <= 5 for b in batches)     # 15 over 4 batches; a triple may make 5
+        where = {i: k for k, b in enumerate(batches) for i in b}
+        for c in set(content):
+            assert len({where[i] for i, x in enumerate(content) if x == c}) == 1
+    assert epochs[0] != epochs[1]
+    again = ContentBatchSampler(content, 4, torch.Generator().manual_seed(0))
+    assert list(again) == epochs[0]
+    with pytest.raises(ValueError):
+        ContentBatchSampler(content, 0)
+
+
+def test_finetune_with_the_pair_difference_loss_sees_siblings(corpus: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loss: mse+plcc+pairdiff`` end to end on a manifest whose content column pairs training
+    studies (as ``mediqa synth --train-siblings`` writes it): the pairs reach the loss in the
+    same batch, the loss is finite and the run writes its artifact."""
+    import torch
+
+    import training.loop as loop_mod
+
+    rows = list(csv.DictReader(corpus.open()))
+    train = [r for r in rows if r["split"] == "train"]
+    by_kind: dict[str, list[dict[str, str]]] = {}
+    for r in train:
+        by_kind.setdefault(r["path"].split("_")[0].split("/")[0], []).append(r)
+    for group in by_kind.values():      # ct2d_0 / ct2d_1, the two fundus photos, ct3d_0 / ct3d_3
+        for r in group[1:]:
+            r["content"] = group[0]["path"]
+    manifest = corpus.parent / "siblings.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) + ["content"])
+        w.writeheader()
+        w.writerows(rows)
+    seen: list[int] = []
+    real = loop_mod.pair_difference_loss
+
+    def spy(pred: torch.Tensor, target: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        seen.append(int(torch.triu(content[:, None] == content[None, :], diagonal=1).sum()))
+        return real(pred, target, content)
+
+    monkeypatch.setattr(loop_mod, "pair_difference_loss", spy)
+    cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path), loss="mse+plcc+pairdiff", **FAST)
+    out = run_finetune(manifest, cfg)
+    n_pairs = sum(len(g) - 1 for g in by_kind.values())
+    assert n_pairs >= 2 and sum(seen) == 2 * n_pairs          # every pair met in one batch, each epoch
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert log and all(np.isfinite(r["train_loss"]) for r in log)
+    assert load_card(out.artifact).training["loss"] == "mse+plcc+pairdiff"
 
 
 def test_finetune_with_the_per_modality_plcc_loss(corpus: Path, tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ from engines.errors import ConfigError
 from engines.prompts import GROUPS
 
 TASKS = ("pretrain", "finetune", "classifier")
-LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality", "mse+plcc+plcc-modality")   # iqa losses (training.loop.IQATask)
+LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality", "mse+plcc+plcc-modality",
+                          "mse+pairdiff", "mse+plcc+pairdiff")   # iqa losses (training.loop.IQATask)
 BATCH_GROUPS: tuple[str, ...] = ("modality",)  # batch_group values (training.data.torchdata.GroupedBatchSampler)
 
 
@@ -59,7 +60,11 @@ class TrainConfig:
     loss: str = "mse"                       # iqa tasks: "mse" | "mse+plcc" (MSE + 1 − batch PLCC) |
                                             # "mse+plcc-modality" (MSE + mean over the batch's prompt
                                             # modalities of 1 − PLCC within the modality) |
-                                            # "mse+plcc+plcc-modality" (both PLCC terms)
+                                            # "mse+plcc+plcc-modality" (both PLCC terms) |
+                                            # "mse+pairdiff" / "mse+plcc+pairdiff": + the squared error of
+                                            # score differences between studies of one content
+                                            # (siblings, the manifest's content column; batches keep
+                                            # them together, training.data.torchdata.ContentBatchSampler)
     batch_group: str | None = None          # training batches drawn from one prompt group value each
                                             # ("modality": a batch's PLCC term is then a within-modality
                                             # correlation); None = batches across the whole split
@@ -104,6 +109,9 @@ class TrainConfig:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss.endswith("pairdiff") and self.batch_group is not None:
+            raise ConfigError(f"loss {self.loss} batches siblings together; it cannot be combined with "
+                              f"batch_group {self.batch_group!r}")
         if self.batch_group is not None and self.batch_group not in BATCH_GROUPS:
             raise ConfigError(f"batch_group must be one of {BATCH_GROUPS} or null, got {self.batch_group!r}")
         if self.prompt_groups is not None:

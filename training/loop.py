@@ -155,13 +155,28 @@ def grouped_plcc_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Ten
     return torch.stack(terms).mean() if terms else plcc_loss(pred, target)
 
 
+def pair_difference_loss(pred: torch.Tensor, target: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's pairs of studies that show one content (the same ``content`` id: an
+    original and its siblings) of ``((pred_i − pred_j) − (target_i − target_j))²``. A score offset
+    that a content puts on every one of its studies cancels; what is fitted is how far apart two
+    degradations of the same anatomy are. Zero (with a gradient path) when the batch has no pair."""
+    same = content[:, None] == content[None, :]
+    pairs = torch.triu(same, diagonal=1)
+    if not bool(pairs.any()):
+        return pred.sum() * 0.0
+    dp = pred[:, None] - pred[None, :]
+    dt = target[:, None] - target[None, :]
+    return ((dp - dt)[pairs] ** 2).mean()
+
+
 class IQATask:
     """Score regression (pretraining targets or quality scores in [0, 1]).
 
     ``loss``: "mse" (the paper's), "mse+plcc": MSE + (1 − PLCC) over the batch, or
     "mse+plcc-modality": MSE + ``grouped_plcc_loss`` with the items grouped by the modality of
     their prompt (``modality_columns``: ``PromptVocab.columns("modality")``), or
-    "mse+plcc+plcc-modality": MSE + both PLCC terms.
+    "mse+plcc+plcc-modality": MSE + both PLCC terms; "mse+pairdiff" / "mse+plcc+pairdiff": MSE
+    (+ batch PLCC) + ``pair_difference_loss`` over the batch's siblings (the batch's ``content``).
     """
 
     name = "iqa"
@@ -203,13 +218,17 @@ class IQATask:
         # MSE over the union of the 2D and 3D items = the two groups' MSEs weighted by count.
         pred, target, _, n_img = self.outputs(model, batch, device, amp)
         loss = F.mse_loss(pred, target)
-        if self.loss_name in ("mse+plcc", "mse+plcc+plcc-modality"):
+        if self.loss_name in ("mse+plcc", "mse+plcc+plcc-modality", "mse+plcc+pairdiff"):
             loss = loss + plcc_loss(pred, target)
         if self.loss_name.endswith("plcc-modality"):
             # the batch's prompts in the order of ``outputs``: 2D items, then 3D
             prompt = torch.cat([b["prompt"] for b in (batch["2d"], batch["3d"]) if b is not None])
             group = prompt[:, self.modality_columns].argmax(dim=1).to(pred.device)
             loss = loss + grouped_plcc_loss(pred, target, group)
+        if self.loss_name.endswith("pairdiff"):
+            # the batch's content ids in the order of ``outputs``: 2D items, then 3D
+            content = torch.cat([b["content"] for b in (batch["2d"], batch["3d"]) if b is not None])
+            loss = loss + pair_difference_loss(pred, target, content.to(pred.device))
         return loss, n_img
 
     def predict(self, model: nn.Module, batch: dict[str, Any], device: torch.device,

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 PROMPT_LABEL_GROUPS = ("modality", "region", "type")
 #: Manifest columns, beyond ``path`` and ``score``, carried along for per-group evaluation.
-EXTRA_COLUMNS = ("dimension", "split", "source_id", "degradation", "severity", "group", "patient")
+EXTRA_COLUMNS = ("dimension", "split", "source_id", "degradation", "severity", "group", "patient",
+                 "content")
 #: File names of a directory's manifest.
 MANIFEST_NAME = "manifest.csv"
 #: LDCTIQA2023: every image is an abdominal CT slice from the low-dose CT grand challenge data.

@@ -58,6 +58,7 @@ class StudyDataset(Dataset):
                  gamma: float = 0.0) -> None:
         self.items = items
         self.cache = cache
+        self.content = content_ids(items)
         self.flip = flip
         self.rot90 = rot90
         self.gamma = float(gamma)
@@ -86,7 +87,8 @@ class StudyDataset(Dataset):
             x = self._intensity(x)
         return {"x": x, "kind": it.kind, "prompt": torch.from_numpy(it.prompt),
                 "target": torch.tensor(it.target, dtype=torch.float32),
-                "labels": torch.tensor(it.labels, dtype=torch.long), "index": i}
+                "labels": torch.tensor(it.labels, dtype=torch.long), "index": i,
+                "content": self.content[i]}
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -126,6 +128,58 @@ class GroupedBatchSampler(Sampler[list[int]]):
             yield batches[j]
 
 
+def content_key(sample: Sample) -> str:
+    """The anatomy a study shows: the manifest's ``content`` column (a sibling's original, see
+    ``mediqa synth --train-siblings``) or, without one, the study's own path."""
+    return sample.extra.get("content") or sample.path
+
+
+def content_ids(items: list[Item]) -> list[int]:
+    """One integer per item; items that show the same content (``content_key``; an item without
+    a sample: its cache key) share it."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(content_key(it.sample) if it.sample is not None else it.key, len(ids))
+            for it in items]
+
+
+class ContentBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices in which the studies of one content (``content_ids``: an
+    original and its siblings) always travel together, for the ``pairdiff`` losses.
+
+    ``ceil(n / batch_size)`` batches per epoch (fewer only with fewer contents), a fixed number, so
+    the schedule's step count holds. Each epoch shuffles the contents and deals each, whole, to the
+    batch that holds the fewest studies so far, then shuffles the batches: sizes differ by less
+    than the largest content, and a batch exceeds ``batch_size`` by at most that content's size − 1.
+    Every index appears exactly once per epoch; randomness comes from ``generator`` only.
+    """
+
+    def __init__(self, content: list[int], batch_size: int, generator: torch.Generator | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.generator = generator
+        by: dict[int, list[int]] = {}
+        for i, c in enumerate(content):
+            by.setdefault(int(c), []).append(i)
+        self._groups = [v for _, v in sorted(by.items())]
+        self._n = min(len(self._groups), -(-len(content) // self.batch_size))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        import heapq  # noqa: PLC0415
+
+        batches: list[list[int]] = [[] for _ in range(self._n)]
+        heap = [(0, k) for k in range(self._n)]   # (studies so far, batch)
+        for g in torch.randperm(len(self._groups), generator=self.generator).tolist():
+            load, k = heapq.heappop(heap)
+            batches[k].extend(self._groups[g])
+            heapq.heappush(heap, (load + len(self._groups[g]), k))
+        for k in torch.randperm(self._n, generator=self.generator).tolist():
+            yield batches[k]
+
+
 def _stack(group: list[dict[str, Any]], name: str) -> dict[str, torch.Tensor] | None:
     if not group:
         return None
@@ -133,7 +187,8 @@ def _stack(group: list[dict[str, Any]], name: str) -> dict[str, torch.Tensor] | 
             "prompt": torch.stack([g["prompt"] for g in group]),
             "target": torch.stack([g["target"] for g in group]),
             "labels": torch.stack([g["labels"] for g in group]),
-            "index": torch.tensor([g["index"] for g in group], dtype=torch.long)}
+            "index": torch.tensor([g["index"] for g in group], dtype=torch.long),
+            "content": torch.tensor([g["content"] for g in group], dtype=torch.long)}
 
 
 def collate_studies(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -255,6 +255,14 @@ TRAIN_BAND_NOISE_P = 0.5
 # unchanged, and so are the drawn studies' other parameters.
 EXTRA_KINDS = ("pixelation", "quantisation")
 TRAIN_EXTRA_KINDS_P = 0.3
+
+# ``train_siblings``: a fraction ``TRAIN_SIBLINGS_P`` of the training studies (every modality and
+# dimension; a draw of their own) get a sibling, the same anatomy with other degradations. With a
+# ``pairdiff`` loss (``training.loop.pair_difference_loss``) the difference of two siblings' scores
+# is fitted to the difference of their labels: what separates two degradations is learnt on one
+# content, the way the held-out sources must be ranked, instead of through content differences
+# between studies (as in ranking on distortions of one image, RankIQA).
+TRAIN_SIBLINGS_P = 0.3
 CT_QUANT_WINDOW_HU = 400.0
 
 DOSE_LABELS = ("mas", "noise")
@@ -355,6 +363,10 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("train_extra_kinds", False, "30 % of the training studies of every modality get one more "
                     "defect, pixelation (1-8 px blocks) or quantisation (4-64 levels), with its severity in "
                     "the score; val/test are unchanged."),
+    GeneratorOption("train_siblings", False, "30 % of the training studies get a sibling: the same anatomy "
+                    "(slice, window, warp) with degradations drawn anew, appended after the plan and named "
+                    "in the manifest's content column, for the pairdiff losses; every planned study is "
+                    "unchanged."),
 )
 
 
@@ -434,6 +446,13 @@ class StudySpec:
     apodize: bool = False                # MR training study's truncated k-space Hamming-filtered (train_mr_apodize)
     band_noise: bool = False             # CT / MR training study's noise band-limited with its resolution (train_band_noise)
     fov: float = 1.0                     # CT training study's written side as a fraction of the image (train_ct_fov)
+    content: int = -1                    # train_siblings: the index whose anatomy this study shows (-1: its own)
+    content_path: str = ""               # train_siblings: that study's relpath (the manifest's content column)
+
+    @property
+    def content_index(self) -> int:
+        """The index that seeds the study's anatomy: its own, or its sibling's original's."""
+        return self.index if self.content < 0 else self.content
 
 
 def _draw_params(modality: str, primary: tuple[str, ...], rng: np.random.Generator
@@ -490,7 +509,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                 mr_native_matrix: bool = False, train_mr_matrix: bool = False,
                 train_mr_apodize: bool = False, train_band_noise: bool = False,
                 train_more_mr: bool = False, train_ct_fov: bool = False,
-                train_extra_kinds: bool = False) -> list[StudySpec]:
+                train_extra_kinds: bool = False, train_siblings: bool = False) -> list[StudySpec]:
     """Deterministic list of studies for ``seed`` and ``size`` (a name of ``SIZES`` or a config).
 
     ``train_windows``: training studies of tiled sources (X-ray, fundus) each show a random window
@@ -554,6 +573,10 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
     modality (``_draw_extra_kind``) get pixelation or quantisation on top: its parameter in
     ``params``, its name appended to ``degradation`` (``dose+pixelation``) and its severity in the
     score. File names, the other parameters and every other study are the same either way.
+
+    ``train_siblings``: a fraction ``TRAIN_SIBLINGS_P`` of the training studies (``_option_draw``)
+    get a sibling (``_sibling``), appended after the whole plan: the same anatomy with its
+    degradations drawn anew. Every planned study is the same either way.
     """
     if dose_label not in DOSE_LABELS:
         raise ValueError(f"dose_label must be one of {DOSE_LABELS}, got {dose_label!r}")
@@ -637,7 +660,37 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                                                and _option_draw(int(seed), index, 0xB4D0, TRAIN_BAND_NOISE_P)),
                                    fov=(_draw_ct_fov(int(seed), index)
                                         if train_ct_fov and mod == "ct" and unit.split == "train" else 1.0)))
+    if train_siblings:
+        planned = list(specs)
+        for spec in planned:
+            if spec.split == "train" and _option_draw(int(seed), spec.index, 0x51B5, TRAIN_SIBLINGS_P):
+                specs.append(_sibling(spec, len(specs)))
     return specs
+
+
+def _sibling(spec: StudySpec, index: int) -> StudySpec:
+    """``train_siblings``: study ``index`` showing ``spec``'s anatomy (``StudySpec.content``: its
+    renderer seeds the anatomy from ``spec``'s stream) with a degradation drawn anew, as the plan
+    draws one (single or mixed kinds, ``_draw_params``), on a generator of its own. The format
+    follows the kinds (JPEG when ``jpeg`` is drawn; a JPEG original's sibling without it is a PNG);
+    ``train_extra_kinds`` is not drawn for siblings."""
+    rng = _own_rng(spec.seed, spec.index, 0x51B1)
+    kinds = sorted(KINDS[spec.modality])
+    if rng.uniform() < MIXED_FRACTION:
+        names = sorted(kinds[int(i)] for i in rng.choice(len(kinds), size=2, replace=False))
+    else:
+        names = [kinds[int(rng.integers(len(kinds)))]]
+    primary = tuple(k for n in names for k in KINDS[spec.modality][n])
+    params = _draw_params(spec.modality, primary, rng)
+    fmt = spec.fmt
+    if spec.modality in ("xr", "fundus"):
+        fmt = "jpeg" if "jpeg" in names else ("png" if spec.fmt == "jpeg" else spec.fmt)
+    degr = "+".join(names)
+    suffix = {"dicom": "" if spec.dimension == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
+              "jpeg": ".jpg"}[fmt]
+    rel = f"{spec.split}/{spec.modality}-{spec.dimension}/{index:05d}-{degr.replace('+', '-')}{suffix}"
+    return dataclasses.replace(spec, index=index, degradation=degr, primary=primary, params=params,
+                               fmt=fmt, relpath=rel, content=spec.index, content_path=spec.relpath)
 
 
 # --- rendering helpers -------------------------------------------------------------------------
@@ -731,7 +784,7 @@ def _own_rng(seed: int, index: int, salt: int) -> np.random.Generator:
 def _warp_rng(spec: "StudySpec") -> np.random.Generator:
     """The warp's own generator: the study's main stream stays as without ``train_warp`` /
     ``train_warp_2d``."""
-    return _own_rng(spec.seed, spec.index, 0x3A4F)
+    return _own_rng(spec.seed, spec.content_index, 0x3A4F)
 
 
 def _ct_window_rng(seed: int, index: int) -> np.random.Generator:
@@ -820,7 +873,7 @@ def _draw_acq_matrix(seed: int, index: int) -> int:
 
 def _tone_rng(spec: "StudySpec") -> np.random.Generator:
     """``train_tone_mr``'s own generator (neither the study's main stream nor the warp's)."""
-    return _own_rng(spec.seed, spec.index, 0x70E5)
+    return _own_rng(spec.seed, spec.content_index, 0x70E5)
 
 
 def tone_curve(img: np.ndarray, rng: np.random.Generator, ref: float) -> np.ndarray:
@@ -910,7 +963,7 @@ def _render_ct(spec: StudySpec, base: BaseImage, rng: np.random.Generator, out: 
         measured["noise_hu"] = degrade.ct_noise_sigma(degrade.gaussian_blur(clean[mid], blur_px), mas,
                                                       pixel, mrng)
     if spec.fov < 1.0:   # train_ct_fov: a small field of view of the acquired slice(s)
-        hu = crop_fov(hu, spec.fov, _own_rng(spec.seed, spec.index, 0xF0F2))
+        hu = crop_fov(hu, spec.fov, _own_rng(spec.seed, spec.content_index, 0xF0F2))
     hu = apply_extra_kind(hu, p, "ct", size)   # train_extra_kinds (nothing when not drawn)
     time_ms = int(p["exposure_time_ms"])
     current = int(round(mas * 1000.0 / time_ms))
@@ -1050,7 +1103,9 @@ _RENDERERS = {"ct": _render_ct, "mr": _render_mr, "xr": _render_2d, "fundus": _r
 
 def render_study(spec: StudySpec, out_dir: Path) -> dict[str, str]:
     """Render one study under ``out_dir`` and return its manifest row (strings)."""
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.index]))
+    # a sibling (train_siblings) draws its anatomy from its original's stream: every renderer
+    # draws the anatomy (slice, window, augmentation, series) before any degradation
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.content_index]))
     base = load_unit(spec.unit)
     measured: dict[str, float] = {}
     n_slices = _RENDERERS[spec.modality](spec, base, rng, Path(out_dir), measured)
@@ -1071,6 +1126,7 @@ def render_study(spec: StudySpec, out_dir: Path) -> dict[str, str]:
         "params": json.dumps(params, sort_keys=True, separators=(",", ":")),
         "physical": "" if physical is None else f"{physical:g}",
         "format": spec.fmt, "n_slices": str(n_slices),
+        **({"content": spec.content_path} if spec.content >= 0 else {}),
     }
 
 
@@ -1082,7 +1138,8 @@ def _render_job(args: tuple[StudySpec, str]) -> dict[str, str]:
 def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     """Write the manifest atomically (temporary file + rename), rows in study order."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+    columns = list(MANIFEST_COLUMNS) + (["content"] if any("content" in r for r in rows) else [])
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     tmp = path.with_suffix(".csv.tmp")
