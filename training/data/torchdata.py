@@ -91,6 +91,17 @@ class StudyDataset(Dataset):
                 "content": self.content[i]}
 
 
+def _indices_by_key(keys: list[Any], batch_size: int) -> list[list[int]]:
+    """The indices of ``keys`` grouped by key, groups in sorted key order (the batch samplers'
+    common start); ValueError when ``batch_size`` < 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    by: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        by.setdefault(k, []).append(i)
+    return [v for _, v in sorted(by.items())]
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices that share one group value (e.g. the modality).
 
@@ -104,14 +115,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, groups: list[str], batch_size: int, generator: torch.Generator | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._groups = [np.asarray(v, dtype=np.int64) for v in _indices_by_key([str(g) for g in groups], batch_size)]
         self.batch_size = int(batch_size)
         self.generator = generator
-        by: dict[str, list[int]] = {}
-        for i, g in enumerate(groups):
-            by.setdefault(str(g), []).append(i)
-        self._groups = [np.asarray(v, dtype=np.int64) for _, v in sorted(by.items())]
 
     def _n_batches(self, n: int) -> int:
         return -(-n // self.batch_size)
@@ -154,14 +160,9 @@ class ContentBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, content: list[int], batch_size: int, generator: torch.Generator | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._groups = _indices_by_key([int(c) for c in content], batch_size)
         self.batch_size = int(batch_size)
         self.generator = generator
-        by: dict[int, list[int]] = {}
-        for i, c in enumerate(content):
-            by.setdefault(int(c), []).append(i)
-        self._groups = [v for _, v in sorted(by.items())]
         self._n = min(len(self._groups), -(-len(content) // self.batch_size))
 
     def __len__(self) -> int:
