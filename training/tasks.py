@@ -119,7 +119,7 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
     from training.data.torchdata import (ContentBatchSampler, GroupedBatchSampler,  # noqa: PLC0415
-                                         StudyDataset, collate_studies, content_ids)
+                                         StudyDataset, collate_studies)
 
     if not items:
         return None
@@ -131,11 +131,11 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     if train and cfg.batch_group is not None:
         groups = [it.prompt_values.get(cfg.batch_group, "other") for it in items]
         batching = {"batch_sampler": GroupedBatchSampler(groups, cfg.batch_size, gen), "generator": gen}
+    dataset = StudyDataset(items, cache, flip=train and cfg.flip_augment, rot90=train and cfg.rot90_augment,
+                           gamma=cfg.gamma_augment if train else 0.0)
     if train and cfg.loss.endswith("pairdiff"):   # siblings in one batch (config: no batch_group)
-        batching = {"batch_sampler": ContentBatchSampler(content_ids(items), cfg.batch_size, gen), "generator": gen}
-    return DataLoader(StudyDataset(items, cache, flip=train and cfg.flip_augment,
-                                   rot90=train and cfg.rot90_augment,
-                                   gamma=cfg.gamma_augment if train else 0.0), **batching,
+        batching = {"batch_sampler": ContentBatchSampler(dataset.content, cfg.batch_size, gen), "generator": gen}
+    return DataLoader(dataset, **batching,
                       collate_fn=collate_studies,
                       pin_memory=cfg.device.startswith("cuda"), num_workers=nw,
                       persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)

@@ -598,18 +598,11 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                      if on)
     specs: list[StudySpec] = []
     for mod, dim, fmt_hint, count in buckets:
-        kinds = sorted(KINDS[mod])
         for _ in range(count):
             index = len(specs)
             unit = _choose_unit(mod, rng, to_val, optional)
             src = source_by_name(unit.source)
-            if rng.uniform() < MIXED_FRACTION:
-                pair = rng.choice(len(kinds), size=2, replace=False)
-                names = sorted(kinds[int(i)] for i in pair)
-            else:
-                names = [kinds[int(rng.integers(len(kinds)))]]
-            primary = tuple(k for n in names for k in KINDS[mod][n])
-            params = _draw_params(mod, primary, rng)
+            names, primary, params = _draw_degradation(mod, rng)
             ptype = src.type
             if mod == "ct" and src.region == "chest":
                 ptype = "lung" if rng.uniform() < 0.5 else "soft"
@@ -631,9 +624,7 @@ def plan_corpus(seed: int, size: str | SizeConfig = "small", *, train_windows: b
                       int(rng.integers(cfg.air_slices[0], cfg.air_slices[1] + 1)))
                      if dim == "3d" else (0, 0))
             degr = "+".join(names)
-            suffix = {"dicom": "" if dim == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
-                      "jpeg": ".jpg"}[fmt]
-            rel = f"{unit.split}/{mod}-{dim}/{index:05d}-{degr.replace('+', '-')}{suffix}"
+            rel = _study_relpath(unit.split, mod, dim, index, degr, fmt)
             if train_extra_kinds and unit.split == "train":
                 extra = _draw_extra_kind(int(seed), index)
                 if extra is not None:   # the file name keeps the plan's names
@@ -674,23 +665,36 @@ def _sibling(spec: StudySpec, index: int) -> StudySpec:
     draws one (single or mixed kinds, ``_draw_params``), on a generator of its own. The format
     follows the kinds (JPEG when ``jpeg`` is drawn; a JPEG original's sibling without it is a PNG);
     ``train_extra_kinds`` is not drawn for siblings."""
-    rng = _own_rng(spec.seed, spec.index, 0x51B1)
-    kinds = sorted(KINDS[spec.modality])
-    if rng.uniform() < MIXED_FRACTION:
-        names = sorted(kinds[int(i)] for i in rng.choice(len(kinds), size=2, replace=False))
-    else:
-        names = [kinds[int(rng.integers(len(kinds)))]]
-    primary = tuple(k for n in names for k in KINDS[spec.modality][n])
-    params = _draw_params(spec.modality, primary, rng)
+    names, primary, params = _draw_degradation(spec.modality, _own_rng(spec.seed, spec.index, 0x51B1))
     fmt = spec.fmt
     if spec.modality in ("xr", "fundus"):
         fmt = "jpeg" if "jpeg" in names else ("png" if spec.fmt == "jpeg" else spec.fmt)
     degr = "+".join(names)
-    suffix = {"dicom": "" if spec.dimension == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
-              "jpeg": ".jpg"}[fmt]
-    rel = f"{spec.split}/{spec.modality}-{spec.dimension}/{index:05d}-{degr.replace('+', '-')}{suffix}"
+    rel = _study_relpath(spec.split, spec.modality, spec.dimension, index, degr, fmt)
     return dataclasses.replace(spec, index=index, degradation=degr, primary=primary, params=params,
                                fmt=fmt, relpath=rel, content=spec.index, content_path=spec.relpath)
+
+
+def _draw_degradation(modality: str, rng: np.random.Generator
+                      ) -> tuple[list[str], tuple[str, ...], dict[str, float]]:
+    """A study's degradation kinds (one, or a mixed pair with probability ``MIXED_FRACTION``; sorted
+    names of ``KINDS``), their severity keys and physical parameters (``_draw_params``), from
+    ``rng`` (the plan's stream, or a sibling's own)."""
+    kinds = sorted(KINDS[modality])
+    if rng.uniform() < MIXED_FRACTION:
+        names = sorted(kinds[int(i)] for i in rng.choice(len(kinds), size=2, replace=False))
+    else:
+        names = [kinds[int(rng.integers(len(kinds)))]]
+    primary = tuple(k for n in names for k in KINDS[modality][n])
+    return names, primary, _draw_params(modality, primary, rng)
+
+
+def _study_relpath(split: str, modality: str, dimension: str, index: int, degradation: str, fmt: str) -> str:
+    """A study's path in the corpus: ``split/modality-dimension/index-kinds`` and the format's
+    suffix (a 3D DICOM series is a folder)."""
+    suffix = {"dicom": "" if dimension == "3d" else ".dcm", "nifti": ".nii.gz", "png": ".png",
+              "jpeg": ".jpg"}[fmt]
+    return f"{split}/{modality}-{dimension}/{index:05d}-{degradation.replace('+', '-')}{suffix}"
 
 
 # --- rendering helpers -------------------------------------------------------------------------
