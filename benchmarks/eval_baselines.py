@@ -8,16 +8,21 @@ computed on each slice in [0, 1] intensity units (before resizing), then average
 - sharpness: variance of the Laplacian (``scipy.ndimage.laplace``; sharper → higher quality).
 
 SRCC against the manifest's synthetic score is printed overall, per modality and per
-degradation and per modality × degradation type (a mixed study counted under every type it
-contains), next to the model's SRCC (``training.evaluate.evaluate_model``) and its 95 %
+degradation, per modality × degradation type (a mixed study counted under every type it
+contains: "with") and per modality × single degradation type (studies with that type alone:
+"only"), next to the model's SRCC (``training.evaluate.evaluate_model``) and its 95 %
 bootstrap interval when ``--model`` is given; ``--compare OTHER.safetensors`` adds a second
 model and the paired bootstrap interval of the SRCC difference (model − other) on the same
 studies (``engines.metrics.srcc_ci``): an interval holding 0 means the split cannot tell the
 two apart. ``--tta`` / ``--compare-tta`` set each model's test-time augmentation (``engines.tta``);
-the same model twice with two modes gives the paired effect of TTA. Usage:
+the same model twice with two modes gives the paired effect of TTA; ``--no-features`` scores
+with the network alone. ``--report R.json`` takes ``--model``'s scores from a kept ``mediqa evaluate
+--json`` report of the same split instead of evaluating again (every study of the split must be in
+it). Usage:
 
     python benchmarks/eval_baselines.py CORPUS/manifest.csv [--split test] [--model M.safetensors]
-        [--tta none|flip|d4] [--compare OTHER.safetensors] [--compare-tta MODE] [--json out.json]
+        [--tta none|flip|d4] [--no-features] [--report R.json] [--compare OTHER.safetensors]
+        [--compare-tta MODE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +55,27 @@ def classical(raw_slices: list[np.ndarray], modality: str | None, ptype: str | N
     return float(np.mean(noise)), float(np.mean(sharp))
 
 
+def groups_of(rows: list[dict]) -> dict[str, list[dict]]:
+    """The table's groups of study rows (``modality``, ``degradation``): overall, per modality,
+    per degradation, mixed studies, per modality × type a study contains ("with") and per
+    modality × type a study has alone ("only")."""
+    groups: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        groups["overall"].append(r)
+        groups[f"modality={r['modality']}"].append(r)
+        groups[f"degradation={r['degradation']}"].append(r)
+        types = [d for d in r["degradation"].split("+") if d]
+        if len(types) > 1:
+            groups["mixed degradations"].append(r)
+        # the issue's table: each modality by degradation type, a mixed study counted under every
+        # type it contains (so a column is "studies with this degradation")
+        for d in types:
+            groups[f"modality={r['modality']} with {d}"].append(r)
+        if len(types) == 1:
+            groups[f"modality={r['modality']} only {types[0]}"].append(r)
+    return groups
+
+
 def _srcc(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3 or np.std(b) == 0 or np.std(a) == 0:
         return None
@@ -65,8 +91,12 @@ def main() -> None:
     ap.add_argument("--tta", default="none", help="--model's test-time augmentation: none | flip | d4")
     ap.add_argument("--compare-tta", default="none", help="--compare's test-time augmentation (the same "
                     "model with two TTA modes gives the paired effect of TTA)")
+    ap.add_argument("--no-features", action="store_true", help="score with the network alone (no feature head)")
+    ap.add_argument("--report", default=None, help="--model's scores from a kept `mediqa evaluate --json` report")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.report and not args.model:
+        ap.error("--report needs --model (the model the report was made with)")
     logging.basicConfig(level=logging.WARNING)
     samples, _ = read_manifest(args.manifest)
     samples = [s for s in samples if (s.split or "") == args.split]
@@ -87,22 +117,20 @@ def main() -> None:
         if not model:
             return {}
         from training.evaluate import evaluate_model
-        rep = evaluate_model(model, args.manifest, split=args.split, progress=False, tta=tta)
+        rep = evaluate_model(model, args.manifest, split=args.split, progress=False, tta=tta,
+                             features=not args.no_features)
         return {r["path"]: r["prediction"] for r in rep["predictions"]}
 
-    pred = predictions(args.model, args.tta)
+    if args.report:
+        pred = {r["path"]: r["prediction"] for r in json.loads(Path(args.report).read_text())["predictions"]}
+        missing = [r["path"] for r in rows if r["path"] not in pred]
+        if missing:
+            raise SystemExit(f"{args.report}: no score for {len(missing)} studies of the {args.split} split "
+                             f"(first: {missing[0]}); was it made from this manifest and split?")
+    else:
+        pred = predictions(args.model, args.tta)
     other = predictions(args.compare, args.compare_tta) if args.model else {}
-    groups: dict[str, list[dict]] = collections.defaultdict(list)
-    for r in rows:
-        groups["overall"].append(r)
-        groups[f"modality={r['modality']}"].append(r)
-        groups[f"degradation={r['degradation']}"].append(r)
-        if "+" in r["degradation"]:
-            groups["mixed degradations"].append(r)
-        # the issue's table: each modality by degradation type, a mixed study counted under every
-        # type it contains (so a column is "studies with this degradation")
-        for d in filter(None, r["degradation"].split("+")):
-            groups[f"modality={r['modality']} with {d}"].append(r)
+    groups = groups_of(rows)
     table = {}
     fmt = lambda v: f"{v:7.3f}" if isinstance(v, float) else f"{'-':>7s}"  # noqa: E731
     print(f"{'group':32s} {'n':>4s} {'-sigma':>7s} {'lapvar':>7s} {'model':>7s} {'95 % CI':>15s}"
