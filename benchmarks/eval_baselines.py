@@ -76,6 +76,22 @@ def groups_of(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def report_predictions(report: dict, paths: list[str], split: str, model: str) -> dict[str, float]:
+    """``model``'s scores of the studies ``paths`` from a kept ``mediqa evaluate --json`` report;
+    refused (ValueError) when the report is of another split or model (by file name) or lacks a
+    study."""
+    if report.get("split") not in (None, split):
+        raise ValueError(f"the report is of the {report['split']} split, not {split}")
+    if report.get("model") and Path(report["model"]).name != Path(model).name:
+        raise ValueError(f"the report is of {Path(report['model']).name}, not {Path(model).name}")
+    pred = {r["path"]: r["prediction"] for r in report["predictions"]}
+    missing = [p for p in paths if p not in pred]
+    if missing:
+        raise ValueError(f"no score for {len(missing)} studies of the {split} split (first: {missing[0]}); "
+                         "was it made from this manifest?")
+    return pred
+
+
 def _srcc(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3 or np.std(b) == 0 or np.std(a) == 0:
         return None
@@ -122,11 +138,11 @@ def main() -> None:
         return {r["path"]: r["prediction"] for r in rep["predictions"]}
 
     if args.report:
-        pred = {r["path"]: r["prediction"] for r in json.loads(Path(args.report).read_text())["predictions"]}
-        missing = [r["path"] for r in rows if r["path"] not in pred]
-        if missing:
-            raise SystemExit(f"{args.report}: no score for {len(missing)} studies of the {args.split} split "
-                             f"(first: {missing[0]}); was it made from this manifest and split?")
+        try:
+            pred = report_predictions(json.loads(Path(args.report).read_text()), [r["path"] for r in rows],
+                                      args.split, args.model)
+        except ValueError as exc:
+            raise SystemExit(f"{args.report}: {exc}") from None
     else:
         pred = predictions(args.model, args.tta)
     other = predictions(args.compare, args.compare_tta) if args.model else {}
