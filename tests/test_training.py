@@ -1153,3 +1153,57 @@ def test_soup_average_of_tensors_counters_and_fixed_indices(tmp_path: Path) -> N
     cls = {"w": torch.ones(2), "b": torch.zeros(1)}                   # a classifier with another layout
     with pytest.raises(ConfigError, match="different classifier tensors"):
         average_iqa([a, member("e", [0.0, 0.0], 1, [0, 1])])
+
+
+def test_modality_repeat_draws_a_modality_several_times_per_epoch(corpus: Path, tmp_path: Path) -> None:
+    """``modality_repeat: {fundus: 3}``: each fundus training study appears three times per epoch,
+    every other study once, in an order that mixes modalities; the loader's length (the schedule's
+    steps) counts the copies; validation loaders are untouched; bad values and a modality no
+    training study has are refused; YAML's mapping round-trips through the card's dict."""
+    from engines.models.presets import get_preset
+    from engines.prompts import DEFAULT_VOCAB
+    from training.config import merge_config
+    from training.data.datasets import read_manifest
+    from training.data.torchdata import RepeatSampler
+    from training.tasks import _cache, _loader, build_items
+
+    for bad in ({"mr": 0}, {"mr": 1.5}, {"mr": True}, ["mr"]):
+        with pytest.raises(ConfigError, match="modality_repeat"):
+            merge_config(TrainConfig(), {"modality_repeat": bad})
+    with pytest.raises(ConfigError, match="modality_repeat"):
+        TrainConfig(modality_repeat=(("mr", 2),), batch_group="modality")
+    with pytest.raises(ConfigError, match="modality_repeat"):
+        TrainConfig(modality_repeat=(("mr", 2),), loss="mse+pairdiff")
+    c = merge_config(TrainConfig(), {"modality_repeat": {"MR": 3, "ct": 2}})
+    assert c.modality_repeat == (("ct", 2), ("mr", 3))
+    assert c.to_dict()["modality_repeat"] == {"ct": 2, "mr": 3}
+    assert merge_config(TrainConfig(), {"modality_repeat": c.to_dict()["modality_repeat"]}) == c
+    with pytest.raises(ValueError):
+        RepeatSampler([1, 0, 2])
+
+    samples, report = read_manifest(corpus)
+    cfg = TrainConfig(task="finetune", out=str(tmp_path), **FAST)
+    cache = _cache(cfg, get_preset("mediqa-test").preprocess_config())
+    items = build_items(samples, cfg, cache, DEFAULT_VOCAB, report, lambda s: s.target)
+    mods = [it.prompt_values["modality"] for it in items]
+    assert "fundus" in mods and len(set(mods)) >= 2
+
+    def batches(c: TrainConfig, train: bool) -> list[list[int]]:
+        loader = _loader(items, cache, c, train=train)
+        out = [[i for kind in ("2d", "3d") if b[kind] is not None for i in b[kind]["index"].tolist()]
+               for b in loader]
+        assert len(loader) == len(out)
+        return out
+
+    rep = cfg.replace(modality_repeat={"fundus": 3})
+    drawn = batches(rep, True)
+    flat = sorted(i for x in drawn for i in x)
+    want = sorted(i for i, m in enumerate(mods) for _ in range(3 if m == "fundus" else 1))
+    assert flat == want
+    assert len(drawn) == -(-len(want) // cfg.batch_size)
+    assert any(len({mods[i] for i in x}) > 1 for x in drawn)
+    assert batches(rep, True) == drawn                      # one seed, one order
+    assert batches(rep.replace(seed=cfg.seed + 1), True) != drawn
+    assert batches(rep, False) == batches(cfg, False)
+    with pytest.raises(ConfigError, match="no training study"):
+        batches(cfg.replace(modality_repeat={"mri": 2}), True)

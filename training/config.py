@@ -68,6 +68,10 @@ class TrainConfig:
     batch_group: str | None = None          # training batches drawn from one prompt group value each
                                             # ("modality": a batch's PLCC term is then a within-modality
                                             # correlation); None = batches across the whole split
+    modality_repeat: tuple[tuple[str, int], ...] | None = None  # training studies of a prompt modality seen
+                                            # this many times per epoch (YAML: {mr: 3}; each copy
+                                            # augmented afresh; training.data.torchdata.RepeatSampler);
+                                            # None = every study once
     flip_augment: bool = True               # random horizontal flips of training inputs
     rot90_augment: bool = False             # random 90° rotations of training inputs (with flips: dihedral group)
     gamma_augment: float = 0.0              # random intensity curve u ** exp(t), |t| <= this; 0 = off
@@ -112,6 +116,13 @@ class TrainConfig:
         if self.loss.endswith("pairdiff") and self.batch_group is not None:
             raise ConfigError(f"loss {self.loss} batches siblings together; it cannot be combined with "
                               f"batch_group {self.batch_group!r}")
+        if self.modality_repeat is not None:
+            if any(not k or int(r) < 1 for k, r in self.modality_repeat):
+                raise ConfigError("modality_repeat must map modality names to whole numbers >= 1, got "
+                                  f"{dict(self.modality_repeat)!r}")
+            if self.batch_group is not None or self.loss.endswith("pairdiff"):
+                raise ConfigError("modality_repeat draws its own batches; it cannot be combined with "
+                                  "batch_group or a pairdiff loss")
         if self.batch_group is not None and self.batch_group not in BATCH_GROUPS:
             raise ConfigError(f"batch_group must be one of {BATCH_GROUPS} or null, got {self.batch_group!r}")
         if self.prompt_groups is not None:
@@ -132,6 +143,8 @@ class TrainConfig:
         d["reinit"] = list(self.reinit)
         if self.prompt_groups is not None:
             d["prompt_groups"] = list(self.prompt_groups)
+        if self.modality_repeat is not None:
+            d["modality_repeat"] = dict(self.modality_repeat)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -159,6 +172,15 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if name in ("split_ratios",):
             return tuple(float(x) for x in value)
+        if name == "modality_repeat":
+            if not isinstance(value, Mapping):
+                raise TypeError(value)
+            out: dict[str, int] = {}
+            for k, r in value.items():
+                if isinstance(r, bool) or (isinstance(r, float) and not r.is_integer()) or str(k).lower() in out:
+                    raise ValueError(r)
+                out[str(k).lower()] = int(r)
+            return tuple(sorted(out.items()))
         if name in ("reinit", "prompt_groups"):
             return (value,) if isinstance(value, str) else tuple(str(x) for x in value)
         if t.startswith("bool"):

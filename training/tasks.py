@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.errors import DatasetError, UnsupportedArtifact
+from engines.errors import ConfigError, DatasetError, UnsupportedArtifact
 from training.config import TrainConfig
 from training.data.datasets import (DatasetReport, Sample, TargetNormaliser, classifier_labels, load_scored,
                                     load_unscored, pretrain_samples, resolve_prompt)
@@ -119,7 +119,7 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
     from training.data.torchdata import (ContentBatchSampler, GroupedBatchSampler,  # noqa: PLC0415
-                                         StudyDataset, collate_studies)
+                                         RepeatSampler, StudyDataset, collate_studies)
 
     if not items:
         return None
@@ -131,6 +131,16 @@ def _loader(items: list[Any], cache: Any, cfg: TrainConfig, *, train: bool) -> A
     if train and cfg.batch_group is not None:
         groups = [it.prompt_values.get(cfg.batch_group, "other") for it in items]
         batching = {"batch_sampler": GroupedBatchSampler(groups, cfg.batch_size, gen), "generator": gen}
+    if train and cfg.modality_repeat is not None:   # config: no batch_group, no pairdiff
+        times = dict(cfg.modality_repeat)
+        mods = [str(it.prompt_values.get("modality", "other")).lower() for it in items]
+        unknown = sorted(set(times) - set(mods))
+        if unknown:
+            raise ConfigError(f"modality_repeat names {unknown}, which no training study has "
+                              f"(training modalities: {sorted(set(mods))})")
+        repeats = [times.get(m, 1) for m in mods]
+        logger.info("modality_repeat %s: %d training studies drawn as %d per epoch", times, len(items), sum(repeats))
+        batching = {"batch_size": cfg.batch_size, "sampler": RepeatSampler(repeats, gen), "generator": gen}
     dataset = StudyDataset(items, cache, flip=train and cfg.flip_augment, rot90=train and cfg.rot90_augment,
                            gamma=cfg.gamma_augment if train else 0.0)
     if train and cfg.loss.endswith("pairdiff"):   # siblings in one batch (config: no batch_group)

@@ -134,6 +134,28 @@ class GroupedBatchSampler(Sampler[list[int]]):
             yield batches[j]
 
 
+class RepeatSampler(Sampler[int]):
+    """Dataset indices in which index ``i`` appears ``repeats[i]`` times per epoch, in one random
+    order (``modality_repeat``: over-weighting the studies of a hard modality without copying rows).
+
+    The epoch's length, ``sum(repeats)``, is fixed, so the schedule's step count holds; each copy
+    goes through the dataset again, so its augmentation (flip, rotation, gamma) is drawn afresh.
+    Randomness comes from ``generator`` only. ValueError for a repeat below 1.
+    """
+
+    def __init__(self, repeats: list[int], generator: torch.Generator | None = None) -> None:
+        if any(int(r) < 1 for r in repeats):
+            raise ValueError(f"every repeat must be >= 1, got {min(repeats)}")
+        self._index = np.repeat(np.arange(len(repeats), dtype=np.int64), np.asarray(repeats, dtype=np.int64))
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return int(self._index.size)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self._index[torch.randperm(self._index.size, generator=self.generator).numpy()].tolist()
+
+
 def content_key(sample: Sample) -> str:
     """The anatomy a study shows: the manifest's ``content`` column (a sibling's original, see
     ``mediqa synth --train-siblings``) or, without one, the study's own path."""
