@@ -187,3 +187,15 @@ def test_run_labels_name_each_model_and_mode() -> None:
     assert list(both) == ["m.safetensors/none", "m.safetensors/d4", "n.safetensors/none", "n.safetensors/d4"]
     same = ud.run_labels(["m.safetensors", "m.safetensors"], ["none"])
     assert list(same) == [":m.safetensors", ":m.safetensors#2"]
+
+
+def test_field_kind_adds_the_corpus_noise_of_each_field_strength() -> None:
+    """``field``: Rician noise of σ = 0.04 · p99 / B0, so in a flat bright region the noise grows as
+    the field falls (3 → 1 T: 3×), as ``training.synth.degrade.mr_noise_sigma`` says."""
+    flat = np.full((96, 96), 0.8)
+    levels = ud.strengths("field", flat.shape)
+    assert levels == (3.0, 1.5, 1.0)
+    sd = [ud.degrade(flat, "field", b, np.random.default_rng(5))[8:-8, 8:-8].std() for b in levels]
+    assert sd[0] < sd[1] < sd[2]
+    assert sd[0] == pytest.approx(0.04 * 0.8 / 3.0, rel=0.1) and sd[2] / sd[0] == pytest.approx(3.0, rel=0.15)
+    assert ud.seen("mr", "field") and not ud.seen("xr", "field")
