@@ -7,7 +7,7 @@ path; every report study must be in the manifest). Prints, for the chosen modali
 1. per source × single degradation type (studies with that type alone; ``mixed`` = two or more
    types; ``all``): the model's SRCC against the synthetic score and n; with ``--stats`` also the
    SRCC of the negated noise estimate (``-sigma``, ``benchmarks/eval_baselines.classical``: skimage's
-   ``estimate_sigma`` on the salient slices in [0, 1] units) — reading the images, ~0.1 s a study;
+   ``estimate_sigma`` on the salient slices in [0, 1] units) — reading the images, ~0.2 s a study;
 2. per single degradation type × label bin: the model's mean ± sd score. A model that ranks a
    type sees a rising mean across the bins; a flat run of means over a range of labels is a
    plateau (the model hedges there), whatever the SRCC says.
