@@ -32,6 +32,7 @@ import collections
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -53,6 +54,19 @@ def classical(raw_slices: list[np.ndarray], modality: str | None, ptype: str | N
         noise.append(-float(estimate_sigma(g)))
         sharp.append(float(ndimage.laplace(g).var()))
     return float(np.mean(noise)), float(np.mean(sharp))
+
+
+def study_statistics(sample: Any, cfg: PreprocessConfig) -> tuple[float, float]:
+    """``classical`` on a manifest sample's salient slices (read through the scoring path,
+    ``engines.pipeline.prepare_study``, in source units)."""
+    prep = prepare_study(sample.ref, cfg, 7)
+    src_slices = [np.asarray(r) for r in (prep.raw or [])]
+    if not src_slices:   # prepare_study keeps raw slices only for undecided CT; re-read them
+        from engines.io.discover import open_study
+
+        src = open_study(sample.ref)
+        src_slices = [src.get_slice(i) for i in sorted(set(prep.indices))]
+    return classical(src_slices, sample.labels.get("modality"), prep.ptype_used or sample.labels.get("type"), cfg)
 
 
 def groups_of(rows: list[dict]) -> dict[str, list[dict]]:
@@ -119,14 +133,8 @@ def main() -> None:
     cfg = PreprocessConfig()
     rows = []
     for s in samples:
-        prep = prepare_study(s.ref, cfg, 7)
-        src_slices = [np.asarray(r) for r in (prep.raw or [])]
-        if not src_slices:   # prepare_study keeps raw slices only for undecided CT; re-read them
-            from engines.io.discover import open_study
-            src = open_study(s.ref)
-            src_slices = [src.get_slice(i) for i in sorted(set(prep.indices))]
         mod = s.labels.get("modality")
-        n, sh = classical(src_slices, mod, prep.ptype_used or s.labels.get("type"), cfg)
+        n, sh = study_statistics(s, cfg)
         rows.append({"path": s.path, "score": s.target, "modality": mod,
                      "degradation": s.extra.get("degradation", ""), "noise": n, "sharpness": sh})
     def predictions(model: str | None, tta: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ path; every report study must be in the manifest). Prints, for the chosen modali
 
 1. per source × single degradation type (studies with that type alone; ``mixed`` = two or more
    types; ``all``): the model's SRCC against the synthetic score and n; with ``--stats`` also the
-   SRCC of the negated noise estimate (``-sigma``, ``benchmarks/eval_baselines.classical``: skimage's
+   SRCC of the negated noise estimate (``-sigma``, ``benchmarks/eval_baselines.study_statistics``: skimage's
    ``estimate_sigma`` on the salient slices in [0, 1] units) — reading the images, ~0.2 s a study;
 2. per single degradation type × label bin: the model's mean ± sd score. A model that ranks a
    type sees a rising mean across the bins; a flat run of means over a range of labels is a
@@ -107,25 +107,19 @@ def label_bins(rows: Sequence[Mapping[str, Any]], edges: Sequence[float]) -> dic
 
 
 def add_noise_stat(rows: list[dict[str, Any]], manifest: str) -> None:
-    """Each row gains ``neg_sigma`` (``eval_baselines.classical``'s noise measure)."""
+    """Each row gains ``neg_sigma`` (``eval_baselines.study_statistics``' noise measure)."""
     import sys  # noqa: PLC0415
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_baselines import classical  # noqa: PLC0415
+    from eval_baselines import study_statistics  # noqa: PLC0415
 
-    from engines.io.discover import open_study  # noqa: PLC0415
-    from engines.pipeline import prepare_study  # noqa: PLC0415
     from engines.preprocess import PreprocessConfig  # noqa: PLC0415
     from training.data.datasets import read_manifest  # noqa: PLC0415
 
     samples = {s.path: s for s in read_manifest(manifest)[0]}
     cfg = PreprocessConfig()
     for r in rows:
-        s = samples[r["path"]]
-        prep = prepare_study(s.ref, cfg, 7)
-        src = open_study(s.ref)
-        slices = [src.get_slice(i) for i in sorted(set(prep.indices))]
-        r["neg_sigma"], _ = classical(slices, s.labels.get("modality"), prep.ptype_used or s.labels.get("type"), cfg)
+        r["neg_sigma"], _ = study_statistics(samples[r["path"]], cfg)
 
 
 def main() -> None:
