@@ -825,7 +825,7 @@ def test_generator_options_table_drives_the_cli_and_checks_values() -> None:
     assert names == ["train_windows", "dose_label", "train_warp", "train_warp_2d", "train_tone_mr", "val_sources",
                      "train_extra_mr", "train_ct_windows", "mr_native_kspace",
                      "mr_native_matrix", "train_mr_matrix", "train_mr_apodize", "train_band_noise", "train_more_mr", "train_ct_fov",
-                     "train_extra_kinds", "train_siblings"]
+                     "train_extra_kinds", "train_siblings", "train_mr_fields"]
     import inspect
 
     planned = inspect.signature(plan_corpus).parameters      # each is a keyword of the planner, with
@@ -1249,3 +1249,66 @@ def test_extra_mr_studies_render_and_read_back(tmp_path: Path, option: str, name
         assert vol.n_slices == int(row["n_slices"]) and (vol.n_slices > 1) == (spec.dimension == "3d")
         if spec.fmt == "dicom":
             assert vol.meta.get("MagneticFieldStrength") == pytest.approx(spec.params["tesla"])
+
+
+def test_train_mr_fields_draws_the_five_field_strengths_equally() -> None:
+    """``train_mr_fields``: only MR training studies whose noise the plan draws change, and only
+    their ``tesla``; it is one of ``MR_FIELDS``, each about a fifth of the time (the snapped
+    uniform severity gives 7 T to about 3 %); val / test and the paths are unchanged."""
+    from collections import Counter
+
+    from training.synth.corpus import MR_FIELDS
+
+    base, plan = plan_corpus(2, "large"), plan_corpus(2, "large", train_mr_fields=True)
+    assert plan_corpus(2, "large", train_mr_fields=True) == plan
+    assert [s.relpath for s in plan] == [s.relpath for s in base]
+    eligible = [i for i, s in enumerate(base) if s.modality == "mr" and s.split == "train" and "field" in s.primary]
+    for i, (a, b) in enumerate(zip(base, plan)):
+        if i not in eligible:
+            assert a == b
+        else:
+            assert dataclasses.replace(b, params=a.params) == a
+            assert {k: v for k, v in b.params.items() if k != "tesla"} == \
+                   {k: v for k, v in a.params.items() if k != "tesla"}
+    assert len(eligible) > 100
+    share = Counter(plan[i].params["tesla"] for i in eligible)
+    assert set(share) == set(MR_FIELDS)
+    assert all(0.12 < n / len(eligible) < 0.28 for n in share.values()), share
+    old7 = sum(base[i].params["tesla"] == 7.0 for i in eligible) / len(eligible)
+    assert old7 < 0.08                                            # what the option is for
+    # the score follows the field: 7 T carries no field severity, 0.5 T the whole weight
+    s7 = next(plan[i] for i in eligible if plan[i].params["tesla"] == 7.0)
+    assert severities_of("mr", s7.params)["field"] == 0.0
+
+
+def test_update_corpus_renders_only_the_changed_studies(tmp_path: Path) -> None:
+    """``update_corpus`` turns one plan's corpus into another's by rendering the changed studies
+    only: the result is byte-identical to a corpus rendered from nothing, and a corpus whose files
+    it shares as hard links (``cp -al``) is left untouched. Plans that do not pair up, or a corpus
+    that is not the old plan's, are refused with nothing touched."""
+    import os
+    import shutil
+
+    from training.synth.corpus import SizeConfig, render_corpus, update_corpus
+
+    cfg = SizeConfig({"mr": 24, "ct": 2}, {}, image_size=48)
+    old, new = plan_corpus(3, cfg), plan_corpus(3, cfg, train_mr_fields=True)
+    changed = [b for a, b in zip(old, new) if a != b]
+    assert 0 < len(changed) < len(new)
+    src, dst, fresh = tmp_path / "src", tmp_path / "dst", tmp_path / "fresh"
+    render_corpus(src, old)
+    before = _tree_digest(src)
+    shutil.copytree(src, dst, copy_function=os.link)
+    assert update_corpus(dst, old[:-1], new) is None              # plans of other lengths
+    assert update_corpus(dst, old, plan_corpus(4, cfg)) is None     # studies at other paths
+    assert _tree_digest(dst) == before                       # refused: nothing touched
+    assert update_corpus(dst, old, new, workers=2) == (dst / "manifest.csv", len(changed))
+    assert _tree_digest(src) == before                       # the hard-linked original is intact
+    render_corpus(fresh, new)
+    assert _tree_digest(dst) == _tree_digest(fresh)
+    rows = {r["path"]: r for r in _rows(dst)}
+    for s in changed:
+        assert json.loads(rows[s.relpath]["params"])["tesla"] == s.params["tesla"]
+        assert rows[s.relpath]["physical"] == f"{s.params['tesla']:g}"
+    (fresh / old[0].relpath).unlink()                         # a study missing: not old's corpus
+    assert update_corpus(fresh, old, new) is None

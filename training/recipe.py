@@ -62,6 +62,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,8 +281,12 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
 
     stamp = corpus / CORPUS_STAMP
     want = corpus_identity(size, seed, **options)
-    if (corpus / "manifest.csv").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
+    have = json.loads(stamp.read_text()) if (corpus / "manifest.csv").is_file() and stamp.is_file() else None
+    if have == want:
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
+        return corpus / "manifest.csv"
+    if have is not None and _update_corpus(corpus, have, want, size, seed, workers, options):
+        _write_stamp(stamp, want)
         return corpus / "manifest.csv"
     cmd = [sys.executable, "-m", "mediqa_cli", "synth", str(corpus), "--seed", str(seed), "--size", size,
            "--progress" if progress else "--no-progress"]
@@ -295,8 +300,42 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
     res = subprocess.run(cmd, check=False)
     if res.returncode != 0 or not (corpus / "manifest.csv").is_file():
         raise MediqaError(f"mediqa synth failed (exit {res.returncode}); see its output above")
-    stamp.write_text(json.dumps(want))
+    _write_stamp(stamp, want)
     return corpus / "manifest.csv"
+
+
+def _write_stamp(stamp: Path, identity: dict[str, Any]) -> None:
+    """Replace the corpus stamp atomically: a new file, not a rewrite of the old one, which may be
+    a hard link of another corpus' stamp (``cp -al``)."""
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(identity))
+    os.replace(tmp, stamp)
+
+
+def _update_corpus(corpus: Path, have: dict[str, Any], want: dict[str, Any], size: str, seed: int,
+                   workers: int | None, options: dict[str, Any]) -> bool:
+    """A corpus of the same size, seed and base images made with other generator options: render
+    only the studies the options change (``training.synth.corpus.update_corpus``), when the two
+    plans pair up study by study and the corpus on disk is the stamped one. False (nothing
+    touched) otherwise, and the caller regenerates the whole corpus."""
+    from training.synth.corpus import (GENERATOR_OPTIONS, generator_options, plan_corpus,  # noqa: PLC0415
+                                       update_corpus)
+
+    ident = ("size", "seed", "sources")
+    stamped = {k: v for k, v in have.items() if k not in ident}
+    if any(have.get(k) != want[k] for k in ident) or set(stamped) - {o.name for o in GENERATOR_OPTIONS}:
+        return False   # another corpus, or an option this version does not know: regenerate
+    try:
+        old = plan_corpus(seed, size, **generator_options(stamped))
+    except ValueError:
+        return False
+    new = plan_corpus(seed, size, **options)
+    done = update_corpus(corpus, old, new, workers=workers or min(4, os.cpu_count() or 1))
+    if done is None:
+        return False
+    logger.info("updated synthetic corpus %s to %s: %d of %d studies rendered anew", corpus, want,
+                done[1], len(new))
+    return True
 
 
 STAGE_DONE = "recipe-stage.json"
