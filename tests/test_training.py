@@ -516,6 +516,41 @@ def _fake_stage(calls: list[TrainConfig]):
     return fake_stage
 
 
+def test_recipe_updates_a_corpus_whose_generator_options_changed(tmp_path: Path, monkeypatch) -> None:
+    """A corpus of the same size, seed and sources made with other generator options is updated in
+    place (only the changed studies rendered, no `mediqa synth` run), equal to a fresh corpus; its
+    stamp is replaced, not rewritten, so a hard-linked copy's stamp keeps its identity."""
+    import os
+    import shutil
+
+    from training import recipe
+    from training.synth.corpus import generate_corpus, plan_corpus
+
+    def no_synth(cmd, check=False):  # noqa: ANN001 - subprocess.run's signature
+        raise AssertionError(f"regenerated instead of updating: {cmd}")
+
+    corpus, other, fresh = tmp_path / "corpus", tmp_path / "other", tmp_path / "fresh"
+    generate_corpus(corpus, seed=4, size="tiny")
+    (corpus / recipe.CORPUS_STAMP).write_text(json.dumps(recipe.corpus_identity("tiny", 4)))
+    shutil.copytree(corpus, other, copy_function=os.link)
+    before = (other / "manifest.csv").read_bytes(), (other / recipe.CORPUS_STAMP).read_text()
+    monkeypatch.setattr(recipe.subprocess, "run", no_synth)
+    changed = sum(a != b for a, b in zip(plan_corpus(4, "tiny"), plan_corpus(4, "tiny", train_mr_fields=True)))
+    assert changed == 2
+    recipe.ensure_corpus(corpus, "tiny", 4, progress=False, workers=1, train_mr_fields=True)
+    assert json.loads((corpus / recipe.CORPUS_STAMP).read_text()) == \
+        recipe.corpus_identity("tiny", 4, train_mr_fields=True)
+    assert ((other / "manifest.csv").read_bytes(), (other / recipe.CORPUS_STAMP).read_text()) == before
+    generate_corpus(fresh, seed=4, size="tiny", train_mr_fields=True)
+    assert (corpus / "manifest.csv").read_bytes() == (fresh / "manifest.csv").read_bytes()
+    assert (corpus / "manifest.csv").read_bytes() != before[0]
+    # a corpus that does not pair up with the plan (here: its manifest lists other studies) is
+    # rendered anew by `mediqa synth`
+    (corpus / "manifest.csv").write_text("path,score\n")
+    with pytest.raises(AssertionError, match="regenerated instead of updating"):
+        recipe.ensure_corpus(corpus, "tiny", 4, progress=False, workers=1)
+
+
 def test_recipe_stage_reused_only_when_config_corpus_and_inputs_match(tmp_path: Path) -> None:
     from training import recipe
     calls: list[TrainConfig] = []
