@@ -1302,6 +1302,13 @@ def test_update_corpus_renders_only_the_changed_studies(tmp_path: Path) -> None:
     assert update_corpus(dst, old[:-1], new) is None              # plans of other lengths
     assert update_corpus(dst, old, plan_corpus(4, cfg)) is None     # studies at other paths
     assert _tree_digest(dst) == before                       # refused: nothing touched
+    cut = tmp_path / "cut"                                    # an update cut short: no manifest
+    shutil.copytree(src, cut, copy_function=os.link)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("training.synth.corpus.render_study", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            update_corpus(cut, old, new)
+    assert not (cut / "manifest.csv").exists() and _tree_digest(src) == before
     assert update_corpus(dst, old, new, workers=2) == (dst / "manifest.csv", len(changed))
     assert _tree_digest(src) == before                       # the hard-linked original is intact
     render_corpus(fresh, new)

@@ -1255,8 +1255,10 @@ def update_corpus(out_dir: Path | str, old_specs: list[StudySpec], new_specs: li
     only the studies whose spec differs (e.g. after ``train_mr_fields`` is switched on: 146 of
     4,688 large-corpus studies, seconds instead of 19 minutes). Each changed study's files are
     removed first and written anew, so a corpus whose files are hard links of another's (``cp
-    -al``) leaves the other untouched; the manifest is replaced atomically. The result is
-    byte-identical to rendering ``new_specs`` from nothing (rendering is a function of the spec).
+    -al``) leaves the other untouched. The manifest is removed before the first study is touched
+    and written when the last is done, so an update cut short leaves a folder without a manifest,
+    which the recipe renders anew instead of reusing. The result is byte-identical to rendering
+    ``new_specs`` from nothing (rendering is a function of the spec).
 
     Returns (manifest path, number of studies rendered), or None, with nothing touched, when the
     plans do not pair up study by study (other count or paths) or ``out_dir`` does not hold
@@ -1274,6 +1276,7 @@ def update_corpus(out_dir: Path | str, old_specs: list[StudySpec], new_specs: li
             not all((out / s.relpath).exists() for s in old_specs):
         return None
     changed = [b for a, b in zip(old_specs, new_specs) if a != b]
+    manifest.unlink()   # until the new one is written: an update cut short leaves no corpus to reuse
     for spec in changed:
         path = out / spec.relpath
         if path.is_dir():
