@@ -8,6 +8,8 @@ path; every report study must be in the manifest). Prints, for the chosen modali
    types; ``all``): the model's SRCC against the synthetic score and n; with ``--stats`` also the
    SRCC of the negated noise estimate (``-sigma``, ``benchmarks/eval_baselines.study_statistics``: skimage's
    ``estimate_sigma`` on the salient slices in [0, 1] units) — reading the images, ~0.2 s a study;
+   ``--stats input`` measures it on the network's input tensors instead (``prepare_inputs``: what
+   survives the preprocessing);
 2. per single degradation type × label bin: the model's mean ± sd score. A model that ranks a
    type sees a rising mean across the bins; a flat run of means over a range of labels is a
    plateau (the model hedges there), whatever the SRCC says.
@@ -15,7 +17,7 @@ path; every report study must be in the manifest). Prints, for the chosen modali
 Made for the training-split diagnosis in the README ("What limits it": the network underfits its
 own training studies). Usage:
 
-    python benchmarks/fit_by_source.py REPORT.json CORPUS/manifest.csv [--modality mr] [--stats]
+    python benchmarks/fit_by_source.py REPORT.json CORPUS/manifest.csv [--modality mr] [--stats [input]]
         [--bins 0,0.3,0.5,0.6,0.7,0.8,0.9,1.01] [--json out.json]
 """
 
@@ -106,18 +108,35 @@ def label_bins(rows: Sequence[Mapping[str, Any]], edges: Sequence[float]) -> dic
     return out
 
 
-def add_noise_stat(rows: list[dict[str, Any]], manifest: str) -> None:
-    """Each row gains ``neg_sigma`` (``eval_baselines.study_statistics``' noise measure)."""
+def add_noise_stat(rows: list[dict[str, Any]], manifest: str, on: str = "source") -> None:
+    """Each row gains ``neg_sigma``: ``on="source"``, ``eval_baselines.study_statistics``' noise
+    measure (the salient slices in source units mapped to [0, 1]); ``on="input"``, the same
+    estimate (skimage's ``estimate_sigma``, negated, averaged over slices) on the network's own
+    input tensors (``training.data.cache.prepare_inputs``, the training and scoring path; each
+    (3, S, S) image averaged over its channels) — whether what the statistic reads survives the
+    preprocessing the network sees."""
     import sys  # noqa: PLC0415
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_baselines import study_statistics  # noqa: PLC0415
 
     from engines.preprocess import PreprocessConfig  # noqa: PLC0415
     from training.data.datasets import read_manifest  # noqa: PLC0415
 
+    if on not in ("source", "input"):
+        raise ValueError(f"on must be 'source' or 'input', got {on!r}")
     samples = {s.path: s for s in read_manifest(manifest)[0]}
     cfg = PreprocessConfig()
+    if on == "input":
+        from skimage.restoration import estimate_sigma  # noqa: PLC0415
+
+        from training.data.cache import prepare_inputs  # noqa: PLC0415
+
+        for r in rows:
+            x = prepare_inputs(samples[r["path"]].ref, cfg, 7).images
+            x = x[None] if x.ndim == 3 else x
+            r["neg_sigma"] = -float(np.mean([estimate_sigma(im.mean(axis=0)) for im in x]))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_baselines import study_statistics  # noqa: PLC0415
+
     for r in rows:
         r["neg_sigma"], _ = study_statistics(samples[r["path"]], cfg)
 
@@ -127,7 +146,9 @@ def main() -> None:
     ap.add_argument("report")
     ap.add_argument("manifest")
     ap.add_argument("--modality", default=None, help="only this modality's studies (e.g. mr)")
-    ap.add_argument("--stats", action="store_true", help="also the -sigma statistic's SRCC (reads the images)")
+    ap.add_argument("--stats", nargs="?", const="source", choices=("source", "input"), default=None,
+                    help="also the -sigma statistic's SRCC (reads the images): on the source slices "
+                         "(default) or on the network's input tensors (--stats input)")
     ap.add_argument("--bins", default="0,0.3,0.5,0.6,0.7,0.8,0.9,1.01")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -141,7 +162,7 @@ def main() -> None:
     if not rows:
         raise SystemExit("no study of the report matches --modality")
     if args.stats:
-        add_noise_stat(rows, args.manifest)
+        add_noise_stat(rows, args.manifest, args.stats)
     net = source_table(rows)
     sig = source_table(rows, "neg_sigma") if args.stats else {}
     kinds = sorted({k for t in net.values() for k in t if k != "all"})

@@ -70,3 +70,28 @@ def test_refuses_a_report_with_a_study_the_manifest_lacks(tmp_path: Path) -> Non
     assert "SRCC per source" in out and "mean ± sd score per label bin" in out
     saved = json.loads((tmp_path / "o.json").read_text())
     assert saved["model"]["A"]["all"]["srcc"] == pytest.approx(1.0) and saved["neg_sigma"] == {}
+
+
+def test_noise_statistic_on_sources_and_on_network_inputs_ranks_mr_field_strength(tmp_path: Path) -> None:
+    """``add_noise_stat``: on a rendered corpus of MR studies at drawn field strengths, -sigma read
+    from the source slices and from the network's input tensors both fall with the field's noise
+    (a statistic that read nothing, or read the wrong image, would not rank them)."""
+    import dataclasses
+
+    from engines.metrics import srcc
+    from training.synth.corpus import MR_FIELDS, SizeConfig, plan_corpus, render_corpus
+
+    plan = [dataclasses.replace(s, degradation="noise", primary=("field",),   # noise alone, five fields
+                                params={"tesla": MR_FIELDS[i % len(MR_FIELDS)], "motion_period": 5.0})
+            for i, s in enumerate(plan_corpus(1, SizeConfig({"mr": 10}, {}, image_size=64)))]
+    manifest = render_corpus(tmp_path, plan)
+    with manifest.open(newline="") as f:
+        mrows = list(csv.DictReader(f))
+    report = {"predictions": [{"path": r["path"], "prediction": 0.5} for r in mrows]}
+    for on in ("source", "input"):
+        rows = fb.join_rows(report, mrows, "mr")
+        fb.add_noise_stat(rows, str(manifest), on)
+        rho = float(srcc(np.array([r["score"] for r in rows]), np.array([r["neg_sigma"] for r in rows])))
+        assert rho > 0.8, (on, rho)
+    with pytest.raises(ValueError, match="on must be"):
+        fb.add_noise_stat(rows, str(manifest), "raw")
