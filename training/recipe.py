@@ -14,9 +14,9 @@ Steps, each in ``<work_dir>``:
    into its card together with the data summary and ``recipe_sha256`` (sha256 of the YAML).
 
 The YAML has top-level keys ``preset``, ``device``, ``output``, ``work_dir``, ``synth``
-(``size``, ``seed``, ``workers`` and the generator options of
-``training.synth.corpus.GENERATOR_OPTIONS``: ``train_windows``, ``dose_label``, ``train_warp``,
-``train_warp_2d``, ``train_tone_mr``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
+(``size``, ``seed``, ``workers`` and one key per generator option of
+``training.synth.corpus.GENERATOR_OPTIONS``, e.g. ``train_windows``, ``dose_label``,
+``train_mr_fields``), ``common`` (TrainConfig keys for every stage) and ``pretrain`` /
 ``finetune`` / ``classifier`` (TrainConfig keys for that stage). Unknown keys fail with a
 suggestion. Relative paths are relative to the current directory.
 
@@ -276,7 +276,9 @@ def stage_corpus(corpus_id: dict[str, Any], stage: str) -> dict[str, Any]:
 def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: int | None = None,
                   **options: Any) -> Path:
     """Run ``mediqa synth`` unless ``corpus`` already holds a corpus of this identity
-    (``corpus_identity``: size, seed, table of base images, generator ``options``)."""
+    (``corpus_identity``: size, seed, table of base images, generator ``options``). A stamped
+    corpus of the same size, seed and base images made with other options is updated in place
+    instead, when its plan pairs up with this one study by study (``_update_corpus``)."""
     from training.synth.corpus import GENERATOR_OPTIONS  # noqa: PLC0415
 
     stamp = corpus / CORPUS_STAMP
