@@ -114,7 +114,9 @@ def add_noise_stat(rows: list[dict[str, Any]], manifest: str, on: str = "source"
     estimate (skimage's ``estimate_sigma``, negated, averaged over slices) on the network's own
     input tensors (``training.data.cache.prepare_inputs``, the training and scoring path; each
     (3, S, S) image averaged over its channels) — whether what the statistic reads survives the
-    preprocessing the network sees."""
+    preprocessing the network sees. Both use the default ``PreprocessConfig``: right for MR, X-ray
+    and fundus; a model trained with another CT setting (the bundled one's ``ct_pixel_mm`` 1.0)
+    sees CT inputs that differ from these."""
     import sys  # noqa: PLC0415
 
     from engines.preprocess import PreprocessConfig  # noqa: PLC0415

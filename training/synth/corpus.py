@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -1263,8 +1264,6 @@ def update_corpus(out_dir: Path | str, old_specs: list[StudySpec], new_specs: li
     Returns (manifest path, number of studies rendered), or None, with nothing touched, when the
     plans do not pair up study by study (other count or paths) or ``out_dir`` does not hold
     ``old_specs``' corpus (its manifest lists other paths, or a study's files are missing)."""
-    import shutil  # noqa: PLC0415
-
     out = Path(out_dir)
     manifest = out / MANIFEST_NAME
     if (len(old_specs) != len(new_specs) or not manifest.is_file()
