@@ -1,8 +1,9 @@
 """Shared output helpers for CLI commands: atomic CSV / JSON files and rich tables.
 
-- ``atomic_write_text`` writes to a temporary file in the destination folder, flushes and
-  fsyncs it, then ``os.replace``s it over the destination: readers see the old file or the new
-  one, never half of one, and an interrupted run leaves the previous output intact.
+- ``atomic_write_text`` (``engines.files``, re-exported here) writes to a temporary file in the
+  destination folder, flushes and fsyncs it, then ``os.replace``s it over the destination: readers
+  see the old file or the new one, never half of one, and an interrupted run leaves the previous
+  output intact.
 - ``write_csv_atomic`` formats every cell as text (lists ``;``-joined, floats with up to 6
   significant digits, None empty) and escapes cells a spreadsheet would evaluate
   (``engines.privacy.escape_cell``: leading ``= + - @``, tab, CR).
@@ -18,41 +19,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from rich.table import Table
 from rich.text import Text
 
+from engines.files import atomic_write_text  # noqa: F401 - re-exported: the CLI's writers
 from engines.privacy import escape_cell
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return dest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def format_cell(value: Any) -> str:

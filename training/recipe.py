@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import ConfigError, MediqaError
+from engines.files import atomic_write_text
 from training.config import TrainConfig, did_you_mean, load_config, merge_config, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
         logger.info("reusing synthetic corpus %s (%s)", corpus, want)
         return corpus / "manifest.csv"
     if have is not None and _update_corpus(corpus, have, want, size, seed, workers, options):
-        _write_stamp(stamp, want)
+        atomic_write_text(stamp, json.dumps(want))   # a new file: a hard-linked stamp (cp -al) keeps its own
         return corpus / "manifest.csv"
     cmd = [sys.executable, "-m", "mediqa_cli", "synth", str(corpus), "--seed", str(seed), "--size", size,
            "--progress" if progress else "--no-progress"]
@@ -302,16 +303,8 @@ def ensure_corpus(corpus: Path, size: str, seed: int, progress: bool, workers: i
     res = subprocess.run(cmd, check=False)
     if res.returncode != 0 or not (corpus / "manifest.csv").is_file():
         raise MediqaError(f"mediqa synth failed (exit {res.returncode}); see its output above")
-    _write_stamp(stamp, want)
+    atomic_write_text(stamp, json.dumps(want))
     return corpus / "manifest.csv"
-
-
-def _write_stamp(stamp: Path, identity: dict[str, Any]) -> None:
-    """Replace the corpus stamp atomically: a new file, not a rewrite of the old one, which may be
-    a hard link of another corpus' stamp (``cp -al``)."""
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(identity))
-    os.replace(tmp, stamp)
 
 
 def _update_corpus(corpus: Path, have: dict[str, Any], want: dict[str, Any], size: str, seed: int,

@@ -54,7 +54,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -67,6 +66,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from engines.errors import DatasetError
+from engines.files import atomic_write_text
 from training.synth import degrade
 from training.synth.sources import (OPTIONAL_SOURCES, BaseImage, Unit, all_units, check_sources, load_unit,
                                     split_region)
@@ -1174,9 +1174,7 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def require_sources(specs: list[StudySpec]) -> None:
