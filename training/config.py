@@ -43,6 +43,7 @@ class TrainConfig:
     lr: float = 1e-5                        # paper: Adam, 1e-5
     weight_decay: float = 0.0               # AdamW decoupled decay; 0 = the paper's Adam
     prompt_lr_mult: float = 1.0             # the prompt projections' (``prompt_proj``) lr = lr × this; 1 = one lr for all
+    texture_lr_mult: float = 1.0            # the texture branch's (``texture``, presets with texture=True) lr = lr × this
     prompt_groups: tuple[str, ...] | None = None  # prompt groups the Swin stages see (``training.loop.restrict_prompt_groups``); the others' columns are zeroed and frozen; None = all four
     warmup_epochs: float = 1.0
     warmup_start: float = 0.01              # fraction of lr at step 0

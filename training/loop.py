@@ -489,20 +489,35 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: every trainable parameter at ``cfg.lr``, except that with
-    ``cfg.prompt_lr_mult`` != 1 the prompt projections (``prompt_proj`` of each Swin stage) form a
-    second group at ``lr × prompt_lr_mult``. Measured on the bundled model: after fine-tuning at
-    lr 3e-5 its prompt columns are still at their initial scale (column norms 0.12–0.26, trained
-    and never-used labels alike), so the prompts the paper relies on barely reach the features."""
+    """The optimizer's parameter groups: every trainable parameter at ``cfg.lr``, except that
+    with ``cfg.prompt_lr_mult`` != 1 the prompt projections (``prompt_proj`` of each Swin stage)
+    form a group at ``lr × prompt_lr_mult``, and with ``cfg.texture_lr_mult`` != 1 the texture
+    branch (the module named ``texture``, presets with ``texture=True``) one at
+    ``lr × texture_lr_mult``. Measured on the bundled model: after fine-tuning at lr 3e-5 its
+    prompt columns are still at their initial scale (column norms 0.12–0.26, trained and
+    never-used labels alike), so the prompts the paper relies on barely reach the features. The
+    texture branch's projection starts at 0 in a continuation, so at the network's lr it would
+    stay small for the few hundred steps of one."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if cfg.prompt_lr_mult <= 0:
-        raise ValueError(f"prompt_lr_mult must be > 0, got {cfg.prompt_lr_mult}")
-    in_prompt = {id(p) for m in prompt_projections(model) for p in m.parameters()}
-    prompt = [p for p in trainable if id(p) in in_prompt]
-    if cfg.prompt_lr_mult == 1.0 or not prompt:
-        return [{"params": trainable}]
-    return [{"params": [p for p in trainable if id(p) not in in_prompt]},
-            {"params": prompt, "lr": cfg.lr * cfg.prompt_lr_mult}]
+    extra: list[tuple[list[nn.Module], float]] = []
+    for name, mult, modules in (("prompt_lr_mult", cfg.prompt_lr_mult, prompt_projections(model)),
+                                ("texture_lr_mult", cfg.texture_lr_mult, texture_branches(model))):
+        if mult <= 0:
+            raise ValueError(f"{name} must be > 0, got {mult}")
+        if mult != 1.0 and modules:
+            extra.append((modules, mult))
+    groups: list[dict[str, Any]] = []
+    taken: set[int] = set()
+    for modules, mult in extra:
+        params = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in taken]
+        taken.update(id(p) for p in params)
+        groups.append({"params": params, "lr": cfg.lr * mult})
+    return [{"params": [p for p in trainable if id(p) not in taken]}] + groups
+
+
+def texture_branches(model: nn.Module) -> list[nn.Module]:
+    """The texture branches (modules named ``texture``; one per ensemble member), in model order."""
+    return [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "texture"]
 
 
 def prompt_projections(model: nn.Module) -> list[nn.Module]:

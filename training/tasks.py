@@ -168,10 +168,22 @@ def _split_summary(report: DatasetReport, items: dict[str, list[Any]]) -> dict[s
 # --------------------------------------------------------------------------------------------
 # Models and cards
 
+def check_base_preset(base: str | None, preset: str, name: str) -> None:
+    """UnsupportedArtifact unless an artifact of preset ``base`` can start a run of ``preset``:
+    the same preset, or the one ``preset`` grows from (``PresetConfig.grows_from``)."""
+    from engines.models.presets import get_preset  # noqa: PLC0415
+
+    if base == preset or (base is not None and get_preset(preset).grows_from == base):
+        return
+    raise UnsupportedArtifact(f"{name} was trained with preset {base!r}; this run uses "
+                              f"{preset!r} (pass --preset {base} or another checkpoint)")
+
+
 def load_pretrained_into(model: Any, path: str | Path, preset: str, reinit: tuple[str, ...]) -> dict[str, int]:
     """Load a pretrained artifact's matching tensors into ``model``; re-initialise ``reinit``.
 
-    Returns counts {"loaded", "skipped", "reinitialised"}. Raises UnsupportedArtifact for an
+    Returns counts {"loaded", "skipped", "reinitialised"} (+ "added": the new tensors of a preset
+    grown from the artifact's, which keep their initialisation). Raises UnsupportedArtifact for an
     artifact of another preset or one without IQA tensors.
     """
     import torch  # noqa: PLC0415
@@ -179,15 +191,21 @@ def load_pretrained_into(model: Any, path: str | Path, preset: str, reinit: tupl
     from engines.artifact import load_tensors  # noqa: PLC0415
 
     groups, card = load_tensors(path)
-    if card.preset != preset:
-        raise UnsupportedArtifact(f"{Path(path).name} was trained with preset {card.preset!r}; this run uses "
-                                  f"{preset!r} (pass --preset {card.preset} or another checkpoint)")
+    check_base_preset(card.preset, preset, Path(path).name)
     state = groups.get("iqa") or groups.get("iqa.0")
     if state is None:
         raise UnsupportedArtifact(f"{Path(path).name} holds no IQA model (task {card.task!r})")
     own = model.state_dict()
     ok = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(ok, strict=False)
+    added = [k for k in own if k not in state]
+    if card.preset != preset:
+        # a grown preset: every tensor of the base must have found its place, the rest are new
+        if len(ok) != len(state):
+            raise UnsupportedArtifact(f"{Path(path).name}: {len(state) - len(ok)} of its tensors do not fit "
+                                      f"preset {preset!r}, which should hold all of {card.preset!r}")
+        logger.info("grew %s (preset %s) into %s: %d new tensors keep their initialisation (e.g. %s)",
+                    Path(path).name, card.preset, preset, len(added), added[0] if added else "-")
     n_reinit = 0
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -201,6 +219,8 @@ def load_pretrained_into(model: Any, path: str | Path, preset: str, reinit: tupl
                     module.reset_parameters()
                     n_reinit += 1
     counts = {"loaded": len(ok), "skipped": len(state) - len(ok), "reinitialised": n_reinit}
+    if card.preset != preset:
+        counts["added"] = len(added)
     logger.info("hand-over from %s: %s", path, counts)
     return counts
 
@@ -401,9 +421,7 @@ def run_finetune(data: str | Path, cfg: TrainConfig) -> TrainOutcome:
         from engines.artifact import load_card  # noqa: PLC0415
 
         pre = load_card(cfg.from_checkpoint)
-        if pre.preset != cfg.preset:
-            raise UnsupportedArtifact(f"{Path(cfg.from_checkpoint).name} was trained with preset {pre.preset!r}; "
-                                      f"this run uses {cfg.preset!r}")
+        check_base_preset(pre.preset, cfg.preset, Path(cfg.from_checkpoint).name)
         base_pp, this_pp = type(pcfg).from_dict(pre.preprocess).to_dict(), pcfg.to_dict()
         if base_pp != this_pp:
             changed = sorted(k for k in set(base_pp) | set(this_pp) if base_pp.get(k) != this_pp.get(k))

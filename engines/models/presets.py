@@ -21,6 +21,7 @@ conv closing each layer, and the residual ``x = 0.8 · layer(x) + x``; heads 384
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,13 @@ class PresetConfig:
     # "conv": a convolutional stem (``engines.models.maniqa.ConvStem``) for both the IQA encoder
     # and the classifier, used by the presets trained here from random weights.
     stem: str = "patch"
+    # True: a ``TextureBranch`` (engines.models.maniqa) adds each patch's high-frequency energy
+    # to the ViT features; its output projection starts at 0.
+    texture: bool = False
+    # The preset whose IQA tensors this one holds as a subset (a preset that adds modules, e.g.
+    # the texture branch): fine-tuning may start from an artifact of that preset, the added
+    # modules keeping their initialisation. None: only artifacts of this very preset.
+    grows_from: str | None = None
 
     @property
     def grid(self) -> int:
@@ -98,6 +106,8 @@ class PresetConfig:
             raise ConfigError(f"{self.name}: a conv stem needs a power-of-two patch, got {self.patch_size}")
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
+        if self.grows_from is not None and self.grows_from not in PRESETS:
+            raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
 
 PRESETS: dict[str, PresetConfig] = {}
@@ -138,6 +148,12 @@ _register(PresetConfig(
     stem="conv",   # trained from random weights here: see ConvStem
 ))
 
+_register(dataclasses.replace(
+    PRESETS["mediqa-vitt16"], name="mediqa-vitt16-tex",
+    description="mediqa-vitt16 + a texture branch: per-patch high-frequency energy added to the ViT features.",
+    texture=True, grows_from="mediqa-vitt16",
+))
+
 _TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
 _register(PresetConfig(
     name="mediqa-test",
@@ -146,6 +162,11 @@ _register(PresetConfig(
     blocks=(0, 1, 2, 3), widths=(32, 16), window_size=4, swin_heads=2, swin_mlp_dim=32,
     vit_overrides=_TEST_VIT,
     classifier_vit="vit_tiny_patch16_224", classifier_overrides=_TEST_VIT, stem="conv",
+))
+
+_register(dataclasses.replace(
+    PRESETS["mediqa-test"], name="mediqa-test-tex",
+    description="mediqa-test + the texture branch (tests).", texture=True, grows_from="mediqa-test",
 ))
 
 DEFAULT_PRESET = "mediqa-vitt16"
