@@ -1,0 +1,166 @@
+"""The texture branch (presets with ``texture=True``): what it measures, how a network grows into
+it from an artifact of its ``grows_from`` preset, its learning rate, and its export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engines.artifact import ModelCard, load_card, save_artifact
+from engines.errors import UnsupportedArtifact
+from engines.models.loading import load_artifact
+from engines.models.maniqa import TextureBranch
+from engines.models.presets import get_preset
+from engines.models.registry import create_model
+from engines.prompts import DEFAULT_VOCAB
+from export.samples import sample_set
+from training.config import TrainConfig
+from training.loop import param_groups
+from training.tasks import load_pretrained_into, run_finetune
+
+
+def _mr_slice(size: int = 224) -> torch.Tensor:
+    """pydicom's real MR slice, windowed to [0, 1], resized, normalised as the network's input."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    a = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    a = np.clip((a - lo) / (hi - lo), 0, 1)
+    a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
+    return ((torch.tensor(a) - 0.5) / 0.5)[None, None].expand(1, 3, size, size).clone()
+
+
+def _artifact(tmp_path: Path, model: torch.nn.Module, preset: str) -> Path:
+    card = ModelCard(task="iqa", preset=preset, prompt_vocab=DEFAULT_VOCAB.to_dict(),
+                     preprocess=get_preset(preset).preprocess_config().to_dict(),
+                     label_scale={"min": 0.0, "max": 1.0, "name": "q"})
+    return save_artifact(tmp_path / f"{preset}.safetensors", {"iqa": model}, card)
+
+
+def _inputs(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from engines.preprocess import PreprocessConfig
+
+    s = sample_set(cfg=PreprocessConfig(image_size=image_size))
+    return torch.as_tensor(np.ascontiguousarray(s.images)), torch.as_tensor(s.prompts)
+
+
+def test_energy_follows_the_noise_level_and_the_flattest_cell_ignores_edges() -> None:
+    """On a real MR slice, the fixed high-pass channels (0: patch mean, width: flattest cell) rise
+    with every step of added noise — the synthetic MR field-strength range, 0.4–4.5 % of the
+    input range — by roughly log 2 per doubling once the noise dominates; without noise, the
+    flattest cell of a patch with anatomy reads less than the patch mean (edges inflate the
+    mean, not the minimum)."""
+    torch.manual_seed(0)
+    branch = TextureBranch(patch=16, out_channels=8)
+    x = _mr_slice()
+    medians = []
+    for sigma in (0.0, 0.004, 0.008, 0.017, 0.023, 0.045):
+        noisy = x + 2 * sigma * torch.randn_like(x[:, :1]).expand_as(x)   # σ in [0, 1] units
+        e = branch.energy(noisy)[0]
+        medians.append((float(e[0].median()), float(e[branch.filters.out_channels + 1].median())))
+    for c in range(2):
+        series = [m[c] for m in medians]
+        assert all(a < b for a, b in zip(series, series[1:])), series
+    assert medians[-1][0] - medians[3][0] == pytest.approx(np.log(0.045 / 0.017), abs=0.3)
+    clean = branch.energy(x)[0]
+    width = branch.filters.out_channels + 1
+    anatomy = clean[0] > clean[0].median()                  # patches with structure
+    assert bool((clean[width][anatomy] < clean[0][anatomy]).all())
+
+
+def test_grown_network_starts_with_the_base_scores_and_the_branch_is_wired(tmp_path: Path) -> None:
+    """A mediqa-test-tex network grown from a mediqa-test artifact holds every base tensor and
+    scores real inputs exactly as the base (projection at 0); gradients reach the projection at
+    once; a non-zero projection changes the scores; presets that do not grow from each other are
+    refused both ways."""
+    torch.manual_seed(0)
+    base = create_model("mediqa-test").eval()
+    path = _artifact(tmp_path, base, "mediqa-test")
+    grown = create_model("mediqa-test-tex")
+    counts = load_pretrained_into(grown, path, "mediqa-test-tex", ())
+    texture_keys = [k for k in grown.state_dict() if k.startswith("texture.")]
+    assert counts["loaded"] == len(base.state_dict()) and counts["skipped"] == 0
+    assert counts["added"] == len(texture_keys) > 0
+    for k, v in base.state_dict().items():
+        assert torch.equal(grown.state_dict()[k], v), k
+    grown.eval()
+    images, prompts = _inputs(64)
+    with torch.no_grad():
+        s_base, l_base = base(images, prompts)
+        s_grown, l_grown = grown(images, prompts)
+    assert float(s_base.std()) > 0
+    assert torch.equal(s_base, s_grown) and torch.equal(l_base, l_grown)
+
+    grown.train()
+    score, _ = grown(images[:8], prompts[:8])
+    (score - 0.5).pow(2).sum().backward()
+    assert grown.texture.proj.weight.grad is not None and float(grown.texture.proj.weight.grad.abs().sum()) > 0
+    grown.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(grown.texture.proj.weight, std=0.5)
+        assert not torch.allclose(grown(images, prompts)[0], s_base)
+
+    with pytest.raises(UnsupportedArtifact, match="mediqa-test"):
+        load_pretrained_into(create_model("mediqa-vitt16-tex"), path, "mediqa-vitt16-tex", ())
+    tex_path = _artifact(tmp_path, grown, "mediqa-test-tex")
+    with pytest.raises(UnsupportedArtifact, match="mediqa-test-tex"):
+        load_pretrained_into(create_model("mediqa-test"), tex_path, "mediqa-test", ())
+    # the artifact of the grown preset loads on its own, branch included
+    loaded = load_artifact(tex_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded.iqa(images, prompts)[0], grown(images, prompts)[0], atol=1e-6)
+
+
+def test_texture_lr_mult_gives_the_branch_its_own_group() -> None:
+    """``texture_lr_mult``: exactly the branch's parameters form a group at lr × mult, next to the
+    prompt projections' group when that is on too; every parameter is in exactly one group."""
+    model = create_model("mediqa-test-tex")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, TrainConfig(lr=1e-4, texture_lr_mult=10.0, prompt_lr_mult=5.0))
+    assert [g.get("lr") for g in groups] == [None, pytest.approx(5e-4), pytest.approx(1e-3)]
+    assert {names[id(p)] for p in groups[2]["params"]} == {n for n in names.values() if n.startswith("texture.")}
+    assert all(".prompt_proj." in names[id(p)] for p in groups[1]["params"])
+    flat = [id(p) for g in groups for p in g["params"]]
+    assert sorted(flat) == sorted(names) and len(set(flat)) == len(flat)
+    assert len(param_groups(model, TrainConfig(lr=1e-4))) == 1
+    assert len(param_groups(create_model("mediqa-test"), TrainConfig(texture_lr_mult=10.0))) == 1
+    with pytest.raises(ValueError, match="texture_lr_mult"):
+        param_groups(model, TrainConfig(texture_lr_mult=0.0))
+
+
+def test_finetune_grows_a_base_artifact_and_records_it(tmp_path: Path, retina_path: Path) -> None:
+    """run_finetune with a texture preset from an artifact of the preset it grows from: trains,
+    the branch's projection leaves 0, and the card records the preset and the added tensors."""
+    from tests.test_datasets import build_scored_corpus
+
+    corpus = build_scored_corpus(tmp_path / "corpus", retina_path, with_3d=False)
+    torch.manual_seed(0)
+    base = _artifact(tmp_path, create_model("mediqa-test"), "mediqa-test")
+    cfg = TrainConfig(task="finetune", preset="mediqa-test-tex", epochs=1, batch_size=4, lr=2e-3, amp=False,
+                      progress=False, warmup_epochs=0.5, patience=0, cache_dir="memory", reinit=(),
+                      texture_lr_mult=10.0, out=str(tmp_path / "ft"), from_checkpoint=str(base))
+    outcome = run_finetune(corpus, cfg)
+    card = load_card(outcome.artifact)
+    assert card.preset == "mediqa-test-tex"
+    assert card.data_summary["handover"]["added"] == sum(1 for k in create_model("mediqa-test-tex").state_dict()
+                                                         if k.startswith("texture."))
+    proj = load_artifact(outcome.artifact).iqa.texture.proj.weight
+    assert float(proj.abs().max()) > 0
+
+
+def test_onnx_parity_with_the_branch(tmp_path: Path) -> None:
+    """The branch (avg / max pooling, log, BatchNorm) exports: 2D and 3D graphs of a mediqa-test-tex
+    network with a non-zero projection match PyTorch on real inputs."""
+    pytest.importorskip("onnxruntime")
+    from tests.test_export_onnx import build, check_parity, export_all
+
+    iqa, cls, card = build("mediqa-test-tex")
+    with torch.no_grad():
+        torch.nn.init.normal_(iqa.texture.proj.weight, std=0.2)
+    export_all(tmp_path, iqa, cls, card)
+    check_parity(iqa, cls, card, tmp_path)
