@@ -3,6 +3,7 @@ it from an artifact of its ``grows_from`` preset, its learning rate, and its exp
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from engines.artifact import ModelCard, load_card, save_artifact
-from engines.errors import UnsupportedArtifact
+from engines.errors import ConfigError, UnsupportedArtifact
 from engines.models.loading import load_artifact
 from engines.models.maniqa import TextureBranch
 from engines.models.presets import get_preset
@@ -164,3 +165,47 @@ def test_onnx_parity_with_the_branch(tmp_path: Path) -> None:
         torch.nn.init.normal_(iqa.texture.proj.weight, std=0.2)
     export_all(tmp_path, iqa, cls, card)
     check_parity(iqa, cls, card, tmp_path)
+
+
+def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: Path) -> None:
+    """``average_iqa`` with a mediqa-test member and a mediqa-test-tex member grown from it: the
+    plain member joins as the grown network with its projection at 0, so the soup's shared tensors
+    are the members' mean, its projection half the grown member's, its other branch tensors the
+    grown member's, and every card names the grown preset; the packed soup loads and scores.
+    Presets that do not grow from each other are still refused."""
+    from engines.models.registry import create_classifier
+    from training.soup import average_iqa
+
+    torch.manual_seed(0)
+    cls = create_classifier("mediqa-test", DEFAULT_VOCAB)
+
+    def pack(model: torch.nn.Module, preset: str, name: str) -> Path:
+        card = ModelCard(task="iqa", preset=preset, prompt_vocab=DEFAULT_VOCAB.to_dict(),
+                         preprocess=get_preset(preset).preprocess_config().to_dict(),
+                         label_scale={"min": 0.0, "max": 1.0, "name": "q"}, classifier_preset="mediqa-test")
+        return save_artifact(tmp_path / f"{name}.safetensors", {"iqa": model, "classifier": cls}, card)
+
+    plain = create_model("mediqa-test")
+    grown = create_model("mediqa-test-tex")
+    with torch.no_grad():
+        torch.nn.init.normal_(grown.texture.proj.weight, std=0.3)
+        torch.nn.init.normal_(grown.texture.proj.bias, std=0.3)
+    a, b = pack(plain, "mediqa-test", "plain"), pack(grown, "mediqa-test-tex", "grown")
+    modules, cards = average_iqa([a, b])
+    assert [c.preset for c in cards] == ["mediqa-test-tex", "mediqa-test-tex"]
+    soup, gs, ps = modules["iqa"], grown.state_dict(), plain.state_dict()
+    for k, v in ps.items():
+        if v.is_floating_point():
+            assert torch.allclose(soup[k], (v + gs[k]) / 2), k
+    assert torch.allclose(soup["texture.proj.weight"], gs["texture.proj.weight"] / 2)
+    assert torch.allclose(soup["texture.proj.bias"], gs["texture.proj.bias"] / 2)
+    assert torch.equal(soup["texture.filters.weight"], gs["texture.filters.weight"])
+    card = dataclasses.replace(cards[0], classifier_preset="mediqa-test")
+    path = save_artifact(tmp_path / "soup.safetensors", modules, card)
+    images, prompts = _inputs(64)
+    with torch.no_grad():
+        scores = load_artifact(path).iqa(images, prompts)[0]
+    assert torch.isfinite(scores).all()
+    with pytest.raises(ConfigError, match="preset"):
+        average_iqa([a, pack(create_model("mediqa-test"), "mediqa-test", "p2"),
+                     pack(create_model("mediqa-vitt16-tex"), "mediqa-vitt16-tex", "other")])

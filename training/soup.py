@@ -59,6 +59,61 @@ def map_label_scale(iqa: Mapping[str, Any], src: Any, dst: Any) -> tuple[dict[st
     return out, a, b
 
 
+#: tensors of an added module that make it do nothing: a network without the module is the grown
+#: network with these at 0 (the texture branch adds its projection's output to the features)
+_NEUTRAL_WHEN_ZERO = ("texture.proj.",)
+
+
+def _grow_members(paths: list[Path], loaded: list[tuple[dict[str, Any], Any]]
+                  ) -> list[tuple[dict[str, Any], Any]]:
+    """Members of preset P next to members of a preset G that grows from P (``grows_from``): each
+    P member becomes the G network that computes exactly what it computes — the added module's
+    output projection at 0 (``_NEUTRAL_WHEN_ZERO``), the module's other tensors (which then do
+    nothing) equal to the mean of the G members' — and its card names G. So in the soup the added
+    module's projection is the G members' mean scaled by (G members / all members), as if every
+    member had been grown and only some had trained the module. Members of one preset, or of
+    presets that do not grow from each other, are returned unchanged (the card check refuses the
+    latter)."""
+    import dataclasses
+
+    import torch
+
+    from engines.models.presets import get_preset  # noqa: PLC0415
+
+    presets = {card.preset for _, card in loaded}
+    if len(presets) != 2:
+        return loaded
+    a, b = sorted(presets)
+    try:
+        grown = b if get_preset(b).grows_from == a else a if get_preset(a).grows_from == b else None
+    except ConfigError:
+        return loaded
+    if grown is None:
+        return loaded
+    donors = [mods["iqa"] for mods, card in loaded if card.preset == grown]
+    out = []
+    for p, (mods, card) in zip(paths, loaded):
+        if card.preset == grown:
+            out.append((mods, card))
+            continue
+        iqa = dict(mods["iqa"])
+        added = [k for k in donors[0] if k not in iqa]
+        if any(k not in donors[0] for k in iqa):
+            raise ConfigError(f"{p.name} holds tensors that preset {grown!r} has not: not grown from it")
+        for key in added:
+            ref = donors[0][key]
+            if key.startswith(_NEUTRAL_WHEN_ZERO):
+                iqa[key] = torch.zeros_like(ref)
+            elif ref.is_floating_point():
+                iqa[key] = torch.stack([d[key].float() for d in donors]).mean(0).to(ref.dtype)
+            else:
+                iqa[key] = ref
+        logger.info("%s (preset %s) joins as a %s network with %d added tensors (projection at 0)",
+                    p.name, card.preset, grown, len(added))
+        out.append(({**mods, "iqa": iqa}, dataclasses.replace(card, preset=grown)))
+    return out
+
+
 def average_iqa(paths: list[Path], align_label_scale: bool = False
                 ) -> tuple[dict[str, dict[str, Any]], list[Any]]:
     """({"iqa": mean state dict (float32), "classifier": the members' common classifier}, member
@@ -69,7 +124,9 @@ def average_iqa(paths: list[Path], align_label_scale: bool = False
     two members. ``align_label_scale``: a member whose label scale differs from the first's only
     in min / max is mapped onto the first's (``map_label_scale``) before the mean; the returned
     cards are then the members' own, and each mapped member's (a, b) is logged and set as
-    ``card.training["label_scale_map"]`` of the returned card."""
+    ``card.training["label_scale_map"]`` of the returned card. Members of a preset and of one
+    grown from it (``PresetConfig.grows_from``, e.g. the texture branch) are averaged as the
+    grown preset (``_grow_members``); the cards of the others then name the grown preset."""
     import torch
 
     from engines.artifact import load_tensors  # noqa: PLC0415
@@ -77,9 +134,10 @@ def average_iqa(paths: list[Path], align_label_scale: bool = False
     if len(paths) < 2:
         raise ConfigError(f"a soup needs at least two members, got {len(paths)}")
     loaded = [load_tensors(p) for p in paths]
+    if "iqa" not in loaded[0][0]:
+        raise ConfigError(f"{paths[0].name} holds no IQA network (modules {sorted(loaded[0][0])})")
+    loaded = _grow_members(paths, loaded)
     first_mods, first_card = loaded[0]
-    if "iqa" not in first_mods:
-        raise ConfigError(f"{paths[0].name} holds no IQA network (modules {sorted(first_mods)})")
     for p, (mods, card) in zip(paths[1:], loaded[1:]):
         for name in SHARED_FIELDS:
             if name == "label_scale" and align_label_scale:
