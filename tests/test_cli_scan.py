@@ -266,9 +266,10 @@ def test_info_model_card_of_bundled_and_given_model(runner, tmp_path):
         assert len(m["soup"]) >= 2 and all(len(x["sha256"]) == 64 and x["recipe"] for x in m["soup"])
     assert set(m["test_srcc_by_prompt_modality"]) <= {"ct", "mr", "xr", "fundus", "us", "other"}
     assert m["card"] == json.loads(json.dumps(card.to_dict()))
-    # the feature head's blend weight per modality (README: X-ray only, 0.75)
+    # the feature head's blend weight per modality (README: X-ray only, 0.5)
     assert m["feature_blend"] == {mod: h["blend"] for mod, h in card.feature_head["heads"].items()}
-    assert m["feature_blend"]["xr"] == 0.75 and m["feature_blend"]["ct"] == 0.0
+    assert m["feature_blend"]["xr"] == 0.5 and m["feature_blend"]["ct"] == 0.0
+    assert m["preset"] == card.preset == "mediqa-vitt16-tex"   # README: the bundled soup has the texture branch
     assert m["feature_statistics"] == {k: card.feature_head[k] for k in ("version", "features")}
     table = runner.invoke(cli, ["info", "--model", str(path)])
     assert table.exit_code == 0 and "model card" in table.stdout and "recipe_sha256" in table.stdout

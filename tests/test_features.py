@@ -207,7 +207,8 @@ def test_a_version_1_head_reads_its_eight_statistics_and_ignores_later_ones() ->
 
 
 def test_the_bundled_cards_head_still_loads_and_scores_from_its_statistics() -> None:
-    """The bundled model's card holds a version-1 head; this code computes version-2 statistics."""
+    """The bundled model's card head (version 1 until 2026-12-07, version 2 since) loads and
+    blends its ridge's prediction of the statistics it names, whatever their version."""
     from engines.artifact import load_card
     from engines.features import FEATURE_NAMES, FeatureHead, card_feature_head
 

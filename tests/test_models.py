@@ -272,9 +272,10 @@ def test_onnx_export_volume_graph_dynamic_n_and_k(model: MedIQANet, tmp_path: Pa
         np.testing.assert_allclose(g, r.numpy(), rtol=1e-3, atol=1e-6)
 
 
-def test_vitt16_shape_and_size_budget() -> None:
+@pytest.mark.parametrize("preset", ["mediqa-vitt16", "mediqa-vitt16-tex"])
+def test_vitt16_shape_and_size_budget(preset: str) -> None:
     torch.manual_seed(0)
-    net = create_model("mediqa-vitt16", P).eval()
+    net = create_model(preset, P).eval()
     clf = create_classifier("mediqa-vitt16", DEFAULT_VOCAB)
     assert 2 * (count_parameters(net) + count_parameters(clf)) <= 25_000_000  # fp16 artifact budget
     with torch.no_grad():
