@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,13 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_presets_registered_and_torch_free() -> None:
-    assert set(list_presets()) == {"mediqa-vitb8", "mediqa-vits16", "mediqa-vitt16", "mediqa-test"}
+    assert set(list_presets()) == {"mediqa-vitb8", "mediqa-vits16", "mediqa-vitt16", "mediqa-vitt16-tex",
+                                   "mediqa-test", "mediqa-test-tex"}
+    for name in ("mediqa-vitt16-tex", "mediqa-test-tex"):   # a texture preset is its base plus the branch
+        tex, base = get_preset(name), get_preset(get_preset(name).grows_from)
+        assert tex.texture and not base.texture and base.grows_from is None
+        assert dataclasses.replace(tex, name=base.name, description=base.description, texture=False,
+                                   grows_from=None) == base
     b8 = get_preset("mediqa-vitb8")
     assert (b8.grid, b8.feature_channels, b8.widths, b8.window_size, b8.blocks) == (28, 3072, (768, 384), 4, (6, 7, 8, 9))
     assert get_preset("mediqa-vits16").grid == 14 and get_preset("mediqa-vitt16").grid == 14
