@@ -59,17 +59,12 @@ def map_label_scale(iqa: Mapping[str, Any], src: Any, dst: Any) -> tuple[dict[st
     return out, a, b
 
 
-#: tensors of an added module that make it do nothing: a network without the module is the grown
-#: network with these at 0 (the texture branch adds its projection's output to the features)
-_NEUTRAL_WHEN_ZERO = ("texture.proj.",)
-
-
 def _grow_members(paths: list[Path], loaded: list[tuple[dict[str, Any], Any]]
                   ) -> list[tuple[dict[str, Any], Any]]:
     """Members of preset P next to members of a preset G that grows from P (``grows_from``): each
     P member becomes the G network that computes exactly what it computes — the added module's
-    output projection at 0 (``_NEUTRAL_WHEN_ZERO``), the module's other tensors (which then do
-    nothing) equal to the mean of the G members' — and its card names G. So in the soup the added
+    output projection at 0 (``engines.models.maniqa.TEXTURE_OFF_WHEN_ZERO``), the module's other
+    tensors (which then do nothing) equal to the mean of the G members' — and its card names G. So in the soup the added
     module's projection is the G members' mean scaled by (G members / all members), as if every
     member had been grown and only some had trained the module. Members of one preset, or of
     presets that do not grow from each other, are returned unchanged (the card check refuses the
@@ -78,6 +73,7 @@ def _grow_members(paths: list[Path], loaded: list[tuple[dict[str, Any], Any]]
 
     import torch
 
+    from engines.models.maniqa import TEXTURE_OFF_WHEN_ZERO  # noqa: PLC0415
     from engines.models.presets import get_preset  # noqa: PLC0415
 
     presets = {card.preset for _, card in loaded}
@@ -102,7 +98,7 @@ def _grow_members(paths: list[Path], loaded: list[tuple[dict[str, Any], Any]]
             raise ConfigError(f"{p.name} holds tensors that preset {grown!r} has not: not grown from it")
         for key in added:
             ref = donors[0][key]
-            if key.startswith(_NEUTRAL_WHEN_ZERO):
+            if key.startswith(TEXTURE_OFF_WHEN_ZERO):
                 iqa[key] = torch.zeros_like(ref)
             elif ref.is_floating_point():
                 iqa[key] = torch.stack([d[key].float() for d in donors]).mean(0).to(ref.dtype)

@@ -125,6 +125,12 @@ class TextureBranch(nn.Module):
         return self.proj(self.norm(self.energy(images)))
 
 
+#: ``MedIQANet`` state-dict prefixes that switch its texture branch off when they are 0 (the branch
+#: adds ``proj``'s output to the features): a network without the branch computes exactly what the
+#: grown network computes with these at 0 (``training.soup`` averages plain and grown members so)
+TEXTURE_OFF_WHEN_ZERO = ("texture.proj.",)
+
+
 def create_vit(vit_name: str, image_size: int, overrides: Sequence[tuple[str, object]] = (),
                init_weights: Path | None = None, keep_blocks: Sequence[int] | None = None,
                stem: str = "patch") -> nn.Module:
