@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engines.artifact import ModelCard, load_card, save_artifact
 from engines.errors import ConfigError, UnsupportedArtifact
@@ -24,23 +23,26 @@ from training.loop import param_groups
 from training.tasks import load_pretrained_into, run_finetune
 
 
-def _mr_slice(size: int = 224) -> torch.Tensor:
-    """pydicom's real MR slice, windowed to [0, 1], resized, normalised as the network's input."""
+def _mr_slice() -> torch.Tensor:
+    """pydicom's real MR slice through the network's preprocessing (``preprocess_slice``)."""
     import pydicom
-    from pydicom.data import get_testdata_file
 
-    a = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    a = np.clip((a - lo) / (hi - lo), 0, 1)
-    a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
-    return ((torch.tensor(a) - 0.5) / 0.5)[None, None].expand(1, 3, size, size).clone()
+    from engines.preprocess import PreprocessConfig, preprocess_slice
+    from tests.conftest import _testdata
+
+    raw = pydicom.dcmread(_testdata("MR_small.dcm")).pixel_array
+    return torch.as_tensor(preprocess_slice(raw, "mr", None, PreprocessConfig()))[None]
 
 
-def _artifact(tmp_path: Path, model: torch.nn.Module, preset: str) -> Path:
+def _artifact(tmp_path: Path, model: torch.nn.Module, preset: str, *, name: str | None = None,
+              classifier: torch.nn.Module | None = None) -> Path:
+    """``model`` packed with a card of ``preset`` (and ``classifier``, whose preset is mediqa-test)."""
     card = ModelCard(task="iqa", preset=preset, prompt_vocab=DEFAULT_VOCAB.to_dict(),
                      preprocess=get_preset(preset).preprocess_config().to_dict(),
-                     label_scale={"min": 0.0, "max": 1.0, "name": "q"})
-    return save_artifact(tmp_path / f"{preset}.safetensors", {"iqa": model}, card)
+                     label_scale={"min": 0.0, "max": 1.0, "name": "q"},
+                     classifier_preset="mediqa-test" if classifier is not None else None)
+    modules = {"iqa": model, **({"classifier": classifier} if classifier is not None else {})}
+    return save_artifact(tmp_path / f"{name or preset}.safetensors", modules, card)
 
 
 def _inputs(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +182,7 @@ def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: P
     cls = create_classifier("mediqa-test", DEFAULT_VOCAB)
 
     def pack(model: torch.nn.Module, preset: str, name: str) -> Path:
-        card = ModelCard(task="iqa", preset=preset, prompt_vocab=DEFAULT_VOCAB.to_dict(),
-                         preprocess=get_preset(preset).preprocess_config().to_dict(),
-                         label_scale={"min": 0.0, "max": 1.0, "name": "q"}, classifier_preset="mediqa-test")
-        return save_artifact(tmp_path / f"{name}.safetensors", {"iqa": model, "classifier": cls}, card)
+        return _artifact(tmp_path, model, preset, name=name, classifier=cls)
 
     plain = create_model("mediqa-test")
     grown = create_model("mediqa-test-tex")
