@@ -76,6 +76,44 @@ def test_energy_follows_the_noise_level_and_the_flattest_cell_ignores_edges() ->
     assert bool((clean[width][anatomy] < clean[0][anatomy]).all())
 
 
+@torch.no_grad()
+def test_two_scales_tell_noise_from_blur() -> None:
+    """With scales (1, 2) (preset mediqa-vitt16-tex2), on a real MR slice: the fixed high-pass
+    energy at the pixel scale falls with blur and rises with noise, so on its own it cannot say
+    which; the difference of the two scales' log energies rises with every step of noise towards
+    log 2 (white noise averaged over 2 × 2 pixels keeps half its amplitude) but stays put under a
+    blur that takes the pixel-scale energy down by more than half what the mildest noise step
+    (0.4 % of the range) adds to it."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    torch.manual_seed(0)
+    branch = TextureBranch(patch=16, out_channels=8, scales=(1, 2))
+    width = branch.filters.out_channels + 1
+    assert branch.energy(torch.zeros(1, 3, 64, 64)).shape == (1, 4 * width, 4, 4)
+
+    def pixel_and_difference(img: torch.Tensor) -> tuple[float, float]:
+        e = branch.energy(img)[0]
+        return float(e[0].median()), float((e[0] - e[2 * width]).median())
+
+    x = _mr_slice()
+    clean_pixel, clean_diff = pixel_and_difference(x)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(x[:, :1].shape, generator=g).expand_as(x)
+    diffs = [clean_diff]
+    for sigma in (0.004, 0.008, 0.017, 0.045, 0.1):
+        pixel, diff = pixel_and_difference(x + 2 * sigma * noise)
+        assert pixel > clean_pixel
+        diffs.append(diff)
+    assert all(a < b for a, b in zip(diffs, diffs[1:])), diffs
+    assert diffs[-1] == pytest.approx(np.log(2), abs=0.1) and clean_diff < -0.5
+    mild_noise_rise = pixel_and_difference(x + 2 * 0.004 * noise)[0] - clean_pixel
+    blurred_pixel, blurred_diff = pixel_and_difference(gaussian_blur(x, 9, 2.5))
+    assert clean_pixel - blurred_pixel > 0.5 * mild_noise_rise
+    assert abs(blurred_diff - clean_diff) < 0.15 < diffs[1] - clean_diff
+    with pytest.raises(ValueError, match="scales"):
+        TextureBranch(patch=16, out_channels=8, scales=(2,))
+
+
 def test_grown_network_starts_with_the_base_scores_and_the_branch_is_wired(tmp_path: Path) -> None:
     """A mediqa-test-tex network grown from a mediqa-test artifact holds every base tensor and
     scores real inputs exactly as the base (projection at 0); gradients reach the projection at
@@ -156,13 +194,14 @@ def test_finetune_grows_a_base_artifact_and_records_it(tmp_path: Path, retina_pa
     assert float(proj.abs().max()) > 0
 
 
-def test_onnx_parity_with_the_branch(tmp_path: Path) -> None:
-    """The branch (avg / max pooling, log, BatchNorm) exports: 2D and 3D graphs of a mediqa-test-tex
-    network with a non-zero projection match PyTorch on real inputs."""
+@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2"])
+def test_onnx_parity_with_the_branch(tmp_path: Path, preset: str) -> None:
+    """The branch (avg / max pooling, log, BatchNorm; one or two scales) exports: 2D and 3D graphs
+    of a network with a non-zero projection match PyTorch on real inputs."""
     pytest.importorskip("onnxruntime")
     from tests.test_export_onnx import build, check_parity, export_all
 
-    iqa, cls, card = build("mediqa-test-tex")
+    iqa, cls, card = build(preset)
     with torch.no_grad():
         torch.nn.init.normal_(iqa.texture.proj.weight, std=0.2)
     export_all(tmp_path, iqa, cls, card)

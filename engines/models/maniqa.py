@@ -81,7 +81,11 @@ class TextureBranch(nn.Module):
     boundaries); ``width − 1`` learned 3 × 3 filters of the residual next to the residual itself;
     the mean absolute response of every cell of patch / 4 pixels; per patch, the log of the
     mean over its cells and the minimum of their logs (the flattest cell: a noise level that
-    edges and texture do not inflate); BatchNorm; a 1 × 1 projection.
+    edges and texture do not inflate); BatchNorm; a 1 × 1 projection. With ``scales`` (1, 2, …)
+    the same measures (same filters) are also taken of the grey image averaged over s × s
+    pixels: white noise loses the same log energy from one scale to the next at any level,
+    blur and anatomy do not, so the projection can tell noise from sharpness by the
+    difference of two log energies.
 
     Why: the synthetic MR labels follow noise of 0.4–4.5 % of the input range, which the
     preprocessing keeps (−σ on the network's own input tensors ranks those studies 0.974) but
@@ -91,18 +95,23 @@ class TextureBranch(nn.Module):
     with that artifact's scores, and training decides how much of the branch to use.
     """
 
-    def __init__(self, patch: int, out_channels: int, width: int = 16, eps: float = 1e-4) -> None:
+    def __init__(self, patch: int, out_channels: int, width: int = 16, eps: float = 1e-4,
+                 scales: Sequence[int] = (1,)) -> None:
         super().__init__()
         if width < 2:
             raise ValueError(f"texture branch width must be >= 2, got {width}")
         self.cell = max(1, patch // 4)
         if patch % self.cell:
             raise ValueError(f"texture branch: patch {patch} is not a multiple of its cell {self.cell}")
+        self.scales = tuple(int(s) for s in scales)
+        if not self.scales or self.scales[0] != 1 or any(s < 1 or self.cell % s for s in self.scales):
+            raise ValueError(f"texture branch scales must start at 1 and divide the cell "
+                             f"({self.cell} px), got {tuple(scales)}")
         self.cells = patch // self.cell
         self.eps = eps
         self.filters = nn.Conv2d(1, width - 1, 3, padding=1, bias=False)
-        self.norm = nn.BatchNorm2d(2 * width)
-        self.proj = nn.Conv2d(2 * width, out_channels, 1)
+        self.norm = nn.BatchNorm2d(2 * width * len(self.scales))
+        self.proj = nn.Conv2d(2 * width * len(self.scales), out_channels, 1)
         self.reset_projection()
 
     def reset_projection(self) -> None:
@@ -110,16 +119,20 @@ class TextureBranch(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def energy(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) → (N, 2·width, G, G) before the norm: channels [0, width) the log mean
+        """(N, 3, S, S) → (N, 2·width·len(scales), G, G) before the norm, one block of 2·width
+        channels per scale (in ``scales`` order): channels [0, width) of a block the log mean
         |response| over each patch, [width, 2·width) the minimum over its cells of the log mean
-        |response|; channels 0 and ``width`` are the fixed high-pass residual's."""
+        |response|; channels 0 and ``width`` of a block are the fixed high-pass residual's."""
         grey = images.mean(dim=1, keepdim=True)
-        resid = grey - F.avg_pool2d(grey, 3, stride=1, padding=1, count_include_pad=False)
-        maps = torch.cat([resid, self.filters(resid)], dim=1).abs()
-        cells = F.avg_pool2d(maps, self.cell)
-        mean = torch.log(F.avg_pool2d(cells, self.cells) + self.eps)
-        flattest = -F.max_pool2d(-torch.log(cells + self.eps), self.cells)
-        return torch.cat([mean, flattest], dim=1)
+        blocks = []
+        for s in self.scales:
+            g = grey if s == 1 else F.avg_pool2d(grey, s)
+            resid = g - F.avg_pool2d(g, 3, stride=1, padding=1, count_include_pad=False)
+            maps = torch.cat([resid, self.filters(resid)], dim=1).abs()
+            cells = F.avg_pool2d(maps, self.cell // s)
+            blocks.append(torch.log(F.avg_pool2d(cells, self.cells) + self.eps))
+            blocks.append(-F.max_pool2d(-torch.log(cells + self.eps), self.cells))
+        return torch.cat(blocks, dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(self.norm(self.energy(images)))
@@ -242,7 +255,8 @@ class MedIQANet(_VolumeMixin, nn.Module):
         self.score_head = _head(c2, cfg.head_width, cfg.drop, nn.ReLU())
         self.weight_head = _head(c2, cfg.head_width, cfg.drop, nn.Sigmoid())
         self.slice_head = nn.Linear(c2, 1)
-        self.texture = TextureBranch(cfg.patch_size, cfg.feature_channels) if cfg.texture else None
+        self.texture = (TextureBranch(cfg.patch_size, cfg.feature_channels, scales=cfg.texture_scales)
+                        if cfg.texture else None)
         for name, module in self.named_children():
             if name != "encoder":
                 module.apply(_init_linear)

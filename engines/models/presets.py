@@ -67,6 +67,9 @@ class PresetConfig:
     # True: a ``TextureBranch`` (engines.models.maniqa) adds each patch's high-frequency energy
     # to the ViT features; its output projection starts at 0.
     texture: bool = False
+    # The texture branch's scales (``TextureBranch``): 1 = the input pixels, s = the grey image
+    # averaged over s x s pixels, each with its own energy channels.
+    texture_scales: tuple[int, ...] = (1,)
     # The preset whose IQA tensors this one holds as a subset (a preset that adds modules, e.g.
     # the texture branch): fine-tuning may start from an artifact of that preset, the added
     # modules keeping their initialisation. None: only artifacts of this very preset.
@@ -106,6 +109,11 @@ class PresetConfig:
             raise ConfigError(f"{self.name}: a conv stem needs a power-of-two patch, got {self.patch_size}")
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
+        cell = max(1, self.patch_size // 4)   # TextureBranch's cell
+        if (not self.texture_scales or self.texture_scales[0] != 1
+                or any(s < 1 or cell % s for s in self.texture_scales)):
+            raise ConfigError(f"{self.name}: texture_scales must start at 1 and divide the texture "
+                              f"cell ({cell} px), got {self.texture_scales}")
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
@@ -154,6 +162,12 @@ _register(dataclasses.replace(
     texture=True, grows_from="mediqa-vitt16",
 ))
 
+_register(dataclasses.replace(
+    PRESETS["mediqa-vitt16"], name="mediqa-vitt16-tex2",
+    description="mediqa-vitt16 + a two-scale texture branch (pixels and 2x2 means): noise and sharpness apart.",
+    texture=True, texture_scales=(1, 2), grows_from="mediqa-vitt16",
+))
+
 _TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
 _register(PresetConfig(
     name="mediqa-test",
@@ -167,6 +181,12 @@ _register(PresetConfig(
 _register(dataclasses.replace(
     PRESETS["mediqa-test"], name="mediqa-test-tex",
     description="mediqa-test + the texture branch (tests).", texture=True, grows_from="mediqa-test",
+))
+
+_register(dataclasses.replace(
+    PRESETS["mediqa-test"], name="mediqa-test-tex2",
+    description="mediqa-test + the two-scale texture branch (tests).", texture=True, texture_scales=(1, 2),
+    grows_from="mediqa-test",
 ))
 
 DEFAULT_PRESET = "mediqa-vitt16"
