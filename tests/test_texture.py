@@ -110,7 +110,7 @@ def test_two_scales_tell_noise_from_blur() -> None:
     blurred_pixel, blurred_diff = pixel_and_difference(gaussian_blur(x, 9, 2.5))
     assert clean_pixel - blurred_pixel > 0.5 * mild_noise_rise
     assert abs(blurred_diff - clean_diff) < 0.15 < diffs[1] - clean_diff
-    with pytest.raises(ValueError, match="scales"):
+    with pytest.raises(ConfigError, match="texture_scales"):
         TextureBranch(patch=16, out_channels=8, scales=(2,))
 
 

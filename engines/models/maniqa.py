@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
 from engines.errors import UnsupportedInput
-from engines.models.presets import PresetConfig, get_preset
+from engines.models.presets import PresetConfig, check_texture_scales, get_preset, texture_cell
 from engines.models.swin import SwinStage
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,10 @@ class TextureBranch(nn.Module):
         super().__init__()
         if width < 2:
             raise ValueError(f"texture branch width must be >= 2, got {width}")
-        self.cell = max(1, patch // 4)
+        self.cell = texture_cell(patch)
         if patch % self.cell:
             raise ValueError(f"texture branch: patch {patch} is not a multiple of its cell {self.cell}")
-        self.scales = tuple(int(s) for s in scales)
-        if not self.scales or self.scales[0] != 1 or any(s < 1 or self.cell % s for s in self.scales):
-            raise ValueError(f"texture branch scales must start at 1 and divide the cell "
-                             f"({self.cell} px), got {tuple(scales)}")
+        self.scales = check_texture_scales(patch, tuple(scales))
         self.cells = patch // self.cell
         self.eps = eps
         self.filters = nn.Conv2d(1, width - 1, 3, padding=1, bias=False)

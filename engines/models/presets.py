@@ -109,13 +109,24 @@ class PresetConfig:
             raise ConfigError(f"{self.name}: a conv stem needs a power-of-two patch, got {self.patch_size}")
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
-        cell = max(1, self.patch_size // 4)   # TextureBranch's cell
-        if (not self.texture_scales or self.texture_scales[0] != 1
-                or any(s < 1 or cell % s for s in self.texture_scales)):
-            raise ConfigError(f"{self.name}: texture_scales must start at 1 and divide the texture "
-                              f"cell ({cell} px), got {self.texture_scales}")
+        check_texture_scales(self.patch_size, self.texture_scales, self.name)
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
+
+
+def texture_cell(patch: int) -> int:
+    """The texture branch's cell side in pixels: a quarter of the patch (at least 1)."""
+    return max(1, patch // 4)
+
+
+def check_texture_scales(patch: int, scales: tuple[int, ...], name: str = "texture branch") -> tuple[int, ...]:
+    """``scales`` as ints; ConfigError unless they start at 1 and each divides the cell."""
+    cell = texture_cell(patch)
+    scales = tuple(int(s) for s in scales)
+    if not scales or scales[0] != 1 or any(s < 1 or cell % s for s in scales):
+        raise ConfigError(f"{name}: texture_scales must start at 1 and divide the texture cell "
+                          f"({cell} px), got {scales}")
+    return scales
 
 
 PRESETS: dict[str, PresetConfig] = {}
