@@ -45,15 +45,20 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
 
 def test_presets_registered_and_torch_free() -> None:
     assert set(list_presets()) == {"mediqa-vitb8", "mediqa-vits16", "mediqa-vitt16", "mediqa-vitt16-tex",
-                                   "mediqa-vitt16-tex2", "mediqa-test", "mediqa-test-tex", "mediqa-test-tex2"}
-    for name in ("mediqa-vitt16-tex", "mediqa-vitt16-tex2", "mediqa-test-tex", "mediqa-test-tex2"):
+                                   "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-test", "mediqa-test-tex",
+                                   "mediqa-test-tex2", "mediqa-test-tex2n"}
+    for name in ("mediqa-vitt16-tex", "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-test-tex",
+                 "mediqa-test-tex2", "mediqa-test-tex2n"):
         tex, base = get_preset(name), get_preset(get_preset(name).grows_from)
         assert tex.texture and not base.texture and base.grows_from is None
         assert dataclasses.replace(tex, name=base.name, description=base.description, texture=False,
-                                   texture_scales=(1,), grows_from=None) == base
+                                   texture_scales=(1,), noise_term=False, grows_from=None) == base
     assert get_preset("mediqa-vitt16-tex2").texture_scales == (1, 2)
+    assert get_preset("mediqa-vitt16-tex2n").noise_term and not get_preset("mediqa-vitt16-tex2").noise_term
     with pytest.raises(ConfigError, match="texture_scales"):   # 3 does not divide the 4-px cell
         dataclasses.replace(get_preset("mediqa-vitt16-tex"), texture_scales=(1, 3)).validate()
+    with pytest.raises(ConfigError, match="noise term needs"):  # the term reads scale 2
+        dataclasses.replace(get_preset("mediqa-vitt16-tex"), noise_term=True).validate()
     b8 = get_preset("mediqa-vitb8")
     assert (b8.grid, b8.feature_channels, b8.widths, b8.window_size, b8.blocks) == (28, 3072, (768, 384), 4, (6, 7, 8, 9))
     assert get_preset("mediqa-vits16").grid == 14 and get_preset("mediqa-vitt16").grid == 14
@@ -282,7 +287,8 @@ def test_onnx_export_volume_graph_dynamic_n_and_k(model: MedIQANet, tmp_path: Pa
         np.testing.assert_allclose(g, r.numpy(), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["mediqa-vitt16", "mediqa-vitt16-tex", "mediqa-vitt16-tex2"])
+@pytest.mark.parametrize("preset", ["mediqa-vitt16", "mediqa-vitt16-tex", "mediqa-vitt16-tex2",
+                                    "mediqa-vitt16-tex2n"])
 def test_vitt16_shape_and_size_budget(preset: str) -> None:
     torch.manual_seed(0)
     net = create_model(preset, P).eval()

@@ -114,6 +114,71 @@ def test_two_scales_tell_noise_from_blur() -> None:
         TextureBranch(patch=16, out_channels=8, scales=(2,))
 
 
+def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) -> None:
+    """The noise term (preset mediqa-test-tex2n) on a real MR slice: its first statistic (the
+    flattest cells' log energy) rises with every noise step and its second (the drop from scale 1
+    to scale 2) too, while a blur leaves the second within 0.15 of the clean value. A network grown
+    from a mediqa-test artifact scores exactly as the base (weights at 0); fitting only the term's
+    weights to scores that fall with the noise makes the network's scores fall with it, in every
+    one of the six steps, for images the fit has not seen — through the weights of the fitted
+    prompt's labels only: a prompt that shares no label with it keeps the base scores."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from engines.prompts import Prompt, encode_prompt
+
+    sigmas = (0.0, 0.004, 0.008, 0.017, 0.023, 0.045)
+
+    def noisy(img: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return img + 2 * sigma * torch.randn(img[:, :1].shape, generator=gen).expand_as(img)
+
+    torch.manual_seed(0)
+    x224 = _mr_slice()                   # the statistics at the shipped presets' 16-px patch
+    branch = TextureBranch(patch=16, out_channels=8, scales=(1, 2), prompt_dim=DEFAULT_VOCAB.size)
+    with torch.no_grad():
+        stats = torch.cat([branch.noise_statistics(branch.energy(noisy(x224, s, 1))) for s in sigmas])
+        blurred = branch.noise_statistics(branch.energy(gaussian_blur(x224, 9, 2.5)))[0]
+    for c in range(2):
+        assert bool((stats[1:, c] > stats[:-1, c]).all()), stats[:, c]
+    assert abs(float(blurred[1] - stats[0, 1])) < 0.15
+
+    base = create_model("mediqa-test").eval()
+    grown = create_model("mediqa-test-tex2n")
+    load_pretrained_into(grown, _artifact(tmp_path, base, "mediqa-test"), "mediqa-test-tex2n", ())
+    branch = grown.texture
+    assert branch.noise_weight is not None and float(branch.noise_weight.detach().abs().sum()) == 0.0
+    x = torch.nn.functional.interpolate(x224, size=64, mode="area")
+
+    mr = encode_prompt(Prompt("2d", "mr", "head", "t1"))
+    ct = encode_prompt(Prompt("3d", "ct", "chest", "plain"))    # no label in common with mr
+    train = torch.cat([noisy(x, s, seed) for seed in (2, 3, 4) for s in sigmas])
+    test = torch.cat([noisy(x, s, 9) for s in sigmas])
+    p_train = torch.as_tensor(np.stack([mr] * len(train)), dtype=torch.float32)
+    p_test = torch.as_tensor(np.stack([mr] * len(test)), dtype=torch.float32)
+    grown.eval()
+    with torch.no_grad():
+        before = grown(test, p_test)[0]
+        assert torch.equal(before, base(test, p_test)[0])
+        target = grown(train, p_train)[0] - 5.0 * torch.as_tensor(sigmas * 3)
+    for name, p in grown.named_parameters():
+        p.requires_grad_(name == "texture.noise_weight")
+    branch.noise_norm.train()           # its running statistics follow the fit's batches
+    opt = torch.optim.Adam([branch.noise_weight], lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        (grown(train, p_train)[0] - target).pow(2).mean().backward()
+        opt.step()
+    grown.eval()
+    with torch.no_grad():
+        after = grown(test, p_test)[0]
+        other = grown(test, torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32))[0]
+        base_other = base(test, torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32))[0]
+    assert bool((after[1:] < after[:-1]).all()), after
+    assert torch.allclose(other, base_other, atol=1e-3)
+    with pytest.raises(ValueError, match="needs scale 2"):
+        TextureBranch(patch=16, out_channels=8, prompt_dim=4)
+
+
 def test_grown_network_starts_with_the_base_scores_and_the_branch_is_wired(tmp_path: Path) -> None:
     """A mediqa-test-tex network grown from a mediqa-test artifact holds every base tensor and
     scores real inputs exactly as the base (projection at 0); gradients reach the projection at
@@ -194,21 +259,27 @@ def test_finetune_grows_a_base_artifact_and_records_it(tmp_path: Path, retina_pa
     assert float(proj.abs().max()) > 0
 
 
-@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2"])
+@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2", "mediqa-test-tex2n"])
 def test_onnx_parity_with_the_branch(tmp_path: Path, preset: str) -> None:
-    """The branch (avg / max pooling, log, BatchNorm; one or two scales) exports: 2D and 3D graphs
-    of a network with a non-zero projection match PyTorch on real inputs."""
+    """The branch (avg / max pooling, log, BatchNorm; one or two scales; the noise term) exports:
+    2D and 3D graphs of a network with a non-zero projection (and noise term) match PyTorch on
+    real inputs."""
     pytest.importorskip("onnxruntime")
     from tests.test_export_onnx import build, check_parity, export_all
 
     iqa, cls, card = build(preset)
     with torch.no_grad():
         torch.nn.init.normal_(iqa.texture.proj.weight, std=0.2)
+        if iqa.texture.noise_weight is not None:
+            torch.nn.init.normal_(iqa.texture.noise_weight, std=0.2)
+            iqa.texture.noise_norm.running_mean.copy_(torch.tensor([-3.0, -0.5]))
+            iqa.texture.noise_norm.running_var.copy_(torch.tensor([2.0, 0.3]))
     export_all(tmp_path, iqa, cls, card)
     check_parity(iqa, cls, card, tmp_path)
 
 
-def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2n"])
+def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: Path, preset: str) -> None:
     """``average_iqa`` with a mediqa-test member and a mediqa-test-tex member grown from it: the
     plain member joins as the grown network with its projection at 0, so the soup's shared tensors
     are the members' mean, its projection half the grown member's, its other branch tensors the
@@ -224,13 +295,15 @@ def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: P
         return _artifact(tmp_path, model, preset, name=name, classifier=cls)
 
     plain = create_model("mediqa-test")
-    grown = create_model("mediqa-test-tex")
+    grown = create_model(preset)
     with torch.no_grad():
         torch.nn.init.normal_(grown.texture.proj.weight, std=0.3)
         torch.nn.init.normal_(grown.texture.proj.bias, std=0.3)
-    a, b = pack(plain, "mediqa-test", "plain"), pack(grown, "mediqa-test-tex", "grown")
+        if grown.texture.noise_weight is not None:
+            torch.nn.init.normal_(grown.texture.noise_weight, std=0.3)
+    a, b = pack(plain, "mediqa-test", "plain"), pack(grown, preset, "grown")
     modules, cards = average_iqa([a, b])
-    assert [c.preset for c in cards] == ["mediqa-test-tex", "mediqa-test-tex"]
+    assert [c.preset for c in cards] == [preset, preset]
     soup, gs, ps = modules["iqa"], grown.state_dict(), plain.state_dict()
     for k, v in ps.items():
         if v.is_floating_point():
@@ -238,6 +311,9 @@ def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: P
     assert torch.allclose(soup["texture.proj.weight"], gs["texture.proj.weight"] / 2)
     assert torch.allclose(soup["texture.proj.bias"], gs["texture.proj.bias"] / 2)
     assert torch.equal(soup["texture.filters.weight"], gs["texture.filters.weight"])
+    if grown.texture.noise_weight is not None:      # the term is off at 0 too: half the grown one's
+        assert torch.allclose(soup["texture.noise_weight"], gs["texture.noise_weight"] / 2)
+        assert torch.equal(soup["texture.noise_norm.running_var"], gs["texture.noise_norm.running_var"])
     card = dataclasses.replace(cards[0], classifier_preset="mediqa-test")
     path = save_artifact(tmp_path / "soup.safetensors", modules, card)
     images, prompts = _inputs(64)

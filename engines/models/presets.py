@@ -70,6 +70,9 @@ class PresetConfig:
     # The texture branch's scales (``TextureBranch``): 1 = the input pixels, s = the grey image
     # averaged over s x s pixels, each with its own energy channels.
     texture_scales: tuple[int, ...] = (1,)
+    # True: the texture branch's noise term (``TextureBranch.noise_term``: two fixed noise
+    # statistics weighted by the prompt, added to the score); needs the branch with scale 2.
+    noise_term: bool = False
     # The preset whose IQA tensors this one holds as a subset (a preset that adds modules, e.g.
     # the texture branch): fine-tuning may start from an artifact of that preset, the added
     # modules keeping their initialisation. None: only artifacts of this very preset.
@@ -110,6 +113,9 @@ class PresetConfig:
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
         check_texture_scales(self.patch_size, self.texture_scales, self.name)
+        if self.noise_term and not (self.texture and 2 in self.texture_scales):
+            raise ConfigError(f"{self.name}: the noise term needs the texture branch with scale 2, "
+                              f"got texture={self.texture}, scales {self.texture_scales}")
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
@@ -179,6 +185,12 @@ _register(dataclasses.replace(
     texture=True, texture_scales=(1, 2), grows_from="mediqa-vitt16",
 ))
 
+_register(dataclasses.replace(
+    PRESETS["mediqa-vitt16-tex2"], name="mediqa-vitt16-tex2n",
+    description="mediqa-vitt16-tex2 + the noise term: two fixed noise statistics, prompt-weighted, added to the score.",
+    noise_term=True,
+))
+
 _TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
 _register(PresetConfig(
     name="mediqa-test",
@@ -198,6 +210,11 @@ _register(dataclasses.replace(
     PRESETS["mediqa-test"], name="mediqa-test-tex2",
     description="mediqa-test + the two-scale texture branch (tests).", texture=True, texture_scales=(1, 2),
     grows_from="mediqa-test",
+))
+
+_register(dataclasses.replace(
+    PRESETS["mediqa-test-tex2"], name="mediqa-test-tex2n",
+    description="mediqa-test + the two-scale texture branch and its noise term (tests).", noise_term=True,
 ))
 
 DEFAULT_PRESET = "mediqa-vitt16"
