@@ -175,6 +175,12 @@ def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) ->
         base_other = base(test, torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32))[0]
     assert bool((after[1:] < after[:-1]).all()), after
     assert torch.allclose(other, base_other, atol=1e-3)
+    # a batch of one image in training (a last short batch) uses the running statistics
+    grown.train()
+    opt.zero_grad()
+    single, _ = grown(test[:1], p_test[:1])
+    single.sum().backward()
+    assert branch.noise_weight.grad is not None and torch.isfinite(single).all()
     with pytest.raises(ValueError, match="needs scale 2"):
         TextureBranch(patch=16, out_channels=8, prompt_dim=4)
 
