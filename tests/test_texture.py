@@ -155,6 +155,7 @@ def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) ->
     test = torch.cat([noisy(x, s, 9) for s in sigmas])
     p_train = torch.as_tensor(np.stack([mr] * len(train)), dtype=torch.float32)
     p_test = torch.as_tensor(np.stack([mr] * len(test)), dtype=torch.float32)
+    p_other = torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32)
     grown.eval()
     with torch.no_grad():
         before = grown(test, p_test)[0]
@@ -171,8 +172,7 @@ def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) ->
     grown.eval()
     with torch.no_grad():
         after = grown(test, p_test)[0]
-        other = grown(test, torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32))[0]
-        base_other = base(test, torch.as_tensor(np.stack([ct] * len(test)), dtype=torch.float32))[0]
+        other, base_other = grown(test, p_other)[0], base(test, p_other)[0]
     assert bool((after[1:] < after[:-1]).all()), after
     assert torch.allclose(other, base_other, atol=1e-3)
     # a batch of one image in training (a last short batch) uses the running statistics
@@ -181,7 +181,7 @@ def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) ->
     single, _ = grown(test[:1], p_test[:1])
     single.sum().backward()
     assert branch.noise_weight.grad is not None and torch.isfinite(single).all()
-    with pytest.raises(ValueError, match="needs scale 2"):
+    with pytest.raises(ConfigError, match="noise term needs the texture branch with scale 2"):
         TextureBranch(patch=16, out_channels=8, prompt_dim=4)
 
 

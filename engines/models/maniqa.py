@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
 from engines.errors import UnsupportedInput
-from engines.models.presets import PresetConfig, check_texture_scales, get_preset, texture_cell
+from engines.models.presets import (PresetConfig, check_noise_term, check_texture_scales, get_preset,
+                                    texture_cell)
 from engines.models.swin import SwinStage
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ class TextureBranch(nn.Module):
         if prompt_dim < 0:
             raise ValueError(f"texture branch: prompt_dim must be >= 0, got {prompt_dim}")
         if prompt_dim:
-            if 2 not in self.scales:
-                raise ValueError(f"texture branch: the noise term needs scale 2, got scales {self.scales}")
+            check_noise_term(True, self.scales)
             # zeros, not a random init: building the term draws nothing from the global generator,
             # so the branch's filters and the training run's shuffle match a network without it
             self.noise_weight = nn.Parameter(torch.zeros(prompt_dim, 2))
@@ -319,13 +319,9 @@ class MedIQANet(_VolumeMixin, nn.Module):
             raise UnsupportedInput(f"prompt must be (N={images.shape[0]}, {self.prompt_dim}), "
                                    f"got {tuple(prompt.shape)}")
 
-    def features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """(N, 3, S, S) → concatenated intermediate ViT features (N, 4·D, G, G), plus the texture
-        branch's output for a ``texture`` preset."""
-        return self._features(images)[0]
-
-    def _features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``features`` and the texture branch's energy (None without the branch)."""
+        branch's output for a ``texture`` preset; and the branch's energy (None without it)."""
         feats = self.encoder.forward_intermediates(
             images, indices=list(self.feature_blocks), norm=False, output_fmt="NCHW",
             intermediates_only=True,
@@ -342,7 +338,7 @@ class MedIQANet(_VolumeMixin, nn.Module):
         # graph or add guards between the (independently dynamic) batch axes.
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_inputs(images, prompt)
-        x, energy = self._features(images)
+        x, energy = self.features(images)
         x = self.swin1(self.reduce1(_tab(self.tab1, x)), prompt)
         x = self.swin2(self.reduce2(_tab(self.tab2, x)), prompt)
         tokens = x.flatten(2).transpose(1, 2)                 # (N, G², C2)

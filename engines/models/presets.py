@@ -113,9 +113,8 @@ class PresetConfig:
         if sorted(set(self.blocks)) != list(self.blocks):
             raise ConfigError(f"{self.name}: blocks must be strictly increasing, got {self.blocks}")
         check_texture_scales(self.patch_size, self.texture_scales, self.name)
-        if self.noise_term and not (self.texture and 2 in self.texture_scales):
-            raise ConfigError(f"{self.name}: the noise term needs the texture branch with scale 2, "
-                              f"got texture={self.texture}, scales {self.texture_scales}")
+        if self.noise_term:
+            check_noise_term(self.texture, self.texture_scales, self.name)
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
@@ -133,6 +132,13 @@ def check_texture_scales(patch: int, scales: tuple[int, ...], name: str = "textu
         raise ConfigError(f"{name}: texture_scales must start at 1 and divide the texture cell "
                           f"({cell} px), got {scales}")
     return scales
+
+
+def check_noise_term(texture: bool, scales: tuple[int, ...], name: str = "texture branch") -> None:
+    """ConfigError unless the noise term has what it reads: the texture branch with scale 2."""
+    if not (texture and 2 in scales):
+        raise ConfigError(f"{name}: the noise term needs the texture branch with scale 2, "
+                          f"got texture={texture}, scales {tuple(scales)}")
 
 
 PRESETS: dict[str, PresetConfig] = {}
