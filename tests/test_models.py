@@ -45,16 +45,20 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
 
 def test_presets_registered_and_torch_free() -> None:
     assert set(list_presets()) == {"mediqa-vitb8", "mediqa-vits16", "mediqa-vitt16", "mediqa-vitt16-tex",
-                                   "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-test", "mediqa-test-tex",
-                                   "mediqa-test-tex2", "mediqa-test-tex2n"}
-    for name in ("mediqa-vitt16-tex", "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-test-tex",
-                 "mediqa-test-tex2", "mediqa-test-tex2n"):
+                                   "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-vitt16-tex2ns", "mediqa-test",
+                                   "mediqa-test-tex", "mediqa-test-tex2", "mediqa-test-tex2n", "mediqa-test-tex2ns"}
+    for name in ("mediqa-vitt16-tex", "mediqa-vitt16-tex2", "mediqa-vitt16-tex2n", "mediqa-vitt16-tex2ns",
+                 "mediqa-test-tex", "mediqa-test-tex2", "mediqa-test-tex2n", "mediqa-test-tex2ns"):
         tex, base = get_preset(name), get_preset(get_preset(name).grows_from)
         assert tex.texture and not base.texture and base.grows_from is None
         assert dataclasses.replace(tex, name=base.name, description=base.description, texture=False,
-                                   texture_scales=(1,), noise_term=False, grows_from=None) == base
+                                   texture_scales=(1,), noise_term=False, sharpness_term=False,
+                                   grows_from=None) == base
     assert get_preset("mediqa-vitt16-tex2").texture_scales == (1, 2)
     assert get_preset("mediqa-vitt16-tex2n").noise_term and not get_preset("mediqa-vitt16-tex2").noise_term
+    assert get_preset("mediqa-vitt16-tex2ns").sharpness_term and not get_preset("mediqa-vitt16-tex2n").sharpness_term
+    with pytest.raises(ConfigError, match="sharpness_term .* needs noise_term"):
+        dataclasses.replace(get_preset("mediqa-vitt16-tex2"), sharpness_term=True).validate()
     with pytest.raises(ConfigError, match="texture_scales"):   # 3 does not divide the 4-px cell
         dataclasses.replace(get_preset("mediqa-vitt16-tex"), texture_scales=(1, 3)).validate()
     with pytest.raises(ConfigError, match="noise term needs"):  # the term reads scale 2
@@ -288,7 +292,7 @@ def test_onnx_export_volume_graph_dynamic_n_and_k(model: MedIQANet, tmp_path: Pa
 
 
 @pytest.mark.parametrize("preset", ["mediqa-vitt16", "mediqa-vitt16-tex", "mediqa-vitt16-tex2",
-                                    "mediqa-vitt16-tex2n"])
+                                    "mediqa-vitt16-tex2n", "mediqa-vitt16-tex2ns"])
 def test_vitt16_shape_and_size_budget(preset: str) -> None:
     torch.manual_seed(0)
     net = create_model(preset, P).eval()

@@ -185,6 +185,76 @@ def test_noise_term_reads_the_noise_level_and_learns_its_sign(tmp_path: Path) ->
         TextureBranch(patch=16, out_channels=8, prompt_dim=4)
 
 
+def test_sharpness_statistic_falls_with_blur_not_noise_and_the_term_learns_both(tmp_path: Path) -> None:
+    """The noise term's sharpness statistic (preset mediqa-test-tex2ns) on a real MR slice: it
+    falls with every blur step and moves by less than 0.3 over the six noise steps that raise the
+    noise level. A network grown from a mediqa-test artifact scores exactly as the base (three
+    weights per label, at 0); fitting only the term's weights to scores that fall with noise AND
+    with blur makes the scores of images the fit has not seen fall from the clean image to the
+    strongest step of both, with a positive weight on the sharpness statistic."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from engines.prompts import Prompt, encode_prompt
+
+    sigmas = (0.0, 0.004, 0.008, 0.017, 0.023, 0.045)
+    blurs = ((3, 0.8), (5, 1.5), (9, 2.5), (13, 4.0))
+
+    def noisy(img: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return img + 2 * sigma * torch.randn(img[:, :1].shape, generator=gen).expand_as(img)
+
+    def blurred(img: torch.Tensor) -> torch.Tensor:
+        return torch.cat([img] + [gaussian_blur(img, k, s) for k, s in blurs])
+
+    x224 = _mr_slice()
+    branch = TextureBranch(patch=16, out_channels=8, scales=(1, 2), prompt_dim=DEFAULT_VOCAB.size, sharpness=True)
+    assert branch.noise_weight is not None and tuple(branch.noise_weight.shape) == (DEFAULT_VOCAB.size, 3)
+    with torch.no_grad():
+        sharp_noise = branch.sharpness_statistic(torch.cat([noisy(x224, s, 1) for s in sigmas]))
+        sharp_blur = branch.sharpness_statistic(blurred(x224))
+    assert float(sharp_noise.max() - sharp_noise.min()) < 0.3, sharp_noise
+    assert bool((sharp_blur[1:] < sharp_blur[:-1]).all()) and float(sharp_blur[-1] - sharp_blur[0]) < -1.0, sharp_blur
+    with pytest.raises(ValueError, match="sharpness"):
+        TextureBranch(patch=16, out_channels=8, scales=(1, 2), sharpness=True)
+
+    torch.manual_seed(0)
+    base = create_model("mediqa-test").eval()
+    grown = create_model("mediqa-test-tex2ns")
+    load_pretrained_into(grown, _artifact(tmp_path, base, "mediqa-test"), "mediqa-test-tex2ns", ())
+    branch = grown.texture
+    x = torch.nn.functional.interpolate(x224, size=64, mode="area")
+    mr = encode_prompt(Prompt("2d", "mr", "head", "t1"))
+    steps = torch.arange(len(sigmas), dtype=torch.float32)
+    train = torch.cat([noisy(x, s, seed) for seed in (2, 3, 4) for s in sigmas] + [blurred(noisy(x, 0.004, 5))])
+    test_noise = torch.cat([noisy(x, s, 9) for s in sigmas])
+    test_blur = blurred(noisy(x, 0.004, 11))
+
+    def prompts(n: int) -> torch.Tensor:
+        return torch.as_tensor(np.stack([mr] * n), dtype=torch.float32)
+
+    grown.eval()
+    with torch.no_grad():
+        assert torch.equal(grown(test_noise, prompts(len(test_noise)))[0], base(test_noise, prompts(len(test_noise)))[0])
+        ref = grown(train, prompts(len(train)))[0]
+        fall = torch.cat([0.1 * steps] * 3 + [0.1 * torch.arange(len(blurs) + 1, dtype=torch.float32)])
+        target = ref - fall
+    for name, p in grown.named_parameters():
+        p.requires_grad_(name == "texture.noise_weight")
+    branch.noise_norm.train()
+    opt = torch.optim.Adam([branch.noise_weight], lr=0.02)
+    for _ in range(200):
+        opt.zero_grad()
+        (grown(train, prompts(len(train)))[0] - target).pow(2).mean().backward()
+        opt.step()
+    grown.eval()
+    with torch.no_grad():
+        after_noise = grown(test_noise, prompts(len(test_noise)))[0]
+        after_blur = grown(test_blur, prompts(len(test_blur)))[0]
+    assert float(after_noise[-1] - after_noise[0]) < 0 and float(after_blur[-1] - after_blur[0]) < 0
+    # the fit uses the third statistic, with the sign of a sharpness reward
+    assert float((prompts(1) @ branch.noise_weight.detach())[0, 2]) > 0.01
+
+
 def test_grown_network_starts_with_the_base_scores_and_the_branch_is_wired(tmp_path: Path) -> None:
     """A mediqa-test-tex network grown from a mediqa-test artifact holds every base tensor and
     scores real inputs exactly as the base (projection at 0); gradients reach the projection at
@@ -265,11 +335,12 @@ def test_finetune_grows_a_base_artifact_and_records_it(tmp_path: Path, retina_pa
     assert float(proj.abs().max()) > 0
 
 
-@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2", "mediqa-test-tex2n"])
+@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2", "mediqa-test-tex2n",
+                                    "mediqa-test-tex2ns"])
 def test_onnx_parity_with_the_branch(tmp_path: Path, preset: str) -> None:
-    """The branch (avg / max pooling, log, BatchNorm; one or two scales; the noise term) exports:
-    2D and 3D graphs of a network with a non-zero projection (and noise term) match PyTorch on
-    real inputs."""
+    """The branch (avg / max pooling, log, BatchNorm; one or two scales; the noise term, its
+    sharpness statistic's top-k order statistics) exports: 2D and 3D graphs of a network with a
+    non-zero projection (and noise term) match PyTorch on real inputs."""
     pytest.importorskip("onnxruntime")
     from tests.test_export_onnx import build, check_parity, export_all
 
@@ -278,13 +349,13 @@ def test_onnx_parity_with_the_branch(tmp_path: Path, preset: str) -> None:
         torch.nn.init.normal_(iqa.texture.proj.weight, std=0.2)
         if iqa.texture.noise_weight is not None:
             torch.nn.init.normal_(iqa.texture.noise_weight, std=0.2)
-            iqa.texture.noise_norm.running_mean.copy_(torch.tensor([-3.0, -0.5]))
-            iqa.texture.noise_norm.running_var.copy_(torch.tensor([2.0, 0.3]))
+            iqa.texture.noise_norm.running_mean.copy_(torch.tensor([-3.0, -0.5, -6.0])[:iqa.texture.noise_weight.shape[1]])
+            iqa.texture.noise_norm.running_var.copy_(torch.tensor([2.0, 0.3, 1.5])[:iqa.texture.noise_weight.shape[1]])
     export_all(tmp_path, iqa, cls, card)
     check_parity(iqa, cls, card, tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2n"])
+@pytest.mark.parametrize("preset", ["mediqa-test-tex", "mediqa-test-tex2n", "mediqa-test-tex2ns"])
 def test_soup_of_plain_and_grown_members_averages_the_branch_as_zero(tmp_path: Path, preset: str) -> None:
     """``average_iqa`` with a mediqa-test member and a mediqa-test-tex member grown from it: the
     plain member joins as the grown network with its projection at 0, so the soup's shared tensors

@@ -109,10 +109,19 @@ class TextureBranch(nn.Module):
     carry the noise level to the score. Trained (``mediqa-vitt16-tex2n``, 2026-12-07) the term
     turns that real-MR noise direction but scores blurred, pixelated and ringing MR as cleaner:
     the patch-mean level also measures fine anatomy (README, "What limits it").
+
+    **Sharpness statistic** (``sharpness=True``, presets with ``sharpness_term=True``): a third
+    statistic of the noise term, ``sharpness_statistic`` — the high-pass residual of the grey
+    image averaged over 4 × 4 pixels, its mean square in 2 × 2 cells, and the log of the 98th
+    minus the 10th percentile of those cells (the busiest cells' energy above the noise floor).
+    Why (``benchmarks/sharpness_probe.py``, 15 real MR slices, 2026-12-07): it falls with blur,
+    ringing and ghosting (mean SRCC −1.00 / −0.91 / −0.97) and does not move with noise (−0.09,
+    field noise −0.20), so the term can penalise smoothing with its own weight instead of
+    shrinking the noise level's (which is what the apodised corpus made tex2n do).
     """
 
     def __init__(self, patch: int, out_channels: int, width: int = 16, eps: float = 1e-4,
-                 scales: Sequence[int] = (1,), prompt_dim: int = 0) -> None:
+                 scales: Sequence[int] = (1,), prompt_dim: int = 0, sharpness: bool = False) -> None:
         super().__init__()
         if width < 2:
             raise ValueError(f"texture branch width must be >= 2, got {width}")
@@ -131,12 +140,16 @@ class TextureBranch(nn.Module):
         self.noise_norm: nn.BatchNorm1d | None = None
         if prompt_dim < 0:
             raise ValueError(f"texture branch: prompt_dim must be >= 0, got {prompt_dim}")
+        if sharpness and not prompt_dim:
+            raise ValueError("texture branch: the sharpness statistic belongs to the noise term (prompt_dim > 0)")
+        self.sharpness = sharpness
         if prompt_dim:
             check_noise_term(True, self.scales)
+            n_stats = 3 if sharpness else 2
             # zeros, not a random init: building the term draws nothing from the global generator,
             # so the branch's filters and the training run's shuffle match a network without it
-            self.noise_weight = nn.Parameter(torch.zeros(prompt_dim, 2))
-            self.noise_norm = nn.BatchNorm1d(2, affine=False)
+            self.noise_weight = nn.Parameter(torch.zeros(prompt_dim, n_stats))
+            self.noise_norm = nn.BatchNorm1d(n_stats, affine=False)
 
     def reset_projection(self) -> None:
         nn.init.zeros_(self.proj.weight)
@@ -173,11 +186,28 @@ class TextureBranch(nn.Module):
         flat2 = energy[:, 2 * self.width * k + self.width].mean(dim=(1, 2))
         return torch.stack([flat1, flat1 - flat2], dim=1)
 
-    def noise_term(self, energy: Tensor, prompt: Tensor) -> Tensor:
-        """The score's noise term (N,): standardised ``noise_statistics`` weighted by the prompt."""
+    def sharpness_statistic(self, images: Tensor) -> Tensor:
+        """(N,) from (N, 3, S, S): log of the 98th minus the 10th percentile (order statistics,
+        ``topk``: exports to ONNX) of the mean-square high-pass residual, in 2 × 2 cells, of the
+        grey image averaged over 4 × 4 pixels (see the class docstring)."""
+        grey = F.avg_pool2d(images.mean(dim=1, keepdim=True), 4)
+        resid = grey - F.avg_pool2d(grey, 3, stride=1, padding=1, count_include_pad=False)
+        cells = F.avg_pool2d(resid * resid, 2).flatten(1)
+        n = cells.shape[1]
+        p98 = torch.topk(cells, max(1, math.ceil(0.02 * n)), dim=1).values[:, -1]
+        p10 = -torch.topk(-cells, max(1, math.ceil(0.10 * n)), dim=1).values[:, -1]
+        return torch.log(torch.clamp(p98 - p10, min=self.eps * self.eps))
+
+    def noise_term(self, energy: Tensor, prompt: Tensor, images: Tensor | None = None) -> Tensor:
+        """The score's noise term (N,): standardised ``noise_statistics`` (and, with ``sharpness``,
+        ``sharpness_statistic`` of ``images``) weighted by the prompt."""
         if self.noise_weight is None or self.noise_norm is None:
             raise RuntimeError("this texture branch has no noise term (prompt_dim 0)")
         stats, norm = self.noise_statistics(energy), self.noise_norm
+        if self.sharpness:
+            if images is None:
+                raise ValueError("this noise term reads the images too (sharpness statistic)")
+            stats = torch.cat([stats, self.sharpness_statistic(images)[:, None]], dim=1)
         if norm.training and stats.shape[0] < 2:
             # one image has no batch statistics (BatchNorm1d would raise): its running ones
             z = F.batch_norm(stats, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
@@ -304,7 +334,8 @@ class MedIQANet(_VolumeMixin, nn.Module):
         self.weight_head = _head(c2, cfg.head_width, cfg.drop, nn.Sigmoid())
         self.slice_head = nn.Linear(c2, 1)
         self.texture = (TextureBranch(cfg.patch_size, cfg.feature_channels, scales=cfg.texture_scales,
-                                      prompt_dim=prompt_dim if cfg.noise_term else 0)
+                                      prompt_dim=prompt_dim if cfg.noise_term else 0,
+                                      sharpness=cfg.sharpness_term)
                         if cfg.texture else None)
         for name, module in self.named_children():
             if name != "encoder":
@@ -346,7 +377,7 @@ class MedIQANet(_VolumeMixin, nn.Module):
         w_tok = self.weight_head(tokens).squeeze(-1)
         score = (s_tok * w_tok).sum(dim=1) / (w_tok.sum(dim=1) + _EPS)
         if energy is not None and self.texture is not None and self.texture.noise_weight is not None:
-            score = score + self.texture.noise_term(energy, prompt)
+            score = score + self.texture.noise_term(energy, prompt, images)
         slice_logit = self.slice_head(tokens.mean(dim=1)).squeeze(-1)
         return score, slice_logit
 

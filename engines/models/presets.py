@@ -73,6 +73,10 @@ class PresetConfig:
     # True: the texture branch's noise term (``TextureBranch.noise_term``: two fixed noise
     # statistics weighted by the prompt, added to the score); needs the branch with scale 2.
     noise_term: bool = False
+    # True: the noise term also weighs a third fixed statistic, the busiest cells' high-pass
+    # energy above the flattest cells' at 4 x 4-pixel means (``TextureBranch.sharpness_statistic``:
+    # falls with blur, not with noise); needs ``noise_term``.
+    sharpness_term: bool = False
     # The preset whose IQA tensors this one holds as a subset (a preset that adds modules, e.g.
     # the texture branch): fine-tuning may start from an artifact of that preset, the added
     # modules keeping their initialisation. None: only artifacts of this very preset.
@@ -115,6 +119,8 @@ class PresetConfig:
         check_texture_scales(self.patch_size, self.texture_scales, self.name)
         if self.noise_term:
             check_noise_term(self.texture, self.texture_scales, self.name)
+        if self.sharpness_term and not self.noise_term:
+            raise ConfigError(f"{self.name}: sharpness_term is a statistic of the noise term: it needs noise_term")
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
@@ -197,6 +203,12 @@ _register(dataclasses.replace(
     noise_term=True,
 ))
 
+_register(dataclasses.replace(
+    PRESETS["mediqa-vitt16-tex2n"], name="mediqa-vitt16-tex2ns",
+    description="mediqa-vitt16-tex2n + a sharpness statistic in the noise term (edge energy above the noise floor).",
+    sharpness_term=True,
+))
+
 _TEST_VIT = (("embed_dim", 32), ("depth", 4), ("num_heads", 2), ("patch_size", 8), ("img_size", 64))
 _register(PresetConfig(
     name="mediqa-test",
@@ -221,6 +233,11 @@ _register(dataclasses.replace(
 _register(dataclasses.replace(
     PRESETS["mediqa-test-tex2"], name="mediqa-test-tex2n",
     description="mediqa-test + the two-scale texture branch and its noise term (tests).", noise_term=True,
+))
+
+_register(dataclasses.replace(
+    PRESETS["mediqa-test-tex2n"], name="mediqa-test-tex2ns",
+    description="mediqa-test-tex2n + the noise term's sharpness statistic (tests).", sharpness_term=True,
 ))
 
 DEFAULT_PRESET = "mediqa-vitt16"
