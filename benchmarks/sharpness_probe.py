@@ -18,7 +18,9 @@ input ``g`` averaged over s × s pixels (``high_pass``) and its mean square in c
 ``floor_s{s}`` = log of the 10th percentile of the cells' energy (a noise level: the flattest
 cells), ``edge_s{s}`` = log of the 98th percentile (the busiest cells: edges and noise),
 ``net_s{s}`` = log(98th − 10th percentile) (the busiest cells' energy above the noise floor:
-noise adds to both percentiles and cancels, smoothing lowers the edges).
+noise adds to both percentiles and cancels, smoothing lowers the edges). ``net_s4`` is the noise
+term's sharpness statistic (``TextureBranch.sharpness_statistic``, torch) computed in numpy; the
+two agree to 0.25 on a real MR slice (``tests/test_sharpness_probe.py``).
 
 Measured 2026-12-07 (15 real MR slices; mean SRCC with strength, noise / field / blur / pixelate /
 ringing / ghosting): ``floor_s1`` +1.00 / +1.00 / −0.53 / −0.53 / −0.11 / +0.33; ``net_s4``

@@ -214,7 +214,7 @@ def test_sharpness_statistic_falls_with_blur_not_noise_and_the_term_learns_both(
         sharp_blur = branch.sharpness_statistic(blurred(x224))
     assert float(sharp_noise.max() - sharp_noise.min()) < 0.3, sharp_noise
     assert bool((sharp_blur[1:] < sharp_blur[:-1]).all()) and float(sharp_blur[-1] - sharp_blur[0]) < -1.0, sharp_blur
-    with pytest.raises(ValueError, match="sharpness"):
+    with pytest.raises(ConfigError, match="sharpness_term .* needs noise_term"):
         TextureBranch(patch=16, out_channels=8, scales=(1, 2), sharpness=True)
 
     torch.manual_seed(0)

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
 from engines.errors import UnsupportedInput
-from engines.models.presets import (PresetConfig, check_noise_term, check_texture_scales, get_preset,
-                                    texture_cell)
+from engines.models.presets import (PresetConfig, check_noise_term, check_sharpness_term, check_texture_scales,
+                                    get_preset, texture_cell)
 from engines.models.swin import SwinStage
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ class TextureBranch(nn.Module):
         self.noise_norm: nn.BatchNorm1d | None = None
         if prompt_dim < 0:
             raise ValueError(f"texture branch: prompt_dim must be >= 0, got {prompt_dim}")
-        if sharpness and not prompt_dim:
-            raise ValueError("texture branch: the sharpness statistic belongs to the noise term (prompt_dim > 0)")
+        check_sharpness_term(sharpness, bool(prompt_dim))
         self.sharpness = sharpness
         if prompt_dim:
             check_noise_term(True, self.scales)

@@ -119,8 +119,7 @@ class PresetConfig:
         check_texture_scales(self.patch_size, self.texture_scales, self.name)
         if self.noise_term:
             check_noise_term(self.texture, self.texture_scales, self.name)
-        if self.sharpness_term and not self.noise_term:
-            raise ConfigError(f"{self.name}: sharpness_term is a statistic of the noise term: it needs noise_term")
+        check_sharpness_term(self.sharpness_term, self.noise_term, self.name)
         if self.grows_from is not None and self.grows_from not in PRESETS:
             raise ConfigError(f"{self.name}: grows_from names an unknown preset {self.grows_from!r}")
 
@@ -145,6 +144,12 @@ def check_noise_term(texture: bool, scales: tuple[int, ...], name: str = "textur
     if not (texture and 2 in scales):
         raise ConfigError(f"{name}: the noise term needs the texture branch with scale 2, "
                           f"got texture={texture}, scales {tuple(scales)}")
+
+
+def check_sharpness_term(sharpness: bool, noise_term: bool, name: str = "texture branch") -> None:
+    """ConfigError when the sharpness statistic is asked for without the noise term it belongs to."""
+    if sharpness and not noise_term:
+        raise ConfigError(f"{name}: sharpness_term is a statistic of the noise term: it needs noise_term")
 
 
 PRESETS: dict[str, PresetConfig] = {}
