@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -1242,3 +1243,57 @@ def test_modality_repeat_draws_a_modality_several_times_per_epoch(corpus: Path, 
     assert batches(rep, False) == batches(cfg, False)
     with pytest.raises(ConfigError, match="no training study"):
         batches(cfg.replace(modality_repeat={"mri": 2}), True)
+
+
+def test_within_modality_srcc_is_the_mean_over_modalities_not_the_pooled_order() -> None:
+    """Two modalities each ranked perfectly but offset against each other, and one reversed: the
+    pooled SRCC says little, ``srcc_within`` is the mean of the per-modality SRCCs; too small
+    groups and studies without a modality are left out."""
+    from training.evaluate import MIN_GROUP
+    from training.loop import within_modality_srcc
+
+    n = max(MIN_GROUP, 5)
+    t = np.linspace(0.0, 1.0, n)
+    pred = np.concatenate([t + 5.0, t, -t, [0.3] * (MIN_GROUP - 1), [9.0]])
+    target = np.concatenate([t, t, t, np.linspace(0, 1, MIN_GROUP - 1), [0.5]])
+    modality = ["ct"] * n + ["mr"] * n + ["xr"] * n + ["fundus"] * (MIN_GROUP - 1) + [None]
+    out = within_modality_srcc(pred, target, modality)
+    assert set(out) == {"srcc.ct", "srcc.mr", "srcc.xr", "srcc_within"}
+    assert out["srcc.ct"] == pytest.approx(1.0) and out["srcc.xr"] == pytest.approx(-1.0)
+    assert out["srcc_within"] == pytest.approx(1.0 / 3.0)
+    assert within_modality_srcc(pred[:2], target[:2], [None, None]) == {}
+
+
+@pytest.mark.parametrize("select, expected", [("primary", 2), ("srcc_within", 1)])
+def test_select_picks_the_kept_epoch_by_the_within_modality_mean(corpus: Path, tmp_path: Path, monkeypatch,
+                                                                   select: str, expected: int) -> None:
+    """``select: srcc_within`` keeps the epoch with the best mean within-modality validation SRCC
+    (epoch 1 here), ``primary`` the best pooled one (epoch 2); a validation without modalities
+    falls back to the pooled SRCC. Validation is scripted (the tiny corpus's split holds 2)."""
+    import training.loop as loop
+
+    script = iter([{"srcc": 0.5, "srcc_within": 0.8}, {"srcc": 0.7, "srcc_within": 0.6},
+                   {"srcc": 0.6, "srcc_within": 0.7}])
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: dict(next(script)))
+    cfg = TrainConfig(task="finetune", epochs=3, out=str(tmp_path), select=select, **FAST)
+    out = run_finetune(corpus, cfg)
+    card = load_card(out.artifact)
+    assert card.metrics["best_epoch"] == [expected]
+    assert card.metrics["val"]["srcc_within"] == {1: 0.8, 2: 0.6}[expected]
+    with pytest.raises(ConfigError, match="select"):
+        TrainConfig(task="finetune", select="plcc")
+    with pytest.raises(ConfigError, match="srcc_within"):
+        TrainConfig(task="classifier", select="srcc_within")
+
+
+def test_select_srcc_within_without_modalities_falls_back_to_the_pooled_srcc(corpus: Path, tmp_path: Path,
+                                                                              monkeypatch, caplog) -> None:
+    import training.loop as loop
+
+    script = iter([{"srcc": 0.5}, {"srcc": 0.7}])
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: dict(next(script)))
+    cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path), select="srcc_within", **FAST)
+    with caplog.at_level(logging.WARNING, logger="training.loop"):
+        out = run_finetune(corpus, cfg)
+    assert load_card(out.artifact).metrics["best_epoch"] == [2]
+    assert "no srcc_within" in caplog.text

@@ -23,6 +23,7 @@ TASKS = ("pretrain", "finetune", "classifier")
 LOSSES: tuple[str, ...] = ("mse", "mse+plcc", "mse+plcc-modality", "mse+plcc+plcc-modality",
                           "mse+pairdiff", "mse+plcc+pairdiff")   # iqa losses (training.loop.IQATask)
 BATCH_GROUPS: tuple[str, ...] = ("modality",)  # batch_group values (training.data.torchdata.GroupedBatchSampler)
+SELECTS: tuple[str, ...] = ("primary", "srcc_within")  # select values (training.loop.fit)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class TrainConfig:
     seeds: int = 1                          # > 1: an ensemble of that many members (seed, seed+1, ...)
     patience: int = 10                      # epochs without val improvement before stopping; 0 = off
     min_delta: float = 1e-4
+    select: str = "primary"                 # what picks the kept epoch (and patience): "primary" = the
+                                            # task's (IQA: pooled validation SRCC; classifier: accuracy);
+                                            # "srcc_within" (IQA) = the mean of the within-modality
+                                            # validation SRCCs (the bundled model's target is per modality)
     k_slices: int = 7                       # salient slices per 3D study (paper: 7)
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = "mediqa-split-v1"
@@ -124,6 +129,10 @@ class TrainConfig:
             if self.batch_group is not None or self.loss.endswith("pairdiff"):
                 raise ConfigError("modality_repeat draws its own batches; it cannot be combined with "
                                   "batch_group or a pairdiff loss")
+        if self.select not in SELECTS:
+            raise ConfigError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.select == "srcc_within" and self.task == "classifier":
+            raise ConfigError("select srcc_within is an IQA metric; the classifier is chosen by accuracy")
         if self.batch_group is not None and self.batch_group not in BATCH_GROUPS:
             raise ConfigError(f"batch_group must be one of {BATCH_GROUPS} or null, got {self.batch_group!r}")
         if self.prompt_groups is not None:

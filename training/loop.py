@@ -376,10 +376,31 @@ def predict_all(model: nn.Module, task: Any, loader: DataLoader, device: torch.d
     return np.concatenate(ps), np.concatenate(ts), np.concatenate(ix)
 
 
+def within_modality_srcc(pred: np.ndarray, target: np.ndarray, modality: Sequence[str | None]
+                         ) -> dict[str, float]:
+    """``{"srcc.<modality>": SRCC within it, "srcc_within": their mean}`` over the modalities with
+    at least ``training.evaluate.MIN_GROUP`` studies (studies without a modality are left out);
+    empty when there is none."""
+    from training.evaluate import grouped_metrics  # noqa: PLC0415
+
+    groups = grouped_metrics(pred, target, {"modality": list(modality)}).get("modality", {})
+    out = {f"srcc.{m}": float(g["srcc"]) for m, g in groups.items() if g["srcc"] == g["srcc"]}
+    if out:
+        out["srcc_within"] = float(np.mean(list(out.values())))
+    return out
+
+
 def validate(model: nn.Module, task: Any, loader: DataLoader, device: torch.device,
              amp: bool) -> dict[str, float]:
-    pred, target, _ = predict_all(model, task, loader, device, amp)
-    return task.metrics(pred, target)
+    """The task's metrics on ``loader``; for score tasks over a dataset with prompt values also
+    the within-modality SRCCs and their mean (``within_modality_srcc``)."""
+    pred, target, index = predict_all(model, task, loader, device, amp)
+    out = task.metrics(pred, target)
+    items = getattr(loader.dataset, "items", None)
+    if task.primary == "srcc" and items is not None and len(pred):
+        pv = np.asarray(pred).reshape(len(pred), -1)[:, 0]
+        out.update(within_modality_srcc(pv, target, [items[i].prompt_values.get("modality") for i in index]))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,7 +571,8 @@ def restrict_prompt_groups(model: nn.Module, vocab: Any, groups: Sequence[str] |
 def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataLoader | None,
         cfg: TrainConfig, out: Path, make_card: Callable[[dict[str, Any]], Any],
         *, description: str = "train") -> FitResult:
-    """Train ``model`` for ``cfg.epochs`` (or until early stopping) and keep the best epoch.
+    """Train ``model`` for ``cfg.epochs`` (or until early stopping) and keep the best epoch
+    (by ``cfg.select``: the task's primary validation metric or the within-modality SRCC mean).
 
     ``make_card(info)`` builds the ``ModelCard`` written into each checkpoint; ``info`` holds
     ``epoch``, ``val`` (metrics) and ``history``. Without a validation loader every epoch
@@ -575,6 +597,7 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
     scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp
               and autocast_dtype(device) == torch.float16 else None)
 
+    select = task.primary if cfg.select == "primary" else cfg.select   # what picks the kept epoch
     start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, -1, 0
     best_metrics: dict[str, float] = {}
     history: list[dict[str, Any]] = []
@@ -594,13 +617,13 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
             plan["epochs"] = min(cfg.epochs, int(info["budget_epochs"]))
         bad_epochs, best_metrics, history = info["bad_epochs"], info["best_metrics"], info["history"]
         logger.info("resumed %s at epoch %d (best %s %.4f at epoch %d)", out, start_epoch,
-                    task.primary, best, best_epoch)
+                    select, best, best_epoch)
     elif cfg.resume:
         logger.warning("--resume: no checkpoint in %s; starting from scratch", out)
     if start_epoch == 0 and log_path.exists():
         log_path.unlink()
 
-    keys = ("srcc", "plcc", "rmse") if task.primary == "srcc" else ("accuracy",)
+    keys = ("srcc", "srcc_within", "plcc", "rmse") if task.primary == "srcc" else ("accuracy",)
     last_val = "val -"
     ips: list[float] = []
     t_start = time.perf_counter()
@@ -632,7 +655,10 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
                                 "schedule now ends at epoch %d instead of %d", cfg.time_budget_s,
                                 fitted, time.perf_counter() - t_start, fitted, plan["epochs"])
                     plan["epochs"] = fitted
-            score = val.get(task.primary, float("nan")) if val_loader is not None else float(epoch)
+            if val_loader is not None and select not in val:
+                logger.warning("validation has no %s (no prompt modalities?): epoch %d judged by %s",
+                               select, epoch + 1, task.primary)
+            score = val.get(select, val.get(task.primary, float("nan"))) if val_loader is not None else float(epoch)
             improved = score == score and score > best + cfg.min_delta
             if improved:
                 best, best_epoch, best_metrics, bad_epochs = score, epoch + 1, dict(val), 0
