@@ -223,6 +223,9 @@ def test_resume_continues_epochs_and_optimizer(corpus: Path, tmp_path: Path) -> 
     # a finished run resumed again trains nothing more
     run_finetune(corpus, cfg.replace(epochs=2, resume=True))
     assert len((tmp_path / LOG_NAME).read_text().splitlines()) == 2
+    # its best epoch was kept by the pooled SRCC: resuming it to keep epochs by another metric is refused
+    with pytest.raises(ConfigError, match="select 'primary'"):
+        run_finetune(corpus, cfg.replace(epochs=3, resume=True, select="srcc_within"))
 
 
 def test_handover_keeps_encoder_and_prompt_fcs(finetuned, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engines.errors import UnsupportedArtifact
+from engines.errors import ConfigError, UnsupportedArtifact
 from engines.prompts import GROUPS
 from training.config import LOSSES, TrainConfig
 from training.data.torchdata import IGNORE
@@ -611,6 +611,10 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
                                   for k, v in groups[task.module_name].items()}, str(out / LAST))
         model.to(device)
         info = load_train_state(out, optimizer, scaler)
+        kept_by = (info.get("config") or {}).get("select", "primary")
+        if kept_by != cfg.select:
+            raise ConfigError(f"cannot resume {out}: its best epoch so far was chosen by select {kept_by!r}, "
+                              f"this run's select is {cfg.select!r}")
         scheduler.load_state_dict(info["scheduler"])
         start_epoch, best, best_epoch = info["epoch"], info["best"], info["best_epoch"]
         if info.get("budget_epochs"):   # a schedule fitted to the time budget stays fitted
