@@ -398,8 +398,7 @@ def validate(model: nn.Module, task: Any, loader: DataLoader, device: torch.devi
     out = task.metrics(pred, target)
     items = getattr(loader.dataset, "items", None)
     if task.primary == "srcc" and items is not None and len(pred):
-        pv = np.asarray(pred).reshape(len(pred), -1)[:, 0]
-        out.update(within_modality_srcc(pv, target, [items[i].prompt_values.get("modality") for i in index]))
+        out.update(within_modality_srcc(pred, target, [items[i].prompt_values.get("modality") for i in index]))
     return out
 
 
