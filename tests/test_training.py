@@ -1300,3 +1300,18 @@ def test_select_srcc_within_without_modalities_falls_back_to_the_pooled_srcc(cor
         out = run_finetune(corpus, cfg)
     assert load_card(out.artifact).metrics["best_epoch"] == [2]
     assert "no srcc_within" in caplog.text
+
+
+def test_a_validation_without_the_primary_metric_is_named_as_such(corpus: Path, tmp_path: Path, monkeypatch,
+                                                                   caplog) -> None:
+    """A validation that returns no pooled SRCC (nothing scored) is reported as that, not as a
+    missing prompt modality, and such an epoch is never kept over one that was judged."""
+    import training.loop as loop
+
+    script = iter([{"srcc": 0.4}, {}])
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: dict(next(script)))
+    cfg = TrainConfig(task="finetune", epochs=2, out=str(tmp_path), **FAST)
+    with caplog.at_level(logging.WARNING, logger="training.loop"):
+        out = run_finetune(corpus, cfg)
+    assert load_card(out.artifact).metrics["best_epoch"] == [1]
+    assert "gave no srcc" in caplog.text and "modalities" not in caplog.text

@@ -659,8 +659,12 @@ def fit(model: nn.Module, task: Any, train_loader: DataLoader, val_loader: DataL
                                 fitted, time.perf_counter() - t_start, fitted, plan["epochs"])
                     plan["epochs"] = fitted
             if val_loader is not None and select not in val:
-                logger.warning("validation has no %s (no prompt modalities?): epoch %d judged by %s",
-                               select, epoch + 1, task.primary)
+                if select != task.primary:
+                    logger.warning("validation has no %s (no prompt modalities?): epoch %d judged by %s",
+                                   select, epoch + 1, task.primary)
+                else:
+                    logger.warning("validation gave no %s (no scored studies?): epoch %d cannot be "
+                                   "kept as the best", select, epoch + 1)
             score = val.get(select, val.get(task.primary, float("nan"))) if val_loader is not None else float(epoch)
             improved = score == score and score > best + cfg.min_delta
             if improved:
